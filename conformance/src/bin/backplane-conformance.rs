@@ -1,0 +1,180 @@
+//! Runs the conformance suite against a database given by URL.
+//!
+//! ```text
+//! backplane-conformance --url memory://
+//! backplane-conformance --url memory:// --list
+//! backplane-conformance --url memory:// group
+//! ```
+
+use std::io::Write;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use backplane_conformance::{CaseError, Factory, cases, run_case};
+use clap::Parser;
+
+/// Runs the backplane conformance suite against a database.
+#[derive(Debug, Parser)]
+#[command(name = "backplane-conformance", version, about)]
+struct Args {
+    /// The database to test; its scheme picks the driver (`memory://`, `postgres://`).
+    #[arg(
+        long,
+        global = true,
+        env = "BACKPLANE_CONFORMANCE_URL",
+        default_value = "memory://"
+    )]
+    url: String,
+
+    /// List the cases instead of running them.
+    #[arg(long)]
+    list: bool,
+
+    /// Run only cases whose name contains one of these strings.
+    filters: Vec<String>,
+
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Check that the database at --url has what the driver needs: connectivity, privileges,
+    /// schema version, LISTEN/NOTIFY.
+    Doctor,
+}
+
+#[cfg(feature = "postgres")]
+async fn doctor(url: &str) -> anyhow::Result<bool> {
+    let options: backplane_postgres::PgOptions = url.parse()?;
+    let mut healthy = true;
+    for check in backplane_postgres::doctor(&options).await {
+        match check.outcome {
+            Ok(found) => println!("ok    {:<16} {found}", check.name),
+            Err(problem) => {
+                healthy = false;
+                println!("FAIL  {:<16} {problem}", check.name);
+            }
+        }
+    }
+    Ok(healthy)
+}
+
+#[cfg(not(feature = "postgres"))]
+async fn doctor(_url: &str) -> anyhow::Result<bool> {
+    bail!("doctor needs a database driver: enable the cargo feature `postgres`")
+}
+
+fn factory(url: &str) -> anyhow::Result<Arc<dyn Factory>> {
+    let scheme = url
+        .split_once("://")
+        .map(|(scheme, _)| scheme)
+        .context("the backplane URL has no scheme: expected scheme://...")?;
+    match scheme {
+        #[cfg(feature = "memory")]
+        "memory" => Ok(Arc::new(backplane_conformance::MemoryFactory)),
+        #[cfg(not(feature = "memory"))]
+        "memory" => {
+            bail!("the memory driver is not compiled in: enable the cargo feature `memory`")
+        }
+        #[cfg(feature = "postgres")]
+        "postgres" | "postgresql" => Ok(Arc::new(backplane_conformance::PgFactory::with_url(url))),
+        #[cfg(not(feature = "postgres"))]
+        "postgres" | "postgresql" => {
+            bail!("the postgres driver is not compiled in: enable the cargo feature `postgres`")
+        }
+        "mssql" | "sqlserver" => bail!("no SQL Server driver is available in this build yet"),
+        other => bail!("unknown backplane URL scheme {other:?}; expected memory:// or postgres://"),
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<bool> {
+    if let Some(Command::Doctor) = args.command {
+        if args.url.starts_with("memory:") {
+            println!(
+                "ok    memory://        nothing to check: the memory backplane lives in the process"
+            );
+            return Ok(true);
+        }
+        return doctor(&args.url).await;
+    }
+    let selected: Vec<_> = cases()
+        .iter()
+        .filter(|c| {
+            args.filters.is_empty() || args.filters.iter().any(|f| c.name.contains(f.as_str()))
+        })
+        .collect();
+    if args.list {
+        let mut out = std::io::stdout().lock();
+        for case in &selected {
+            // A closed pipe (`| head`) ends the listing quietly.
+            if writeln!(out, "{}", case.name).is_err() {
+                break;
+            }
+        }
+        return Ok(true);
+    }
+    let factory = factory(&args.url)?;
+    println!(
+        "running {} conformance cases against the {} driver",
+        selected.len(),
+        factory.driver_name()
+    );
+    let (mut passed, mut failed, mut skipped) = (0, 0, 0);
+    let started = Instant::now();
+    for case in selected {
+        let t = Instant::now();
+        let outcome = run_case(case, factory.clone()).await;
+        let ms = t.elapsed().as_millis();
+        match outcome {
+            Ok(()) => {
+                passed += 1;
+                println!("PASS  {:<55} {ms:>6} ms", case.name);
+            }
+            Err(CaseError::Failed(reason)) => {
+                failed += 1;
+                println!("FAIL  {:<55} {ms:>6} ms  {reason}", case.name);
+            }
+            Err(CaseError::Skipped(reason)) => {
+                skipped += 1;
+                println!("SKIP  {:<55} {ms:>6} ms  {reason}", case.name);
+            }
+        }
+    }
+    println!(
+        "conformance: {passed} passed, {failed} failed, {skipped} skipped in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(failed == 0)
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: could not start the runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match runtime.block_on(run(args)) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::from(2)
+        }
+    }
+}

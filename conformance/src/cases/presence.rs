@@ -1,0 +1,461 @@
+//! Presence cases: who is online where, user sessions, live nodes, and the reaping and
+//! re-registration of nodes.
+
+use std::collections::BTreeSet;
+
+use backplane_core::{
+    ConnectionId, GroupName, Job, Message, Node, NodeEvent, NodeId, SharedBackplane, UserId,
+    UserSession,
+};
+
+use crate::{CaseError, CaseResult, Ctx, WAIT, check, check_eq, sentinel, wait_event};
+
+/// The user's current session, failing the case when there is none.
+async fn session(
+    backplane: &SharedBackplane,
+    ctx: &Ctx,
+    user: &UserId,
+) -> Result<UserSession, CaseError> {
+    backplane
+        .user_session(&ctx.hub, user)
+        .await?
+        .ok_or_else(|| CaseError::Failed(format!("user {user} has no session")))
+}
+
+/// The ids of the live nodes, as a set.
+async fn live_ids(backplane: &SharedBackplane) -> Result<BTreeSet<NodeId>, CaseError> {
+    Ok(backplane
+        .live_nodes()
+        .await?
+        .into_iter()
+        .map(|n| n.id)
+        .collect())
+}
+
+/// Waits until `node` has run a whole heartbeat that started after this call: the first
+/// heartbeat event may belong to a run already under way, the second cannot.
+async fn heartbeats_after_now(node: &Node) -> CaseResult {
+    let mut events = node.events();
+    for _ in 0..2 {
+        wait_event(&mut events, WAIT, |e| {
+            matches!(e, NodeEvent::JobRan(Job::Heartbeat))
+        })
+        .await?;
+    }
+    Ok(())
+}
+
+/// A user with a connection on each of two nodes is online once, and `user_connections` lists
+/// both connections with the hub, the user and the node that holds each; once both disconnect
+/// the user has no connections and is offline. Checklist C.46.
+pub async fn presence_user_online_and_connections(ctx: &mut Ctx) -> CaseResult {
+    let [a, b] = ctx.nodes::<2>().await?;
+    let backplane = ctx.backplane().await?;
+    let alice = UserId::new("alice")?;
+    let on_a = ctx.connect(&a, Some("alice")).await?;
+    let on_b = ctx.connect(&b, Some("alice")).await?;
+
+    let found = backplane.user_connections(&ctx.hub, &alice).await?;
+    let got: BTreeSet<(ConnectionId, NodeId)> = found
+        .iter()
+        .map(|c| (c.id.clone(), c.node.clone()))
+        .collect();
+    let expected: BTreeSet<(ConnectionId, NodeId)> = [
+        (on_a.id().clone(), a.id().clone()),
+        (on_b.id().clone(), b.id().clone()),
+    ]
+    .into_iter()
+    .collect();
+    check_eq!(found.len(), 2);
+    check_eq!(got, expected);
+    for info in &found {
+        check_eq!(info.hub, ctx.hub);
+        check_eq!(info.user, Some(alice.clone()));
+    }
+    check_eq!(backplane.online_users(&ctx.hub).await?, vec![alice.clone()]);
+    let one = backplane.connection(&ctx.hub, on_b.id()).await?;
+    check_eq!(one.map(|c| c.node), Some(b.id().clone()));
+
+    check!(
+        a.disconnect(&ctx.hub, on_a.id()).await?,
+        "disconnect found no connection on node A"
+    );
+    let left = backplane.user_connections(&ctx.hub, &alice).await?;
+    check_eq!(
+        left.iter().map(|c| c.id.clone()).collect::<Vec<_>>(),
+        vec![on_b.id().clone()]
+    );
+    check_eq!(backplane.online_users(&ctx.hub).await?, vec![alice.clone()]);
+
+    check!(
+        b.disconnect(&ctx.hub, on_b.id()).await?,
+        "disconnect found no connection on node B"
+    );
+    check_eq!(backplane.user_connections(&ctx.hub, &alice).await?.len(), 0);
+    check_eq!(backplane.online_users(&ctx.hub).await?.len(), 0);
+    Ok(())
+}
+
+/// `online_users` lists every user with a connection on any node, once each, sorted; anonymous
+/// connections add nobody, and a user leaves the list with their last connection.
+/// Checklist C.46.
+pub async fn presence_online_users(ctx: &mut Ctx) -> CaseResult {
+    let nodes = ctx.nodes::<3>().await?;
+    let backplane = ctx.backplane().await?;
+    check_eq!(backplane.online_users(&ctx.hub).await?.len(), 0);
+    let carol = ctx.connect(&nodes[0], Some("carol")).await?;
+    let _alice_1 = ctx.connect(&nodes[1], Some("alice")).await?;
+    let _bob = ctx.connect(&nodes[2], Some("bob")).await?;
+    let _alice_2 = ctx.connect(&nodes[2], Some("alice")).await?;
+    let _anonymous = ctx.connect(&nodes[0], None).await?;
+    let expected = vec![
+        UserId::new("alice")?,
+        UserId::new("bob")?,
+        UserId::new("carol")?,
+    ];
+    check_eq!(backplane.online_users(&ctx.hub).await?, expected);
+
+    check!(
+        nodes[0].disconnect(&ctx.hub, carol.id()).await?,
+        "disconnect found no connection"
+    );
+    check_eq!(
+        backplane.online_users(&ctx.hub).await?,
+        vec![UserId::new("alice")?, UserId::new("bob")?]
+    );
+    Ok(())
+}
+
+/// Disconnecting a connection removes it from the backplane everywhere: the connection itself,
+/// the user's connections, the online users, and its group memberships; a second disconnect
+/// finds nothing. Checklist C.46 and A.17.
+pub async fn presence_removed_on_disconnect(ctx: &mut Ctx) -> CaseResult {
+    let [a, b] = ctx.nodes::<2>().await?;
+    let backplane = ctx.backplane().await?;
+    let dave = UserId::new("dave")?;
+    let group = GroupName::new("room")?;
+    let client = ctx.connect(&b, Some("dave")).await?;
+    check!(
+        a.add_to_group(&ctx.hub, &group, client.id()).await?,
+        "adding a remote connection to a group reported no change"
+    );
+    let info = backplane.connection(&ctx.hub, client.id()).await?;
+    check_eq!(info.map(|c| c.node), Some(b.id().clone()));
+    check_eq!(
+        backplane.group_members(&ctx.hub, &group).await?,
+        vec![client.id().clone()]
+    );
+
+    check!(
+        b.disconnect(&ctx.hub, client.id()).await?,
+        "disconnect found no connection"
+    );
+    check!(
+        backplane.connection(&ctx.hub, client.id()).await?.is_none(),
+        "the disconnected connection is still registered"
+    );
+    check_eq!(backplane.user_connections(&ctx.hub, &dave).await?.len(), 0);
+    check_eq!(backplane.online_users(&ctx.hub).await?.len(), 0);
+    check_eq!(backplane.group_members(&ctx.hub, &group).await?.len(), 0);
+    check_eq!(
+        backplane
+            .connection_groups(&ctx.hub, client.id())
+            .await?
+            .len(),
+        0
+    );
+    check_eq!(b.local_connection_count(), 0);
+    check!(
+        !b.disconnect(&ctx.hub, client.id()).await?,
+        "a second disconnect reported a connection"
+    );
+    Ok(())
+}
+
+/// A user's session opens with their first connection (start time, one connection), counts a
+/// second connection on another node, stays open while one remains, and ends with the last
+/// disconnect (end time, zero connections); a heartbeat of a node holding one of the user's
+/// connections moves its last activity forward, and a new connection opens a new session.
+/// Checklist C.46.
+pub async fn user_session_lifecycle(ctx: &mut Ctx) -> CaseResult {
+    let [a, b] = ctx.nodes::<2>().await?;
+    let backplane = ctx.backplane().await?;
+    let erin = UserId::new("erin")?;
+    check!(
+        backplane.user_session(&ctx.hub, &erin).await?.is_none(),
+        "a user who never connected has a session"
+    );
+
+    let first = ctx.connect(&a, Some("erin")).await?;
+    let opened = session(&backplane, ctx, &erin).await?;
+    check_eq!(opened.user, erin);
+    check_eq!(opened.connections, 1);
+    check_eq!(opened.ended_at, None);
+    check!(
+        opened.last_activity >= opened.started_at,
+        "last activity {:?} precedes the session start {:?}",
+        opened.last_activity,
+        opened.started_at
+    );
+
+    let second = ctx.connect(&b, Some("erin")).await?;
+    let both = session(&backplane, ctx, &erin).await?;
+    check_eq!(both.connections, 2);
+    check_eq!(both.started_at, opened.started_at);
+    check_eq!(both.ended_at, None);
+    check!(
+        both.last_activity >= opened.last_activity,
+        "last activity went back from {:?} to {:?}",
+        opened.last_activity,
+        both.last_activity
+    );
+
+    // A heartbeat of node A, which holds one of erin's connections, touches the session.
+    heartbeats_after_now(&a).await?;
+    let touched = session(&backplane, ctx, &erin).await?;
+    check!(
+        touched.last_activity > both.last_activity,
+        "a heartbeat did not move last activity forward: {:?} then {:?}",
+        both.last_activity,
+        touched.last_activity
+    );
+    check_eq!(touched.connections, 2);
+
+    check!(
+        a.disconnect(&ctx.hub, first.id()).await?,
+        "disconnect found no connection"
+    );
+    let one_left = session(&backplane, ctx, &erin).await?;
+    check_eq!(one_left.connections, 1);
+    check_eq!(one_left.ended_at, None);
+    check_eq!(one_left.started_at, opened.started_at);
+
+    check!(
+        b.disconnect(&ctx.hub, second.id()).await?,
+        "disconnect found no connection"
+    );
+    let ended = session(&backplane, ctx, &erin).await?;
+    check_eq!(ended.connections, 0);
+    check_eq!(ended.started_at, opened.started_at);
+    let Some(ended_at) = ended.ended_at else {
+        return Err(CaseError::Failed(
+            "the session has no end after the last disconnect".into(),
+        ));
+    };
+    check!(
+        ended_at >= touched.last_activity,
+        "the session ended at {ended_at:?}, before its last activity {:?}",
+        touched.last_activity
+    );
+    check!(
+        ended.last_activity >= touched.last_activity,
+        "last activity went back from {:?} to {:?}",
+        touched.last_activity,
+        ended.last_activity
+    );
+
+    let _again = ctx.connect(&b, Some("erin")).await?;
+    let reopened = session(&backplane, ctx, &erin).await?;
+    check_eq!(reopened.connections, 1);
+    check_eq!(reopened.ended_at, None);
+    check!(
+        reopened.started_at >= ended_at && reopened.started_at > opened.started_at,
+        "a new connection after the session ended did not start a new session: {:?}",
+        reopened
+    );
+    Ok(())
+}
+
+/// A node that crashes (stops heartbeating without unregistering) is reaped by a live node,
+/// which reports it in `NodesReaped`; its connections, presence, group memberships and user
+/// sessions go with it, while the live node's own connection stays. Checklist B.42, C.46
+/// (cleanup of stale connections).
+pub async fn dead_node_is_reaped(ctx: &mut Ctx) -> CaseResult {
+    let [a, b] = ctx.nodes::<2>().await?;
+    let backplane = ctx.backplane().await?;
+    let frank = UserId::new("frank")?;
+    let group = GroupName::new("room")?;
+    let survivor = ctx.connect(&a, Some("grace")).await?;
+    let doomed = ctx.connect(&b, Some("frank")).await?;
+    check!(
+        a.add_to_group(&ctx.hub, &group, doomed.id()).await?,
+        "adding a remote connection to a group reported no change"
+    );
+    check_eq!(
+        backplane.group_members(&ctx.hub, &group).await?,
+        vec![doomed.id().clone()]
+    );
+    check_eq!(
+        backplane.online_users(&ctx.hub).await?,
+        vec![frank.clone(), UserId::new("grace")?]
+    );
+
+    let mut events = a.events();
+    b.abandon().await;
+    let dead = b.id().clone();
+    wait_event(
+        &mut events,
+        WAIT,
+        |e| matches!(e, NodeEvent::NodesReaped(nodes) if nodes.contains(&dead)),
+    )
+    .await?;
+
+    let live = live_ids(&backplane).await?;
+    check!(
+        !live.contains(&dead),
+        "the reaped node is still listed as live"
+    );
+    check!(live.contains(a.id()), "the live node was reaped too");
+    check!(
+        backplane.connection(&ctx.hub, doomed.id()).await?.is_none(),
+        "the dead node's connection is still registered"
+    );
+    check_eq!(backplane.user_connections(&ctx.hub, &frank).await?.len(), 0);
+    check_eq!(
+        backplane.online_users(&ctx.hub).await?,
+        vec![UserId::new("grace")?]
+    );
+    check_eq!(backplane.group_members(&ctx.hub, &group).await?.len(), 0);
+    check_eq!(
+        backplane
+            .connection_groups(&ctx.hub, doomed.id())
+            .await?
+            .len(),
+        0
+    );
+    let closed = session(&backplane, ctx, &frank).await?;
+    check_eq!(closed.connections, 0);
+    check!(
+        closed.ended_at.is_some(),
+        "the dead node's user still has an open session"
+    );
+    let info = backplane.connection(&ctx.hub, survivor.id()).await?;
+    check_eq!(info.map(|c| c.node), Some(a.id().clone()));
+    Ok(())
+}
+
+/// Unregistering a node removes it with its connections and their memberships at once; a live
+/// node whose registration was removed behind its back (as if it had been reaped during a
+/// pause) notices on its next heartbeat, emits `Reregistered`, and registers itself, its
+/// connections and their group memberships again, so group messages from other nodes reach
+/// them. Checklist B.42.
+pub async fn reaped_node_registers_again(ctx: &mut Ctx) -> CaseResult {
+    let [a, b, crashed] = ctx.nodes::<3>().await?;
+    let backplane = ctx.backplane().await?;
+    let heidi = UserId::new("heidi")?;
+    let group = GroupName::new("room")?;
+    let mut client = ctx.connect(&b, Some("heidi")).await?;
+    let gone = ctx.connect(&crashed, Some("ivan")).await?;
+    check!(
+        b.add_to_group(&ctx.hub, &group, client.id()).await?,
+        "adding a local connection to a group reported no change"
+    );
+    check!(
+        crashed.add_to_group(&ctx.hub, &group, gone.id()).await?,
+        "adding a local connection to a group reported no change"
+    );
+
+    // A node that no longer heartbeats, so nothing re-registers it: unregistering it removes
+    // its connection and membership and nothing else.
+    crashed.abandon().await;
+    backplane.unregister_node(crashed.id()).await?;
+    check!(
+        !live_ids(&backplane).await?.contains(crashed.id()),
+        "an unregistered node is still listed as live"
+    );
+    check!(
+        backplane.connection(&ctx.hub, gone.id()).await?.is_none(),
+        "unregistering a node left its connection registered"
+    );
+    check_eq!(
+        backplane.group_members(&ctx.hub, &group).await?,
+        vec![client.id().clone()]
+    );
+    check_eq!(backplane.online_users(&ctx.hub).await?, vec![heidi.clone()]);
+
+    // A node that is alive: it registers again on its next heartbeat.
+    let mut events = b.events();
+    backplane.unregister_node(b.id()).await?;
+    wait_event(&mut events, WAIT, |e| matches!(e, NodeEvent::Reregistered)).await?;
+    check!(
+        live_ids(&backplane).await?.contains(b.id()),
+        "the node did not register again"
+    );
+    let info = backplane.connection(&ctx.hub, client.id()).await?;
+    check_eq!(info.as_ref().map(|c| c.node.clone()), Some(b.id().clone()));
+    check_eq!(info.and_then(|c| c.user), Some(heidi.clone()));
+    check_eq!(
+        backplane.connection_groups(&ctx.hub, client.id()).await?,
+        vec![group.clone()]
+    );
+    check_eq!(
+        backplane.group_members(&ctx.hub, &group).await?,
+        vec![client.id().clone()]
+    );
+    check_eq!(
+        backplane
+            .user_connections(&ctx.hub, &heidi)
+            .await?
+            .into_iter()
+            .map(|c| c.id)
+            .collect::<Vec<_>>(),
+        vec![client.id().clone()]
+    );
+    check_eq!(backplane.online_users(&ctx.hub).await?, vec![heidi.clone()]);
+
+    a.publish(Message::to_group(ctx.hub.clone(), group, "back"))
+        .await?;
+    client.expect(b"back").await?;
+    let marker = sentinel(&a, &ctx.hub, &[&client]).await?;
+    client.quiet_until(&marker).await
+}
+
+/// `live_nodes` lists exactly the running nodes with sane timestamps, heartbeats move
+/// `last_heartbeat` forward, and a node that shuts down leaves the list. Checklist C.46,
+/// B.42.
+pub async fn live_nodes_listed(ctx: &mut Ctx) -> CaseResult {
+    let nodes = ctx.nodes::<3>().await?;
+    let backplane = ctx.backplane().await?;
+    let expected: BTreeSet<NodeId> = nodes.iter().map(|n| n.id().clone()).collect();
+    let listed = backplane.live_nodes().await?;
+    check_eq!(listed.len(), 3);
+    check_eq!(
+        listed.iter().map(|n| n.id.clone()).collect::<BTreeSet<_>>(),
+        expected
+    );
+    for info in &listed {
+        check!(
+            info.last_heartbeat >= info.started_at,
+            "node {} heartbeat {:?} precedes its start {:?}",
+            info.id,
+            info.last_heartbeat,
+            info.started_at
+        );
+    }
+
+    let first = nodes[0].id().clone();
+    let before = listed
+        .iter()
+        .find(|n| n.id == first)
+        .map(|n| n.last_heartbeat)
+        .ok_or_else(|| CaseError::Failed("the first node is not listed".into()))?;
+    heartbeats_after_now(&nodes[0]).await?;
+    let after = backplane
+        .live_nodes()
+        .await?
+        .into_iter()
+        .find(|n| n.id == first)
+        .ok_or_else(|| CaseError::Failed("the first node is no longer listed".into()))?;
+    check!(
+        after.last_heartbeat > before,
+        "a heartbeat did not move last_heartbeat forward: {before:?} then {:?}",
+        after.last_heartbeat
+    );
+
+    nodes[1].shutdown().await;
+    let remaining: BTreeSet<NodeId> = [nodes[0].id().clone(), nodes[2].id().clone()]
+        .into_iter()
+        .collect();
+    check_eq!(live_ids(&backplane).await?, remaining);
+    Ok(())
+}

@@ -1,0 +1,191 @@
+#![doc = include_str!("../README.md")]
+#![deny(rustdoc::broken_intra_doc_links)]
+
+pub mod cases;
+mod harness;
+#[cfg(feature = "memory")]
+mod memory;
+#[cfg(feature = "postgres")]
+mod pg_cluster;
+#[cfg(feature = "postgres")]
+mod postgres;
+
+pub use harness::{
+    CASE_TIMEOUT, Case, CaseError, CaseFn, CaseResult, Client, Ctx, Factory, HeldAppend, Namespace,
+    Spec, WAIT, connect, keep_last, run_case, run_test, sentinel, test_options, wait_event,
+};
+#[cfg(feature = "memory")]
+pub use memory::MemoryFactory;
+#[cfg(feature = "postgres")]
+pub use pg_cluster::Cluster;
+#[cfg(feature = "postgres")]
+pub use postgres::{PG_URL_VAR, PgFactory};
+
+/// Calls `$callback! { $args; module::case [spec], ... }` (spec: a stream count or `restarts`) with every case of the suite.
+///
+/// This list is the single source of the suite: [`cases()`] and [`suite!`] both expand it.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! for_each_case {
+    ($callback:path, $($args:tt)*) => {
+        $callback! {
+            $($args)*;
+            messaging::broadcast_reaches_all_local_connections,
+            messaging::broadcast_skips_disconnected_connection,
+            messaging::connection_send_reaches_connection,
+            messaging::broadcast_reaches_every_node_once,
+            messaging::broadcast_across_nodes_skips_disconnected,
+            messaging::connection_send_from_other_node,
+            messaging::local_connection_send_skips_log,
+            messaging::send_to_failing_remote_connection_is_ok,
+            messaging::user_send_reaches_all_user_connections,
+            messaging::user_still_reached_after_one_connection_disconnects,
+            messaging::connection_send_to_unknown_connection_errors,
+            messaging::except_list_on_broadcast,
+            messaging::connection_reused_with_new_user_rekeys,
+            messaging::payload_bytes_cross_unchanged,
+            messaging::per_sender_order_at_every_node,
+            messaging::subscribe_while_publishing,
+            groups::group_send_reaches_members_only,
+            groups::group_send_except_skips_excluded,
+            groups::group_send_from_node_without_members,
+            groups::disconnect_removes_group_membership,
+            groups::remove_local_not_member_is_noop,
+            groups::remove_remote_not_member_is_noop,
+            groups::add_remote_connection_to_group,
+            groups::add_local_already_member_is_noop,
+            groups::add_remote_already_member_is_noop,
+            groups::remove_remote_connection_from_group,
+            groups::group_with_failing_member_still_delivers,
+            groups::group_members_and_connection_groups_listed,
+            groups::add_unknown_connection_to_group_errors,
+            groups::multiple_groups_deliver_once,
+            client_results::client_result_local,
+            client_results::client_result_error_local,
+            client_results::client_result_wrong_connection_refused,
+            client_results::client_result_unknown_connection,
+            client_results::client_results_do_not_collide,
+            client_results::client_result_fails_on_disconnect,
+            client_results::client_result_cancel_ignores_late_result,
+            client_results::client_result_across_nodes,
+            client_results::client_result_error_across_nodes,
+            client_results::client_result_unknown_connection_multi_node,
+            client_results::client_result_fails_on_disconnect_other_node,
+            client_results::invocation_ids_unique_across_nodes,
+            client_results::client_result_wrong_type_across_nodes,
+            client_results::client_result_fails_when_node_dies,
+            presence::presence_user_online_and_connections,
+            presence::presence_online_users,
+            presence::presence_removed_on_disconnect,
+            presence::user_session_lifecycle,
+            presence::dead_node_is_reaped,
+            presence::reaped_node_registers_again,
+            presence::live_nodes_listed,
+            durable::durable_offline_user_receives_on_connect_once,
+            durable::durable_online_user_receives_live,
+            durable::durable_ack_stops_redelivery,
+            durable::durable_expired_never_delivered_and_purged,
+            durable::durable_attempts_recorded,
+            durable::durable_stored_before_send,
+            durable::durable_requires_user_target,
+            log::log_offsets_gap_free_in_commit_order,
+            log::log_replay_from_position,
+            log::log_position_too_old_after_trim,
+            log::log_position_of_other_epoch_too_old,
+            log::reader_behind_retention_gets_signal,
+            log::concurrent_publishers_no_loss_no_duplicates,
+            log::multi_stream_per_sender_order [8],
+            log::log_batch_append_is_contiguous,
+            faults::wakeups_interrupted_no_loss,
+            faults::database_restart_no_loss [restarts],
+            faults::failing_backplane_reports_errors [restarts],
+            limits::payload_sizes_cross_nodes,
+            limits::payload_limit_exact_and_over,
+            limits::invalid_names_rejected,
+            limits::injection_names_are_opaque,
+            limits::hubs_are_isolated,
+            limits::namespaces_are_isolated,
+            limits::concurrent_node_start,
+            limits::empty_and_unicode_payloads
+        }
+    };
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __spec {
+    () => {
+        $crate::Spec {
+            streams: 4,
+            restarts: false,
+        }
+    };
+    (restarts) => {
+        $crate::Spec {
+            streams: 4,
+            restarts: true,
+        }
+    };
+    ($n:literal) => {
+        $crate::Spec {
+            streams: $n,
+            restarts: false,
+        }
+    };
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __case_table {
+    (; $($module:ident :: $case:ident $([$spec:tt])?),* $(,)?) => {
+        static CASE_TABLE: &[$crate::Case] = &[$(
+            $crate::Case {
+                name: stringify!($case),
+                spec: $crate::__spec!($($spec)?),
+                run: |ctx| Box::pin($crate::cases::$module::$case(ctx)),
+            },
+        )*];
+    };
+}
+
+for_each_case!(crate::__case_table,);
+
+/// Every case of the suite, in a stable order.
+pub fn cases() -> &'static [Case] {
+    CASE_TABLE
+}
+
+/// Generates one `#[tokio::test]` per conformance case for a driver.
+///
+/// The argument is an expression that makes an `Arc<dyn Factory>`; it is evaluated once per
+/// test. Every case runs: a case that skips at run time (a fault the driver cannot inject)
+/// fails its test, so a skip never reads as a pass. The command-line runner reports such cases
+/// as skipped instead.
+///
+/// # Examples
+///
+/// ```
+/// mod conformance {
+///     backplane_conformance::suite!(std::sync::Arc::new(backplane_conformance::MemoryFactory));
+/// }
+/// # fn main() {}
+/// ```
+#[macro_export]
+macro_rules! suite {
+    ($factory:expr $(,)?) => {
+        $crate::for_each_case!($crate::__suite_tests, ($factory));
+    };
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __suite_tests {
+    (($factory:expr); $($module:ident :: $case:ident $([$spec:tt])?),* $(,)?) => {
+        $(
+            #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $case() {
+                $crate::run_test(stringify!($case), $factory).await;
+            }
+        )*
+    };
+}

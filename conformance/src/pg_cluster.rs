@@ -1,0 +1,229 @@
+//! A throwaway PostgreSQL cluster: `initdb` and `pg_ctl` in a temporary directory, on a free
+//! port, run as the `postgres` user when this process is root (initdb refuses root).
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+/// A PostgreSQL server this process started, stopped and removed when dropped (or, for a
+/// cluster that lives as long as the process, when the process exits).
+#[derive(Debug)]
+pub struct Cluster {
+    dir: PathBuf,
+    bin: PathBuf,
+    port: u16,
+    as_postgres: bool,
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+/// The directory holding `initdb` and `pg_ctl`: `BACKPLANE_PG_BINDIR`, else the newest
+/// `/usr/lib/postgresql/*/bin`, else `pg_config --bindir`.
+fn bindir() -> Result<PathBuf, String> {
+    if let Ok(dir) = std::env::var("BACKPLANE_PG_BINDIR") {
+        return Ok(PathBuf::from(dir));
+    }
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let version = e.file_name().to_string_lossy().parse().ok()?;
+            let bin = e.path().join("bin");
+            bin.join("initdb").exists().then_some((version, bin))
+        })
+        .collect();
+    versions.sort();
+    if let Some((_, bin)) = versions.pop() {
+        return Ok(bin);
+    }
+    let out = Command::new("pg_config")
+        .arg("--bindir")
+        .output()
+        .map_err(|e| format!("no PostgreSQL server binaries found (pg_config: {e}); install the postgresql package or set BACKPLANE_TEST_PG_URL"))?;
+    let bin = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    if bin.join("initdb").exists() {
+        Ok(bin)
+    } else {
+        Err("no initdb found; install the postgresql package or set BACKPLANE_TEST_PG_URL".into())
+    }
+}
+
+fn free_port() -> Result<u16, String> {
+    let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| format!("no free port: {e}"))?;
+    listener
+        .local_addr()
+        .map(|a| a.port())
+        .map_err(|e| format!("no free port: {e}"))
+}
+
+impl Cluster {
+    /// Initializes and starts a cluster. Blocks for a second or two.
+    ///
+    /// # Errors
+    ///
+    /// No server binaries, or `initdb` or `pg_ctl` failed (their output is in the message).
+    pub fn start() -> Result<Self, String> {
+        let bin = bindir()?;
+        let as_postgres = is_root();
+        let dir = std::env::temp_dir().join(format!(
+            "backplane-pg-{}-{}",
+            std::process::id(),
+            free_port()?
+        ));
+        std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+        if as_postgres {
+            run(Command::new("chown").arg("postgres:").arg(&dir), "chown")?;
+        }
+        let cluster = Self {
+            dir,
+            bin,
+            port: free_port()?,
+            as_postgres,
+        };
+        let data = cluster.data();
+        cluster.pg(
+            "initdb",
+            &[
+                "-D",
+                &data,
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            ],
+        )?;
+        cluster.pg_ctl_start()?;
+        Ok(cluster)
+    }
+
+    fn data(&self) -> String {
+        self.dir.join("data").display().to_string()
+    }
+
+    fn pg(&self, tool: &str, args: &[&str]) -> Result<(), String> {
+        let program = self.bin.join(tool);
+        let mut command = if self.as_postgres {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(&program);
+            c
+        } else {
+            Command::new(&program)
+        };
+        command.args(args).current_dir(&self.dir);
+        run(&mut command, tool)
+    }
+
+    fn pg_ctl_start(&self) -> Result<(), String> {
+        let options = format!(
+            "-c listen_addresses=127.0.0.1 -c port={} -c unix_socket_directories={} -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=500",
+            self.port,
+            self.dir.display()
+        );
+        let log = self.dir.join("server.log").display().to_string();
+        self.pg(
+            "pg_ctl",
+            &[
+                "-D",
+                &self.data(),
+                "-o",
+                &options,
+                "-l",
+                &log,
+                "-w",
+                "-t",
+                "60",
+                "start",
+            ],
+        )
+    }
+
+    /// The superuser URL of the cluster.
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// Stops the server, keeping its data.
+    ///
+    /// # Errors
+    ///
+    /// `pg_ctl stop` failed.
+    pub fn stop(&self) -> Result<(), String> {
+        self.pg("pg_ctl", &["-D", &self.data(), "-m", "fast", "-w", "stop"])
+    }
+
+    /// Starts the server again after [`stop`](Self::stop), on the same port.
+    ///
+    /// # Errors
+    ///
+    /// `pg_ctl start` failed.
+    pub fn restart(&self) -> Result<(), String> {
+        self.pg_ctl_start()
+    }
+
+    /// Stops and removes the cluster when this process exits, even if it never drops the
+    /// cluster (a cluster kept in a static): a detached shell waits for the process to end.
+    pub fn remove_at_exit(&self) {
+        let script = format!(
+            "tail --pid={pid} -f /dev/null; {stop}; rm -rf '{dir}'",
+            pid = std::process::id(),
+            stop = self.stop_command(),
+            dir = self.dir.display()
+        );
+        let _ = Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn();
+    }
+
+    fn stop_command(&self) -> String {
+        let pg_ctl = self.bin.join("pg_ctl").display().to_string();
+        let stop = format!("'{pg_ctl}' -D '{}' -m immediate stop", self.data());
+        if self.as_postgres {
+            format!("runuser -u postgres -- {stop}")
+        } else {
+            stop
+        }
+    }
+
+    fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = Command::new("sh")
+            .arg("-c")
+            .arg(format!("{} >/dev/null 2>&1", self.stop_command()))
+            .status();
+        let _ = std::fs::remove_dir_all(self.dir());
+    }
+}
+
+fn run(command: &mut Command, what: &str) -> Result<(), String> {
+    let out = command
+        .output()
+        .map_err(|e| format!("could not run {what}: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{what} failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}

@@ -1,0 +1,231 @@
+//! The suite's factory for PostgreSQL: a fresh schema per case, on the database named by
+//! `BACKPLANE_TEST_PG_URL` or on a throwaway cluster this process starts.
+
+use std::str::FromStr;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use backplane_core::{HubName, Position, SharedBackplane};
+use backplane_postgres::{PgBackplane, PgHeldAppend, PgOptions};
+use bytes::Bytes;
+use tokio::sync::OnceCell;
+use tokio_postgres::NoTls;
+
+use crate::harness::{CaseError, Factory, HeldAppend, Namespace, Spec, WAIT};
+use crate::pg_cluster::Cluster;
+
+/// The environment variable that points the suite at an existing database.
+pub const PG_URL_VAR: &str = "BACKPLANE_TEST_PG_URL";
+
+/// The cluster shared by every case of this process that does not restart its database.
+static SHARED: OnceCell<Result<Cluster, String>> = OnceCell::const_new();
+
+async fn start_cluster() -> Result<Cluster, String> {
+    tokio::task::spawn_blocking(Cluster::start)
+        .await
+        .map_err(|e| format!("starting PostgreSQL panicked: {e}"))?
+}
+
+/// Runs the suite against [`PgBackplane`]. Every namespace is a new schema; cases that stop and
+/// start the database get a throwaway cluster of their own.
+#[derive(Debug, Clone, Default)]
+pub struct PgFactory {
+    url: Option<String>,
+}
+
+impl PgFactory {
+    /// Uses `BACKPLANE_TEST_PG_URL` when set, otherwise a throwaway cluster started on first use.
+    pub fn from_env() -> Self {
+        Self {
+            url: std::env::var(PG_URL_VAR).ok().filter(|u| !u.is_empty()),
+        }
+    }
+
+    /// Uses the database at `url`.
+    pub fn with_url(url: impl Into<String>) -> Self {
+        Self {
+            url: Some(url.into()),
+        }
+    }
+
+    async fn shared_url(&self) -> Result<String, String> {
+        if let Some(url) = &self.url {
+            return Ok(url.clone());
+        }
+        let cluster = SHARED
+            .get_or_init(|| async {
+                let cluster = start_cluster().await?;
+                cluster.remove_at_exit();
+                Ok(cluster)
+            })
+            .await;
+        match cluster {
+            Ok(cluster) => Ok(cluster.url()),
+            Err(err) => Err(format!("no PostgreSQL for the tests: {err}")),
+        }
+    }
+}
+
+#[async_trait]
+impl Factory for PgFactory {
+    fn driver_name(&self) -> &'static str {
+        PgBackplane::NAME
+    }
+
+    async fn namespace(&self, spec: &Spec) -> Result<Box<dyn Namespace>, String> {
+        let (url, cluster) = if spec.restarts {
+            let cluster = start_cluster().await.map_err(|e| {
+                format!("this case restarts its database and needs a throwaway cluster: {e}")
+            })?;
+            (cluster.url(), Some(Arc::new(cluster)))
+        } else {
+            (self.shared_url().await?, None)
+        };
+        let id = uuid_suffix();
+        let namespace = PgNamespace {
+            url,
+            schema: format!("bp_test_{id}"),
+            streams: spec.streams,
+            cluster,
+        };
+        Ok(Box::new(namespace))
+    }
+}
+
+fn uuid_suffix() -> String {
+    let mut s = String::new();
+    for byte in std::process::id().to_le_bytes().iter().chain(
+        &std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0)
+            .to_le_bytes()[..8],
+    ) {
+        s.push_str(&format!("{byte:02x}"));
+    }
+    s
+}
+
+struct PgNamespace {
+    url: String,
+    schema: String,
+    streams: u32,
+    cluster: Option<Arc<Cluster>>,
+}
+
+impl PgNamespace {
+    fn options(&self) -> Result<PgOptions, String> {
+        Ok(PgOptions::from_str(&self.url)
+            .map_err(|e| e.to_string())?
+            .schema(self.schema.clone())
+            .streams(self.streams)
+            .pool_size(4)
+            .listener_check(std::time::Duration::from_secs(1)))
+    }
+
+    async fn admin(&self) -> Result<tokio_postgres::Client, String> {
+        let options = self.options()?;
+        let (client, connection) = options
+            .config()
+            .connect(NoTls)
+            .await
+            .map_err(|e| format!("admin connection failed: {e}"))?;
+        tokio::spawn(connection);
+        Ok(client)
+    }
+
+    fn cluster(&self) -> Result<Arc<Cluster>, CaseError> {
+        self.cluster.clone().ok_or_else(|| {
+            CaseError::Failed("this namespace has no cluster of its own to restart".into())
+        })
+    }
+}
+
+struct PgHeld(PgHeldAppend);
+
+#[async_trait]
+impl HeldAppend for PgHeld {
+    async fn commit(self: Box<Self>) -> backplane_core::Result<Position> {
+        self.0.commit().await
+    }
+}
+
+#[async_trait]
+impl Namespace for PgNamespace {
+    async fn backplane(&self) -> Result<SharedBackplane, String> {
+        let backplane = PgBackplane::connect_with(self.options()?)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(Arc::new(backplane))
+    }
+
+    /// Terminates the backends of this namespace's listener connections. A listener that is
+    /// reconnecting after an earlier interruption is waited for, within [`WAIT`].
+    async fn interrupt_wakeups(&self) -> Result<(), CaseError> {
+        let admin = self.admin().await.map_err(CaseError::Failed)?;
+        let name = format!("backplane-listener backplane.{}.", self.schema);
+        let mut retry = tokio::time::interval(std::time::Duration::from_millis(20));
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let rows = admin
+                .query(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
+                    &[&name],
+                )
+                .await
+                .map_err(|e| CaseError::Failed(format!("terminating listeners failed: {e}")))?;
+            if !rows.is_empty() {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(CaseError::Failed(format!(
+                    "no listener connection of this namespace appeared within {WAIT:?}"
+                )));
+            }
+            retry.tick().await;
+        }
+    }
+
+    async fn stop_database(&self) -> Result<(), CaseError> {
+        let cluster = self.cluster()?;
+        tokio::task::spawn_blocking(move || cluster.stop())
+            .await
+            .map_err(|e| CaseError::Failed(e.to_string()))?
+            .map_err(CaseError::Failed)
+    }
+
+    async fn start_database(&self) -> Result<(), CaseError> {
+        let cluster = self.cluster()?;
+        tokio::task::spawn_blocking(move || cluster.restart())
+            .await
+            .map_err(|e| CaseError::Failed(e.to_string()))?
+            .map_err(CaseError::Failed)
+    }
+
+    async fn hold_append(
+        &self,
+        hub: &HubName,
+        stream: u32,
+        records: Vec<Bytes>,
+    ) -> Result<Box<dyn HeldAppend>, CaseError> {
+        let backplane =
+            PgBackplane::connect_with(self.options().map_err(CaseError::Failed)?).await?;
+        let held = backplane.hold_append(hub, stream, &records).await?;
+        Ok(Box::new(PgHeld(held)))
+    }
+
+    async fn drop_namespace(&self) -> Result<(), String> {
+        if self.cluster.is_some() {
+            // The cluster itself goes when the namespace is dropped.
+            return Ok(());
+        }
+        let admin = self.admin().await?;
+        admin
+            .batch_execute(&format!(
+                "DROP SCHEMA IF EXISTS \"{}\" CASCADE",
+                self.schema
+            ))
+            .await
+            .map_err(|e| format!("dropping schema {} failed: {e}", self.schema))
+    }
+}

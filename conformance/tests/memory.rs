@@ -1,0 +1,3 @@
+//! The whole conformance suite against the in-memory driver.
+
+backplane_conformance::suite!(std::sync::Arc::new(backplane_conformance::MemoryFactory));

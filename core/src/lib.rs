@@ -1,0 +1,28 @@
+#![doc = include_str!("../README.md")]
+#![deny(rustdoc::broken_intra_doc_links)]
+
+mod backplane;
+mod error;
+#[cfg(feature = "memory")]
+mod memory;
+mod message;
+mod name;
+mod position;
+mod record;
+mod router;
+
+pub use backplane::{
+    Backplane, ConnectionInfo, DEFAULT_STREAMS, DeliveryAttempt, DurableMessage, DynBackplane,
+    LogEntry, NewDurableMessage, NodeInfo, Retention, SharedBackplane, UserSession, Wake,
+    WakeupHub, Wakeups,
+};
+pub use error::{BoxError, Error, InvocationError, Result};
+#[cfg(feature = "memory")]
+pub use memory::MemoryBackplane;
+pub use message::{DEFAULT_MAX_PAYLOAD, Durability, InvocationId, Message, MessageId, Target};
+pub use name::{ConnectionId, GroupName, HubName, NameKind, NodeId, UserId};
+pub use position::Position;
+pub use router::{
+    Connection, Delivery, DeliveryKind, Job, JobStatus, Node, NodeEvent, NodeOptions, NodeStats,
+    Published,
+};

@@ -1,0 +1,169 @@
+//! Background jobs: heartbeat, and cleanup (reaping dead nodes, purging expired durable
+//! messages, trimming the log).
+
+use std::collections::BTreeMap;
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, SystemTime};
+
+use tokio::time::{Instant, MissedTickBehavior};
+
+use super::{Node, NodeEvent};
+use crate::backplane::ConnectionInfo;
+use crate::error::{Error, Result};
+
+/// The background jobs of a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[non_exhaustive]
+pub enum Job {
+    /// Writes the node's heartbeat, re-registers it if it was reaped, and fails client results
+    /// awaited from nodes that are gone.
+    Heartbeat,
+    /// Reaps dead nodes, purges expired durable messages and trims the log.
+    Cleanup,
+}
+
+/// The last run of a background job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobStatus {
+    /// Which job.
+    pub job: Job,
+    /// How many times it ran.
+    pub runs: u64,
+    /// When it last finished.
+    pub last_run: Option<SystemTime>,
+    /// The last run's error, if it failed.
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct JobTable {
+    jobs: Mutex<BTreeMap<Job, JobStatus>>,
+}
+
+impl JobTable {
+    fn record(&self, job: Job, outcome: &Result<()>) {
+        let mut jobs = self.jobs.lock().unwrap_or_else(PoisonError::into_inner);
+        let status = jobs.entry(job).or_insert(JobStatus {
+            job,
+            runs: 0,
+            last_run: None,
+            last_error: None,
+        });
+        status.runs += 1;
+        status.last_run = Some(SystemTime::now());
+        status.last_error = outcome.as_ref().err().map(ToString::to_string);
+    }
+
+    pub(crate) fn snapshot(&self) -> Vec<JobStatus> {
+        self.jobs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .cloned()
+            .collect()
+    }
+}
+
+async fn every(node: &Node, period: Duration, job: Job) {
+    let mut ticks = tokio::time::interval_at(Instant::now() + period, period);
+    ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut shutdown = node.inner.shutdown.subscribe();
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            _ = ticks.tick() => {}
+        }
+        if node.is_shut_down() {
+            return;
+        }
+        let outcome = match job {
+            Job::Heartbeat => node.heartbeat_once().await,
+            Job::Cleanup => node.cleanup_once().await,
+        };
+        if let Err(err) = &outcome {
+            tracing::warn!(%err, ?job, "background job failed");
+        }
+        node.inner.jobs.record(job, &outcome);
+        node.emit(NodeEvent::JobRan(job));
+    }
+}
+
+pub(super) async fn heartbeat(node: Node) {
+    let period = node.inner.options.heartbeat_interval;
+    every(&node, period, Job::Heartbeat).await;
+}
+
+pub(super) async fn cleanup(node: Node) {
+    let period = node.inner.options.cleanup_interval;
+    every(&node, period, Job::Cleanup).await;
+}
+
+impl Node {
+    /// One heartbeat: a single write for the whole node.
+    pub(super) async fn heartbeat_once(&self) -> Result<()> {
+        let backplane = &self.inner.backplane;
+        if !backplane.heartbeat(&self.inner.id).await? {
+            tracing::warn!(node = %self.inner.id, "node was reaped while alive; registering again");
+            self.reregister().await?;
+            self.emit(NodeEvent::Reregistered);
+        }
+        let awaited = self.inner.invocations.awaited_nodes();
+        if !awaited.is_empty() {
+            let live = backplane.live_nodes().await?;
+            let gone: Vec<_> = awaited
+                .into_iter()
+                .filter(|n| n != &self.inner.id && !live.iter().any(|l| &l.id == n))
+                .collect();
+            self.inner.invocations.fail_nodes(&gone);
+        }
+        Ok(())
+    }
+
+    /// Registers the node and its connections and memberships again after it was reaped.
+    async fn reregister(&self) -> Result<()> {
+        let backplane = &self.inner.backplane;
+        backplane.register_node(&self.inner.id).await?;
+        for state in self.hub_states() {
+            let connections: Vec<_> = state
+                .read()
+                .connections
+                .iter()
+                .map(|(id, c)| (id.clone(), c.user.clone(), c.groups.clone()))
+                .collect();
+            for (id, user, groups) in connections {
+                let info = ConnectionInfo {
+                    hub: state.name.clone(),
+                    id: id.clone(),
+                    user,
+                    node: self.inner.id.clone(),
+                    connected_at: SystemTime::now(),
+                };
+                match backplane.add_connection(&info).await {
+                    Ok(()) | Err(Error::DuplicateConnection(_)) => {}
+                    Err(err) => return Err(err),
+                }
+                for group in groups {
+                    backplane.add_to_group(&state.name, &group, &id).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// One cleanup pass: reap dead nodes, purge expired durable messages, trim the log.
+    pub(super) async fn cleanup_once(&self) -> Result<()> {
+        let backplane = &self.inner.backplane;
+        let reaped = backplane
+            .reap_nodes(self.inner.options.connection_timeout)
+            .await?;
+        if !reaped.is_empty() {
+            tracing::info!(nodes = ?reaped, "reaped dead nodes");
+            self.inner.invocations.fail_nodes(&reaped);
+            self.emit(NodeEvent::NodesReaped(reaped));
+        }
+        let purged = backplane.purge_expired().await?;
+        let trimmed = backplane.trim(&self.inner.options.retention).await?;
+        tracing::debug!(purged, trimmed, "cleanup done");
+        Ok(())
+    }
+}

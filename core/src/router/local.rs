@@ -1,0 +1,181 @@
+//! This node's live connections and their group and user indexes.
+
+use std::collections::{HashMap, HashSet};
+
+use tokio::sync::mpsc;
+
+use crate::message::{InvocationId, MessageId, Target};
+use crate::name::{ConnectionId, GroupName, UserId};
+
+use bytes::Bytes;
+
+/// What a connection receives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    /// The message payload, or the invocation's payload.
+    pub payload: Bytes,
+    /// What kind of delivery this is.
+    pub kind: DeliveryKind,
+}
+
+/// The kinds of [`Delivery`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DeliveryKind {
+    /// A transient message.
+    Message,
+    /// A durable message: acknowledge it with [`Node::acknowledge`](crate::Node::acknowledge)
+    /// once the client has it, or it is delivered again on the user's next connect.
+    Durable(MessageId),
+    /// A client-result invocation: answer it with [`Node::complete`](crate::Node::complete).
+    Invocation(InvocationId),
+}
+
+#[derive(Debug)]
+pub(crate) struct LocalConnection {
+    pub(crate) user: Option<UserId>,
+    pub(crate) tx: mpsc::Sender<Delivery>,
+    pub(crate) groups: HashSet<GroupName>,
+    /// Bumped on every membership change, so a reload can tell it raced with one.
+    pub(crate) version: u64,
+    /// The durable messages handed to this connection: one can arrive both from the user's
+    /// inbox on connect and from the log, and must be delivered once.
+    pub(crate) durable: HashSet<MessageId>,
+}
+
+/// The connections of one hub on this node.
+#[derive(Debug, Default)]
+pub(crate) struct LocalIndex {
+    pub(crate) connections: HashMap<ConnectionId, LocalConnection>,
+    groups: HashMap<GroupName, HashSet<ConnectionId>>,
+    users: HashMap<UserId, HashSet<ConnectionId>>,
+}
+
+impl LocalIndex {
+    pub(crate) fn insert(&mut self, id: ConnectionId, connection: LocalConnection) {
+        if let Some(user) = &connection.user {
+            self.users
+                .entry(user.clone())
+                .or_default()
+                .insert(id.clone());
+        }
+        for group in &connection.groups {
+            self.groups
+                .entry(group.clone())
+                .or_default()
+                .insert(id.clone());
+        }
+        self.connections.insert(id, connection);
+    }
+
+    pub(crate) fn remove(&mut self, id: &ConnectionId) -> Option<LocalConnection> {
+        let connection = self.connections.remove(id)?;
+        if let Some(user) = &connection.user {
+            remove_from(&mut self.users, user, id);
+        }
+        for group in &connection.groups {
+            remove_from(&mut self.groups, group, id);
+        }
+        Some(connection)
+    }
+
+    pub(crate) fn contains(&self, id: &ConnectionId) -> bool {
+        self.connections.contains_key(id)
+    }
+
+    /// Records that durable `message` goes to connection `id`; `false` when it already went
+    /// there (or the connection is gone), so it is not delivered twice.
+    pub(crate) fn claim_durable(&mut self, id: &ConnectionId, message: MessageId) -> bool {
+        self.connections
+            .get_mut(id)
+            .is_some_and(|c| c.durable.insert(message))
+    }
+
+    pub(crate) fn version(&self, id: &ConnectionId) -> Option<u64> {
+        self.connections.get(id).map(|c| c.version)
+    }
+
+    /// Adds or removes one membership; returns whether anything changed.
+    pub(crate) fn set_member(
+        &mut self,
+        id: &ConnectionId,
+        group: &GroupName,
+        member: bool,
+    ) -> bool {
+        let Some(connection) = self.connections.get_mut(id) else {
+            return false;
+        };
+        let changed = if member {
+            connection.groups.insert(group.clone())
+        } else {
+            connection.groups.remove(group)
+        };
+        if changed {
+            connection.version += 1;
+            if member {
+                self.groups
+                    .entry(group.clone())
+                    .or_default()
+                    .insert(id.clone());
+            } else {
+                remove_from(&mut self.groups, group, id);
+            }
+        }
+        changed
+    }
+
+    /// Replaces a connection's memberships with `groups`.
+    pub(crate) fn set_groups(&mut self, id: &ConnectionId, groups: HashSet<GroupName>) {
+        let Some(connection) = self.connections.get(id) else {
+            return;
+        };
+        let old = connection.groups.clone();
+        for group in old.difference(&groups) {
+            self.set_member(id, group, false);
+        }
+        for group in groups.difference(&old) {
+            self.set_member(id, group, true);
+        }
+    }
+
+    /// The local connections a message goes to, each once, without the excepted ones.
+    pub(crate) fn recipients(
+        &self,
+        target: &Target,
+        except: &[ConnectionId],
+    ) -> Vec<(ConnectionId, mpsc::Sender<Delivery>)> {
+        let candidates: Box<dyn Iterator<Item = &ConnectionId>> = match target {
+            Target::All => Box::new(self.connections.keys()),
+            Target::Groups(groups) => {
+                Box::new(groups.iter().filter_map(|g| self.groups.get(g)).flatten())
+            }
+            Target::Users(users) => {
+                Box::new(users.iter().filter_map(|u| self.users.get(u)).flatten())
+            }
+            Target::Connections(ids) => Box::new(ids.iter()),
+        };
+        let mut chosen: HashSet<&ConnectionId> = except.iter().collect();
+        let mut out = Vec::new();
+        for id in candidates {
+            if let Some((key, connection)) = self.connections.get_key_value(id) {
+                if chosen.insert(key) {
+                    out.push((key.clone(), connection.tx.clone()));
+                }
+            }
+        }
+        out
+    }
+}
+
+fn remove_from<K: std::hash::Hash + Eq>(
+    index: &mut HashMap<K, HashSet<ConnectionId>>,
+    key: &K,
+    id: &ConnectionId,
+) {
+    if let Some(set) = index.get_mut(key) {
+        set.remove(id);
+        if set.is_empty() {
+            index.remove(key);
+        }
+    }
+}

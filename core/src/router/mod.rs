@@ -1,0 +1,773 @@
+//! The node: this process's view of the backplane and the router that delivers messages to its
+//! connections.
+
+mod invocations;
+mod jobs;
+mod local;
+mod options;
+mod reader;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use tokio::sync::{OnceCell, broadcast, mpsc, watch};
+use tokio::task::JoinHandle;
+
+use crate::backplane::NewDurableMessage;
+use crate::backplane::{ConnectionInfo, SharedBackplane};
+use crate::error::{Error, Result};
+use crate::message::{Durability, InvocationId, Message, MessageId, Target};
+use crate::name::{ConnectionId, GroupName, HubName, NodeId, UserId};
+use crate::position::Position;
+use crate::record::{Envelope, Record};
+
+pub use jobs::{Job, JobStatus};
+pub use local::{Delivery, DeliveryKind};
+pub use options::NodeOptions;
+
+use invocations::Invocations;
+use local::{LocalConnection, LocalIndex};
+
+/// Something that happened on a node, for operators and tests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum NodeEvent {
+    /// The cleanup job declared these nodes dead and removed their connections.
+    NodesReaped(Vec<NodeId>),
+    /// A reader fell behind retention or the stream's history was lost: entries between
+    /// `requested` and `earliest` were never delivered by this node.
+    PositionTooOld {
+        /// The hub.
+        hub: HubName,
+        /// Where the reader was.
+        requested: Position,
+        /// Where it continues.
+        earliest: Position,
+    },
+    /// A connection could not keep up with its deliveries and was disconnected.
+    SlowConsumer {
+        /// The hub.
+        hub: HubName,
+        /// The connection.
+        connection: ConnectionId,
+    },
+    /// The node found it had been reaped and registered itself and its connections again.
+    Reregistered,
+    /// A background job ran.
+    JobRan(Job),
+    /// A hub's reader lost its wake-ups and subscribed again.
+    Resubscribed(HubName),
+}
+
+/// Counters of a node since it started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NodeStats {
+    /// Messages this node published.
+    pub published: u64,
+    /// Deliveries handed to local connections.
+    pub delivered: u64,
+    /// Deliveries that failed (connection gone or too slow).
+    pub failed: u64,
+    /// Log entries this node read.
+    pub entries_read: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    published: AtomicU64,
+    delivered: AtomicU64,
+    failed: AtomicU64,
+    entries_read: AtomicU64,
+}
+
+/// A connection registered on this node: its id and the deliveries for its socket.
+///
+/// Dropping it does not unregister the connection; call [`Node::disconnect`].
+#[derive(Debug)]
+pub struct Connection {
+    /// The hub.
+    pub hub: HubName,
+    /// The connection's id.
+    pub id: ConnectionId,
+    /// The user it is authenticated as.
+    pub user: Option<UserId>,
+    rx: mpsc::Receiver<Delivery>,
+}
+
+impl Connection {
+    /// The next delivery, or `None` once the node dropped the connection (disconnect, slow
+    /// consumer, shutdown).
+    ///
+    /// # Cancel safety
+    ///
+    /// This method is cancel safe.
+    pub async fn recv(&mut self) -> Option<Delivery> {
+        self.rx.recv().await
+    }
+
+    /// A delivery that is already waiting, if any.
+    pub fn try_recv(&mut self) -> Option<Delivery> {
+        self.rx.try_recv().ok()
+    }
+}
+
+/// What [`Node::publish`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Published {
+    /// Where the message entered the log; `None` when it went to local connections only.
+    pub position: Option<Position>,
+    /// The ids of the stored durable copies, one per target user.
+    pub durable: Vec<MessageId>,
+}
+
+pub(crate) struct HubState {
+    name: HubName,
+    index: RwLock<LocalIndex>,
+    started: OnceCell<()>,
+}
+
+impl HubState {
+    fn read(&self) -> RwLockReadGuard<'_, LocalIndex> {
+        self.index.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, LocalIndex> {
+        self.index.write().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+pub(crate) struct Inner {
+    id: NodeId,
+    backplane: SharedBackplane,
+    options: NodeOptions,
+    hubs: Mutex<HashMap<HubName, Arc<HubState>>>,
+    invocations: Invocations,
+    events: broadcast::Sender<NodeEvent>,
+    shutdown: watch::Sender<bool>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+    sequence: AtomicU64,
+    counters: Counters,
+    jobs: jobs::JobTable,
+}
+
+/// One server process's membership in the backplane.
+///
+/// A node registers itself, keeps its heartbeat, holds its connections' outgoing channels and
+/// their group and user indexes, reads every hub's log from its cursor on each wake-up and
+/// delivers each entry to the matching local connections exactly once. It is cheap to clone.
+///
+/// # Examples
+///
+/// ```
+/// use std::sync::Arc;
+/// use backplane_core::{HubName, MemoryBackplane, Message, Node, NodeOptions, DeliveryKind};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> backplane_core::Result<()> {
+/// let backplane = Arc::new(MemoryBackplane::new());
+/// let node = Node::start(backplane, NodeOptions::new()).await?;
+/// let hub = HubName::new("chat")?;
+/// let mut conn = node.connect(&hub, None, None).await?;
+/// node.publish(Message::to_all(hub.clone(), "hello")).await?;
+/// let delivery = conn.recv().await.expect("connected");
+/// assert_eq!(delivery.payload.as_ref(), b"hello");
+/// node.shutdown().await;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct Node {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("id", &self.inner.id)
+            .field("driver", &self.inner.backplane.driver_name())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A stable hash (FNV-1a) of a name, to pick a stream.
+fn stream_hash(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+impl Node {
+    /// Registers a new node on `backplane` and starts its background jobs.
+    ///
+    /// # Errors
+    ///
+    /// The driver's error when the node cannot register.
+    pub async fn start(backplane: SharedBackplane, options: NodeOptions) -> Result<Self> {
+        let id = options.id.clone().unwrap_or_else(NodeId::random);
+        backplane.register_node(&id).await?;
+        let inner = Arc::new(Inner {
+            id,
+            backplane,
+            options,
+            hubs: Mutex::default(),
+            invocations: Invocations::default(),
+            events: broadcast::channel(1024).0,
+            shutdown: watch::channel(false).0,
+            tasks: Mutex::default(),
+            sequence: AtomicU64::new(0),
+            counters: Counters::default(),
+            jobs: jobs::JobTable::default(),
+        });
+        let node = Self { inner };
+        node.spawn(jobs::heartbeat(node.clone()));
+        node.spawn(jobs::cleanup(node.clone()));
+        tracing::info!(node = %node.inner.id, driver = node.inner.backplane.driver_name(), "node started");
+        Ok(node)
+    }
+
+    fn spawn(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        let handle = tokio::spawn(task);
+        self.inner
+            .tasks
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(handle);
+    }
+
+    /// This node's id.
+    pub fn id(&self) -> &NodeId {
+        &self.inner.id
+    }
+
+    /// The backplane this node shares state through.
+    pub fn backplane(&self) -> &SharedBackplane {
+        &self.inner.backplane
+    }
+
+    /// The node's settings.
+    pub fn options(&self) -> &NodeOptions {
+        &self.inner.options
+    }
+
+    /// Events of this node from now on.
+    pub fn events(&self) -> broadcast::Receiver<NodeEvent> {
+        self.inner.events.subscribe()
+    }
+
+    /// Counters since the node started.
+    pub fn stats(&self) -> NodeStats {
+        let c = &self.inner.counters;
+        NodeStats {
+            published: c.published.load(Ordering::Relaxed),
+            delivered: c.delivered.load(Ordering::Relaxed),
+            failed: c.failed.load(Ordering::Relaxed),
+            entries_read: c.entries_read.load(Ordering::Relaxed),
+        }
+    }
+
+    /// When each background job last ran and how it went.
+    pub fn jobs(&self) -> Vec<JobStatus> {
+        self.inner.jobs.snapshot()
+    }
+
+    /// How many connections this node holds in all hubs.
+    pub fn local_connection_count(&self) -> usize {
+        self.hub_states()
+            .iter()
+            .map(|h| h.read().connections.len())
+            .sum()
+    }
+
+    fn emit(&self, event: NodeEvent) {
+        let _ = self.inner.events.send(event);
+    }
+
+    fn next_sequence(&self) -> u64 {
+        self.inner.sequence.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    fn is_shut_down(&self) -> bool {
+        *self.inner.shutdown.borrow()
+    }
+
+    fn hub_states(&self) -> Vec<Arc<HubState>> {
+        self.inner
+            .hubs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    fn existing_hub(&self, hub: &HubName) -> Option<Arc<HubState>> {
+        self.inner
+            .hubs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(hub)
+            .cloned()
+    }
+
+    /// The hub's state, with its log reader running: positioned at the tail and subscribed
+    /// before this returns, so everything appended afterwards is read.
+    async fn hub(&self, hub: &HubName) -> Result<Arc<HubState>> {
+        if self.is_shut_down() {
+            return Err(Error::Shutdown);
+        }
+        let state = self
+            .inner
+            .hubs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(hub.clone())
+            .or_insert_with(|| {
+                Arc::new(HubState {
+                    name: hub.clone(),
+                    index: RwLock::default(),
+                    started: OnceCell::new(),
+                })
+            })
+            .clone();
+        state
+            .started
+            .get_or_try_init(|| async {
+                let reader = reader::Reader::start(self.clone(), state.clone()).await?;
+                self.spawn(reader.run());
+                Ok::<(), Error>(())
+            })
+            .await?;
+        Ok(state)
+    }
+
+    fn stream_for(&self, sender: Option<&ConnectionId>) -> u32 {
+        let key = sender.map_or(self.inner.id.as_str(), ConnectionId::as_str);
+        let streams = u64::from(self.inner.backplane.stream_count().max(1));
+        u32::try_from(stream_hash(key) % streams).unwrap_or(0)
+    }
+
+    /// Registers a connection on this node. A random id is chosen when `id` is `None`.
+    ///
+    /// Durable messages waiting for the user are queued on the returned connection at once.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::TooManyConnections`], [`Error::DuplicateConnection`], [`Error::Shutdown`] or the
+    /// driver's error; on error nothing stays registered.
+    pub async fn connect(
+        &self,
+        hub: &HubName,
+        id: Option<ConnectionId>,
+        user: Option<UserId>,
+    ) -> Result<Connection> {
+        let max = self.inner.options.max_connections;
+        if self.local_connection_count() >= max {
+            return Err(Error::TooManyConnections { max });
+        }
+        let state = self.hub(hub).await?;
+        let id = id.unwrap_or_else(ConnectionId::random);
+        if state.read().contains(&id) {
+            return Err(Error::DuplicateConnection(id.to_string()));
+        }
+        let info = ConnectionInfo {
+            hub: hub.clone(),
+            id: id.clone(),
+            user: user.clone(),
+            node: self.inner.id.clone(),
+            connected_at: SystemTime::now(),
+        };
+        self.inner.backplane.add_connection(&info).await?;
+        let (tx, rx) = mpsc::channel(self.inner.options.connection_buffer);
+        state.write().insert(
+            id.clone(),
+            LocalConnection {
+                user: user.clone(),
+                tx: tx.clone(),
+                groups: HashSet::new(),
+                version: 0,
+                durable: HashSet::new(),
+            },
+        );
+        tracing::debug!(hub = %hub, connection = %id, "connection registered");
+        if let Some(user) = &user {
+            if let Err(err) = self.deliver_pending(&state, &id, user, &tx).await {
+                tracing::warn!(%err, hub = %hub, connection = %id, "could not load pending durable messages");
+            }
+        }
+        Ok(Connection {
+            hub: hub.clone(),
+            id,
+            user,
+            rx,
+        })
+    }
+
+    async fn deliver_pending(
+        &self,
+        state: &HubState,
+        id: &ConnectionId,
+        user: &UserId,
+        tx: &mpsc::Sender<Delivery>,
+    ) -> Result<()> {
+        let hub = &state.name;
+        for message in self.inner.backplane.pending(hub, user).await? {
+            // The reader may already have delivered it from the log since the connection
+            // was inserted.
+            let fresh = state.write().claim_durable(id, message.id);
+            if !fresh {
+                continue;
+            }
+            let delivery = Delivery {
+                payload: message.payload,
+                kind: DeliveryKind::Durable(message.id),
+            };
+            let error = self.try_deliver(hub, id, tx, delivery);
+            self.inner
+                .backplane
+                .record_attempt(hub, message.id, id, error)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Unregisters a connection: its channel closes, its memberships go, pending client results
+    /// sent to it fail with [`InvocationError::Disconnected`](crate::InvocationError::Disconnected).
+    /// Returns `false` when no such connection was on this node.
+    ///
+    /// # Errors
+    ///
+    /// The driver's error; the connection is gone from this node either way.
+    pub async fn disconnect(&self, hub: &HubName, id: &ConnectionId) -> Result<bool> {
+        let Some(state) = self.existing_hub(hub) else {
+            return Ok(false);
+        };
+        let removed = state.write().remove(id).is_some();
+        if !removed {
+            return Ok(false);
+        }
+        self.fail_invocations_of(hub, id).await;
+        self.inner.backplane.remove_connection(hub, id).await?;
+        tracing::debug!(hub = %hub, connection = %id, "connection unregistered");
+        Ok(true)
+    }
+
+    /// Publishes a message to every matching connection on every node.
+    ///
+    /// Local recipients get it at once; other nodes read it from the log. A connection-targeted
+    /// message for local connections only never touches the log. A durable message is stored in
+    /// each target user's inbox before anything is sent.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::PayloadTooLarge`], [`Error::InvalidMessage`], [`Error::UnknownConnection`] for a
+    /// connection target that exists nowhere (nothing is sent then), or the driver's error: a
+    /// message that could not be stored is never reported as sent.
+    pub async fn publish(&self, message: Message) -> Result<Published> {
+        message.validate(self.inner.options.max_payload)?;
+        let state = self.hub(&message.hub).await?;
+        let hub = &message.hub;
+        let mut published = Published::default();
+        let mut remote_target = message.target.clone();
+
+        if let Target::Connections(ids) = &message.target {
+            let remote: Vec<ConnectionId> = {
+                let index = state.read();
+                ids.iter()
+                    .filter(|id| !index.contains(id))
+                    .cloned()
+                    .collect()
+            };
+            for id in &remote {
+                if self.inner.backplane.connection(hub, id).await?.is_none() {
+                    return Err(Error::UnknownConnection(id.to_string()));
+                }
+            }
+            remote_target = Target::Connections(remote);
+        }
+
+        let mut records = Vec::new();
+        match (&message.durability, &message.target) {
+            (Durability::Durable { ttl }, Target::Users(users)) => {
+                for user in users {
+                    let id = self
+                        .inner
+                        .backplane
+                        .enqueue(&NewDurableMessage {
+                            hub: hub.clone(),
+                            user: user.clone(),
+                            sender: message.sender.clone(),
+                            payload: message.payload.clone(),
+                            ttl: *ttl,
+                        })
+                        .await?;
+                    published.durable.push(id);
+                    records.push((Target::Users(vec![user.clone()]), Some(id)));
+                }
+            }
+            _ => {
+                let empty = matches!(&remote_target, Target::Connections(v) if v.is_empty());
+                if !empty {
+                    records.push((remote_target, None));
+                }
+            }
+        }
+
+        if !records.is_empty() {
+            let encoded: Vec<Bytes> = records
+                .iter()
+                .map(|(target, durable)| {
+                    Record::Message(Envelope {
+                        origin: self.inner.id.clone(),
+                        target: target.clone(),
+                        except: message.except.clone(),
+                        durable: *durable,
+                        payload: message.payload.clone(),
+                    })
+                    .encode()
+                })
+                .collect();
+            let stream = self.stream_for(message.sender.as_ref());
+            published.position = Some(self.inner.backplane.append(hub, stream, &encoded).await?);
+        }
+        self.inner
+            .counters
+            .published
+            .fetch_add(1, Ordering::Relaxed);
+
+        if records.is_empty() || !matches!(message.durability, Durability::Durable { .. }) {
+            self.deliver_local(
+                &state,
+                &message.target,
+                &message.except,
+                &message.payload,
+                None,
+            )
+            .await;
+        } else {
+            for (target, durable) in &records {
+                self.deliver_local(&state, target, &message.except, &message.payload, *durable)
+                    .await;
+            }
+        }
+        Ok(published)
+    }
+
+    /// Hands a message to the matching local connections.
+    async fn deliver_local(
+        &self,
+        state: &HubState,
+        target: &Target,
+        except: &[ConnectionId],
+        payload: &Bytes,
+        durable: Option<MessageId>,
+    ) {
+        let mut recipients = state.read().recipients(target, except);
+        if let Some(message) = durable {
+            // A connection that got this message from its user's inbox on connect does not get
+            // it again from the log.
+            let mut index = state.write();
+            recipients.retain(|(id, _)| index.claim_durable(id, message));
+        }
+        let kind = durable.map_or(DeliveryKind::Message, DeliveryKind::Durable);
+        for (id, tx) in recipients {
+            let delivery = Delivery {
+                payload: payload.clone(),
+                kind: kind.clone(),
+            };
+            let error = self.try_deliver(&state.name, &id, &tx, delivery);
+            if let Some(message) = durable {
+                if let Err(err) = self
+                    .inner
+                    .backplane
+                    .record_attempt(&state.name, message, &id, error)
+                    .await
+                {
+                    tracing::warn!(%err, hub = %state.name, message = %message, "could not record a delivery attempt");
+                }
+            }
+        }
+    }
+
+    /// Queues a delivery; returns the error text when it could not be queued. A full queue
+    /// means a slow consumer, which is disconnected rather than silently skipped.
+    fn try_deliver(
+        &self,
+        hub: &HubName,
+        id: &ConnectionId,
+        tx: &mpsc::Sender<Delivery>,
+        delivery: Delivery,
+    ) -> Option<&'static str> {
+        let counters = &self.inner.counters;
+        match tx.try_send(delivery) {
+            Ok(()) => {
+                counters.delivered.fetch_add(1, Ordering::Relaxed);
+                None
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                counters.failed.fetch_add(1, Ordering::Relaxed);
+                Some("connection closed")
+            }
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                counters.failed.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(hub = %hub, connection = %id, "slow consumer disconnected");
+                self.emit(NodeEvent::SlowConsumer {
+                    hub: hub.clone(),
+                    connection: id.clone(),
+                });
+                let node = self.clone();
+                let (hub, id) = (hub.clone(), id.clone());
+                tokio::spawn(async move {
+                    if let Err(err) = node.disconnect(&hub, &id).await {
+                        tracing::warn!(%err, hub = %hub, connection = %id, "could not unregister a slow consumer");
+                    }
+                });
+                Some("connection too slow: disconnected")
+            }
+        }
+    }
+
+    /// Adds a connection on any node to a group. Returns `false` when it already was a member.
+    /// When this returns, messages sent to the group afterwards, from any node, reach it.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::UnknownConnection`] when the connection exists nowhere, or the driver's error.
+    pub async fn add_to_group(
+        &self,
+        hub: &HubName,
+        group: &GroupName,
+        id: &ConnectionId,
+    ) -> Result<bool> {
+        self.change_group(hub, group, id, true).await
+    }
+
+    /// Removes a connection on any node from a group. Returns `false` when it was not a member.
+    ///
+    /// # Errors
+    ///
+    /// The driver's error.
+    pub async fn remove_from_group(
+        &self,
+        hub: &HubName,
+        group: &GroupName,
+        id: &ConnectionId,
+    ) -> Result<bool> {
+        self.change_group(hub, group, id, false).await
+    }
+
+    async fn change_group(
+        &self,
+        hub: &HubName,
+        group: &GroupName,
+        id: &ConnectionId,
+        member: bool,
+    ) -> Result<bool> {
+        let state = self.hub(hub).await?;
+        let backplane = &self.inner.backplane;
+        let changed = if member {
+            backplane.add_to_group(hub, group, id).await?
+        } else {
+            backplane.remove_from_group(hub, group, id).await?
+        };
+        let local = {
+            let mut index = state.write();
+            let local = index.contains(id);
+            if local {
+                index.set_member(id, group, member);
+            }
+            local
+        };
+        if changed && !local {
+            // The owning node reloads the connection's groups when it reads this entry. It goes
+            // to every stream, so whichever stream a later message takes, the change precedes it.
+            let record = Record::GroupsChanged {
+                change: self.next_sequence() ^ stream_hash(self.inner.id.as_str()),
+                connection: id.clone(),
+            }
+            .encode();
+            for stream in 0..backplane.stream_count() {
+                backplane
+                    .append(hub, stream, std::slice::from_ref(&record))
+                    .await?;
+            }
+        }
+        Ok(changed)
+    }
+
+    /// Marks a durable message as received by `connection`, so it is not delivered again.
+    /// Returns `false` when it was already acknowledged or does not exist.
+    ///
+    /// # Errors
+    ///
+    /// The driver's error.
+    pub async fn acknowledge(
+        &self,
+        hub: &HubName,
+        connection: &ConnectionId,
+        message: MessageId,
+    ) -> Result<bool> {
+        self.inner
+            .backplane
+            .acknowledge(hub, message, connection)
+            .await
+    }
+
+    /// Stops the node: no new work, every local connection's channel closes, pending client
+    /// results fail, the node's presence is removed, background tasks end.
+    pub async fn shutdown(&self) {
+        if self.inner.shutdown.send_replace(true) {
+            return;
+        }
+        for state in self.hub_states() {
+            let ids: Vec<ConnectionId> = state.read().connections.keys().cloned().collect();
+            for id in ids {
+                state.write().remove(&id);
+                self.fail_invocations_of(&state.name, &id).await;
+            }
+        }
+        self.inner.invocations.fail_all();
+        // Stop the background tasks first: a heartbeat still running would find the node
+        // unregistered and register it again.
+        self.join_tasks().await;
+        if let Err(err) = self.inner.backplane.unregister_node(&self.inner.id).await {
+            tracing::warn!(%err, node = %self.inner.id, "could not unregister the node");
+        }
+        tracing::info!(node = %self.inner.id, "node stopped");
+    }
+
+    /// Stops every task of the node without telling the backplane, as a crashed process would:
+    /// its presence stays until other nodes reap it. For fault tests and drills.
+    pub async fn abandon(&self) {
+        self.inner.shutdown.send_replace(true);
+        for state in self.hub_states() {
+            let ids: Vec<ConnectionId> = state.read().connections.keys().cloned().collect();
+            for id in ids {
+                state.write().remove(&id);
+            }
+        }
+        self.inner.invocations.fail_all();
+        self.join_tasks().await;
+    }
+
+    async fn join_tasks(&self) {
+        let tasks = std::mem::take(
+            &mut *self
+                .inner
+                .tasks
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        );
+        for task in tasks {
+            task.abort();
+            let _ = task.await;
+        }
+    }
+
+    /// A fresh invocation id, unique across nodes: this node's id and a counter.
+    fn invocation_id(&self) -> InvocationId {
+        InvocationId::new(format!("{}.{}", self.inner.id, self.next_sequence()))
+    }
+}

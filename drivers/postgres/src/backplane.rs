@@ -1,0 +1,989 @@
+//! [`PgBackplane`]: the [`Backplane`] contract on PostgreSQL.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use backplane_core::{
+    Backplane, ConnectionId, ConnectionInfo, DeliveryAttempt, DurableMessage, Error, GroupName,
+    HubName, LogEntry, MessageId, NewDurableMessage, NodeId, NodeInfo, Position, Result, Retention,
+    UserId, UserSession, WakeupHub, Wakeups,
+};
+use bytes::Bytes;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_postgres::{NoTls, Row};
+
+use crate::batch::{self, AppendRequest};
+use crate::error::{corrupt, db, pool};
+use crate::listener::{self, Listener};
+use crate::options::PgOptions;
+use crate::schema::{self, Names};
+use crate::sql::Sql;
+
+/// A backplane on PostgreSQL.
+///
+/// Clones share one pool and one listener. See the crate docs for the tables and how recovery
+/// works.
+///
+/// # Examples
+///
+/// ```no_run
+/// use std::sync::Arc;
+/// use backplane_core::{Node, NodeOptions};
+/// use backplane_postgres::PgBackplane;
+///
+/// # async fn run() -> backplane_core::Result<()> {
+/// let backplane = PgBackplane::connect("postgres://app@db.internal/chat").await?;
+/// let node = Node::start(Arc::new(backplane), NodeOptions::new()).await?;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+pub struct PgBackplane {
+    inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    pub(crate) pool: Pool,
+    pub(crate) options: PgOptions,
+    pub(crate) names: Names,
+    pub(crate) sql: Sql,
+    wakeups: Arc<WakeupHub>,
+    shutdown: watch::Sender<bool>,
+    batchers: Mutex<HashMap<(HubName, u32), mpsc::Sender<AppendRequest>>>,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgBackplane")
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Stops the listener and the batchers.
+        self.shutdown.send_replace(true);
+    }
+}
+
+fn new_epoch() -> i64 {
+    let bytes = uuid::Uuid::new_v4().into_bytes();
+    let mut low = [0u8; 8];
+    low.copy_from_slice(&bytes[..8]);
+    i64::from_le_bytes(low).checked_abs().unwrap_or(1)
+}
+
+pub(crate) fn to_i64(value: u64, what: &str) -> Result<i64> {
+    i64::try_from(value).map_err(|_| corrupt(format!("{what} {value} does not fit the database")))
+}
+
+pub(crate) fn to_u64(value: i64, what: &str) -> Result<u64> {
+    u64::try_from(value).map_err(|_| corrupt(format!("negative {what} {value}")))
+}
+
+fn stream_i32(stream: u32) -> Result<i32> {
+    i32::try_from(stream).map_err(|_| corrupt(format!("stream {stream} is too large")))
+}
+
+fn name<T: std::str::FromStr<Err = Error>>(value: &str) -> Result<T> {
+    value
+        .parse()
+        .map_err(|e| corrupt(format!("stored name {value:?} is invalid: {e}")))
+}
+
+fn connection_info(row: &Row) -> Result<ConnectionInfo> {
+    let hub: String = row.try_get(0).map_err(db("decoding a connection"))?;
+    let id: String = row.try_get(1).map_err(db("decoding a connection"))?;
+    let user: Option<String> = row.try_get(2).map_err(db("decoding a connection"))?;
+    let node: String = row.try_get(3).map_err(db("decoding a connection"))?;
+    let connected_at: SystemTime = row.try_get(4).map_err(db("decoding a connection"))?;
+    Ok(ConnectionInfo {
+        hub: name::<HubName>(&hub)?,
+        id: name::<ConnectionId>(&id)?,
+        user: user.map(|u| name::<UserId>(&u)).transpose()?,
+        node: name::<NodeId>(&node)?,
+        connected_at,
+    })
+}
+
+fn durable_message(row: &Row) -> Result<DurableMessage> {
+    let e = || db("decoding a durable message");
+    let id: i64 = row.try_get(0).map_err(e())?;
+    let hub: String = row.try_get(1).map_err(e())?;
+    let user: String = row.try_get(2).map_err(e())?;
+    let sender: Option<String> = row.try_get(3).map_err(e())?;
+    let payload: Vec<u8> = row.try_get(4).map_err(e())?;
+    let acked_by: Option<String> = row.try_get(7).map_err(e())?;
+    let acked_at: Option<SystemTime> = row.try_get(8).map_err(e())?;
+    Ok(DurableMessage {
+        id: MessageId(to_u64(id, "message id")?),
+        hub: name::<HubName>(&hub)?,
+        user: name::<UserId>(&user)?,
+        sender: sender.map(|s| name::<ConnectionId>(&s)).transpose()?,
+        payload: Bytes::from(payload),
+        created_at: row.try_get(5).map_err(e())?,
+        expires_at: row.try_get(6).map_err(e())?,
+        acknowledged: match (acked_by, acked_at) {
+            (Some(by), Some(at)) => Some((name::<ConnectionId>(&by)?, at)),
+            _ => None,
+        },
+    })
+}
+
+impl PgBackplane {
+    /// The driver's name.
+    pub const NAME: &'static str = "postgres";
+    /// URL schemes that select this driver.
+    pub const URL_SCHEMES: &'static [&'static str] = &["postgres", "postgresql"];
+
+    /// Connects with options parsed from a URL (see [`PgOptions`]'s `FromStr`).
+    ///
+    /// # Errors
+    ///
+    /// An invalid URL, an unreachable database, missing privileges, or a schema that could not
+    /// be created or is too old.
+    pub async fn connect(url: &str) -> Result<Self> {
+        Self::connect_with(url.parse()?).await
+    }
+
+    /// Connects: creates or checks the schema, opens the pool, and starts listening.
+    ///
+    /// # Errors
+    ///
+    /// As [`connect`](Self::connect).
+    pub async fn connect_with(options: PgOptions) -> Result<Self> {
+        options.validate()?;
+        let names = Names::new(&options);
+        let mut config = options.config.clone();
+        if config.get_application_name().is_none() {
+            config.application_name("backplane");
+        }
+        let timeout_ms = options.statement_timeout.as_millis();
+        let timeout = format!("-c statement_timeout={timeout_ms}");
+        let server_options = match config.get_options() {
+            Some(given) => format!("{given} {timeout}"),
+            None => timeout,
+        };
+        config.options(server_options);
+
+        if options.create_schema {
+            let (mut client, connection) = config
+                .connect(NoTls)
+                .await
+                .map_err(db("connecting to run migrations"))?;
+            let task = tokio::spawn(connection);
+            let outcome = schema::migrate(&mut client, &options).await;
+            drop(client);
+            let _ = task.await;
+            outcome?;
+        }
+
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(options.pool_size)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(Duration::from_secs(30)))
+            .create_timeout(Some(Duration::from_secs(10)))
+            .build()
+            .map_err(|e| Error::permanent(Self::NAME, format!("could not build the pool: {e}")))?;
+        {
+            let client = pool.get().await.map_err(pool_error)?;
+            schema::check_version(&client, &names).await?;
+        }
+
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let wakeups = Arc::new(WakeupHub::default());
+        let (ready_tx, ready_rx) = oneshot::channel();
+        tokio::spawn(
+            Listener {
+                options: options.clone(),
+                names: names.clone(),
+                wakeups: wakeups.clone(),
+                shutdown: shutdown_rx,
+            }
+            .run(ready_tx),
+        );
+        match ready_rx.await {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => {
+                return Err(Error::transient(
+                    Self::NAME,
+                    format!("the listener could not start: {err}"),
+                ));
+            }
+            Err(_) => return Err(Error::transient(Self::NAME, "the listener stopped")),
+        }
+        let sql = Sql::new(&names);
+        Ok(Self {
+            inner: Arc::new(Inner {
+                pool,
+                options,
+                names,
+                sql,
+                wakeups,
+                shutdown,
+                batchers: Mutex::default(),
+            }),
+        })
+    }
+
+    /// The DDL that creates the schema and tables for `options`, for a DBA to run when the
+    /// application may not create them (with [`PgOptions::create_schema`] set to `false`).
+    pub fn ddl(options: &PgOptions) -> String {
+        schema::ddl(options)
+    }
+
+    /// The options this backplane was opened with.
+    pub fn options(&self) -> &PgOptions {
+        &self.inner.options
+    }
+
+    /// The NOTIFY channel the nodes of this deployment listen on.
+    pub fn channel(&self) -> &str {
+        &self.inner.names.channel
+    }
+
+    /// The schema version the database is at.
+    ///
+    /// # Errors
+    ///
+    /// When the database cannot be reached or the schema does not exist.
+    pub async fn schema_version(&self) -> Result<i32> {
+        let client = self.client().await?;
+        schema::schema_version(&client, &self.inner.names).await
+    }
+
+    pub(crate) async fn client(&self) -> Result<deadpool_postgres::Object> {
+        self.inner.pool.get().await.map_err(pool)
+    }
+
+    pub(crate) fn inner(&self) -> &Inner {
+        &self.inner
+    }
+
+    /// Runs the append statement; creates the stream row first when it is missing.
+    pub(crate) async fn write(
+        &self,
+        hub: &HubName,
+        stream: u32,
+        records: &[Bytes],
+    ) -> Result<Position> {
+        let client = self.client().await?;
+        let stream_db = stream_i32(stream)?;
+        let count =
+            i64::try_from(records.len()).map_err(|_| corrupt("too many records in one append"))?;
+        let data: Vec<&[u8]> = records.iter().map(|r| r.as_ref()).collect();
+        let payload = listener::payload(hub, stream);
+        let statement = client
+            .prepare_cached(&self.inner.sql.append)
+            .await
+            .map_err(db("preparing an append"))?;
+        for _ in 0..2 {
+            let row = client
+                .query_opt(
+                    &statement,
+                    &[
+                        &hub.as_str(),
+                        &stream_db,
+                        &count,
+                        &data,
+                        &self.inner.names.channel,
+                        &payload,
+                    ],
+                )
+                .await
+                .map_err(db("appending to the log"))?;
+            if let Some(row) = row {
+                let base: i64 = row.try_get(0).map_err(db("appending to the log"))?;
+                let epoch: i64 = row.try_get(1).map_err(db("appending to the log"))?;
+                return Ok(Position::new(
+                    stream,
+                    to_u64(base, "offset")?,
+                    to_u64(epoch, "epoch")?,
+                ));
+            }
+            self.create_stream(&client, hub, stream_db).await?;
+        }
+        Err(corrupt("the stream row vanished during an append"))
+    }
+
+    async fn create_stream(
+        &self,
+        client: &deadpool_postgres::Object,
+        hub: &HubName,
+        stream: i32,
+    ) -> Result<()> {
+        client
+            .execute(
+                &self.inner.sql.create_stream,
+                &[&hub.as_str(), &stream, &new_epoch()],
+            )
+            .await
+            .map_err(db("creating a stream"))?;
+        Ok(())
+    }
+
+    fn check_stream(&self, stream: u32) -> Result<()> {
+        if stream >= self.inner.options.streams {
+            return Err(Error::UnknownStream {
+                stream,
+                streams: self.inner.options.streams,
+            });
+        }
+        Ok(())
+    }
+
+    fn batcher(&self, hub: &HubName, stream: u32) -> mpsc::Sender<AppendRequest> {
+        let mut batchers = self
+            .inner
+            .batchers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        batchers
+            .entry((hub.clone(), stream))
+            .or_insert_with(|| {
+                let (tx, rx) = mpsc::channel(4096);
+                tokio::spawn(batch::run(
+                    Arc::downgrade(&self.inner),
+                    hub.clone(),
+                    stream,
+                    rx,
+                    self.inner.shutdown.subscribe(),
+                ));
+                tx
+            })
+            .clone()
+    }
+
+    pub(crate) fn from_inner(inner: Arc<Inner>) -> Self {
+        Self { inner }
+    }
+}
+
+fn pool_error(err: deadpool_postgres::PoolError) -> Error {
+    pool(err)
+}
+
+#[async_trait]
+impl Backplane for PgBackplane {
+    fn driver_name(&self) -> &'static str {
+        Self::NAME
+    }
+
+    fn stream_count(&self) -> u32 {
+        self.inner.options.streams
+    }
+
+    async fn append(&self, hub: &HubName, stream: u32, records: &[Bytes]) -> Result<Position> {
+        self.check_stream(stream)?;
+        if records.is_empty() {
+            return self.tail(hub, stream).await;
+        }
+        if self.inner.options.batch_delay.is_zero() {
+            return self.write(hub, stream, records).await;
+        }
+        let (tx, rx) = oneshot::channel();
+        let request = AppendRequest {
+            records: records.to_vec(),
+            reply: tx,
+        };
+        if self.batcher(hub, stream).send(request).await.is_err() {
+            return Err(Error::transient(Self::NAME, "the append batcher stopped"));
+        }
+        rx.await
+            .unwrap_or_else(|_| Err(Error::transient(Self::NAME, "the append batcher stopped")))
+    }
+
+    async fn read(&self, hub: &HubName, from: Position, limit: usize) -> Result<Vec<LogEntry>> {
+        self.check_stream(from.stream)?;
+        let client = self.client().await?;
+        let stream = stream_i32(from.stream)?;
+        let offset = to_i64(from.offset, "offset")?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let statement = client
+            .prepare_cached(&self.inner.sql.read)
+            .await
+            .map_err(db("preparing a read"))?;
+        let mut rows = client
+            .query(&statement, &[&hub.as_str(), &stream, &offset, &limit])
+            .await
+            .map_err(db("reading the log"))?;
+        if rows.is_empty() {
+            self.create_stream(&client, hub, stream).await?;
+            rows = client
+                .query(&statement, &[&hub.as_str(), &stream, &offset, &limit])
+                .await
+                .map_err(db("reading the log"))?;
+        }
+        let Some(first) = rows.first() else {
+            return Err(corrupt("a stream row vanished during a read"));
+        };
+        let first_offset: i64 = first.try_get(0).map_err(db("reading the log"))?;
+        let epoch: i64 = first.try_get(1).map_err(db("reading the log"))?;
+        let earliest = Position::new(
+            from.stream,
+            to_u64(first_offset, "offset")?,
+            to_u64(epoch, "epoch")?,
+        );
+        if earliest.epoch != from.epoch || from.offset < earliest.offset {
+            return Err(Error::PositionTooOld {
+                requested: from,
+                earliest,
+            });
+        }
+        let mut entries = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let offset: Option<i64> = row.try_get(2).map_err(db("reading the log"))?;
+            let Some(offset) = offset else { continue };
+            let data: Vec<u8> = row.try_get(3).map_err(db("reading the log"))?;
+            entries.push(LogEntry {
+                offset: to_u64(offset, "offset")?,
+                data: Bytes::from(data),
+            });
+        }
+        Ok(entries)
+    }
+
+    async fn tail(&self, hub: &HubName, stream: u32) -> Result<Position> {
+        self.check_stream(stream)?;
+        let client = self.client().await?;
+        let stream_db = stream_i32(stream)?;
+        for _ in 0..2 {
+            let row = client
+                .query_opt(&self.inner.sql.tail, &[&hub.as_str(), &stream_db])
+                .await
+                .map_err(db("reading the tail of the log"))?;
+            if let Some(row) = row {
+                let next: i64 = row.try_get(0).map_err(db("reading the tail of the log"))?;
+                let epoch: i64 = row.try_get(1).map_err(db("reading the tail of the log"))?;
+                return Ok(Position::new(
+                    stream,
+                    to_u64(next, "offset")?,
+                    to_u64(epoch, "epoch")?,
+                ));
+            }
+            self.create_stream(&client, hub, stream_db).await?;
+        }
+        Err(corrupt("the stream row vanished"))
+    }
+
+    async fn subscribe(&self, hub: &HubName) -> Result<Wakeups> {
+        Ok(self.inner.wakeups.subscribe(hub))
+    }
+
+    async fn trim(&self, retention: &Retention) -> Result<u64> {
+        let mut client = self.client().await?;
+        let sql = &self.inner.sql;
+        let streams = client
+            .query(&sql.trim_streams, &[])
+            .await
+            .map_err(db("listing streams to trim"))?;
+        let max_age = retention.max_age.as_secs_f64();
+        let max_entries = i64::try_from(retention.max_entries).unwrap_or(i64::MAX);
+        let mut removed = 0;
+        for row in streams {
+            let hub: String = row.try_get(0).map_err(db("listing streams to trim"))?;
+            let stream: i32 = row.try_get(1).map_err(db("listing streams to trim"))?;
+            let tx = client.transaction().await.map_err(db("trimming the log"))?;
+            // Locking the stream row waits for appends in flight, so the next statement's
+            // snapshot sees every entry that has an offset below next_offset.
+            let lock = tx
+                .query_one(&sql.trim_lock, &[&hub, &stream])
+                .await
+                .map_err(db("trimming the log"))?;
+            let next: i64 = lock.try_get(0).map_err(db("trimming the log"))?;
+            let first: i64 = lock.try_get(1).map_err(db("trimming the log"))?;
+            let young = tx
+                .query_one(&sql.trim_oldest_young, &[&hub, &stream, &max_age])
+                .await
+                .map_err(db("trimming the log"))?;
+            let oldest_young: Option<i64> = young.try_get(0).map_err(db("trimming the log"))?;
+            let new_first = first
+                .max(next.saturating_sub(max_entries))
+                .max(oldest_young.unwrap_or(next));
+            if new_first > first {
+                tx.execute(&sql.trim_set_first, &[&hub, &stream, &new_first])
+                    .await
+                    .map_err(db("trimming the log"))?;
+                removed += tx
+                    .execute(&sql.trim_delete, &[&hub, &stream, &new_first])
+                    .await
+                    .map_err(db("trimming the log"))?;
+            }
+            tx.commit().await.map_err(db("trimming the log"))?;
+        }
+        Ok(removed)
+    }
+
+    async fn register_node(&self, node: &NodeId) -> Result<()> {
+        let client = self.client().await?;
+        client
+            .execute(&self.inner.sql.register_node, &[&node.as_str()])
+            .await
+            .map_err(db("registering a node"))?;
+        Ok(())
+    }
+
+    async fn heartbeat(&self, node: &NodeId) -> Result<bool> {
+        let client = self.client().await?;
+        let row = client
+            .query_one(&self.inner.sql.heartbeat, &[&node.as_str()])
+            .await
+            .map_err(db("writing a heartbeat"))?;
+        let count: i64 = row.try_get(0).map_err(db("writing a heartbeat"))?;
+        Ok(count > 0)
+    }
+
+    async fn unregister_node(&self, node: &NodeId) -> Result<()> {
+        let client = self.client().await?;
+        client
+            .query(&self.inner.sql.unregister_node, &[&node.as_str()])
+            .await
+            .map_err(db("unregistering a node"))?;
+        Ok(())
+    }
+
+    async fn live_nodes(&self) -> Result<Vec<NodeInfo>> {
+        let client = self.client().await?;
+        let rows = client
+            .query(&self.inner.sql.live_nodes, &[])
+            .await
+            .map_err(db("listing nodes"))?;
+        rows.iter()
+            .map(|row| {
+                let id: String = row.try_get(0).map_err(db("listing nodes"))?;
+                Ok(NodeInfo {
+                    id: name::<NodeId>(&id)?,
+                    started_at: row.try_get(1).map_err(db("listing nodes"))?,
+                    last_heartbeat: row.try_get(2).map_err(db("listing nodes"))?,
+                })
+            })
+            .collect()
+    }
+
+    async fn reap_nodes(&self, timeout: Duration) -> Result<Vec<NodeId>> {
+        let client = self.client().await?;
+        let rows = client
+            .query(&self.inner.sql.reap_nodes, &[&timeout.as_secs_f64()])
+            .await
+            .map_err(db("reaping dead nodes"))?;
+        rows.iter()
+            .map(|row| {
+                let id: String = row.try_get(0).map_err(db("reaping dead nodes"))?;
+                name::<NodeId>(&id)
+            })
+            .collect()
+    }
+
+    async fn add_connection(&self, connection: &ConnectionInfo) -> Result<()> {
+        let mut client = self.client().await?;
+        let tx = client
+            .transaction()
+            .await
+            .map_err(db("registering a connection"))?;
+        let user = connection.user.as_ref().map(UserId::as_str);
+        let inserted = tx
+            .query_opt(
+                &self.inner.sql.add_connection,
+                &[
+                    &connection.hub.as_str(),
+                    &connection.id.as_str(),
+                    &user,
+                    &connection.node.as_str(),
+                ],
+            )
+            .await
+            .map_err(db("registering a connection"))?;
+        if inserted.is_none() {
+            return Err(Error::DuplicateConnection(connection.id.to_string()));
+        }
+        if let Some(user) = user {
+            tx.execute(
+                &self.inner.sql.open_session,
+                &[&connection.hub.as_str(), &user],
+            )
+            .await
+            .map_err(db("opening a user session"))?;
+        }
+        tx.commit().await.map_err(db("registering a connection"))
+    }
+
+    async fn remove_connection(
+        &self,
+        hub: &HubName,
+        connection: &ConnectionId,
+    ) -> Result<Option<ConnectionInfo>> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                &self.inner.sql.remove_connection,
+                &[&hub.as_str(), &connection.as_str()],
+            )
+            .await
+            .map_err(db("removing a connection"))?;
+        row.as_ref().map(connection_info).transpose()
+    }
+
+    async fn connection(
+        &self,
+        hub: &HubName,
+        connection: &ConnectionId,
+    ) -> Result<Option<ConnectionInfo>> {
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached(&self.inner.sql.connection)
+            .await
+            .map_err(db("preparing a connection lookup"))?;
+        let row = client
+            .query_opt(&statement, &[&hub.as_str(), &connection.as_str()])
+            .await
+            .map_err(db("looking up a connection"))?;
+        row.as_ref().map(connection_info).transpose()
+    }
+
+    async fn user_connections(&self, hub: &HubName, user: &UserId) -> Result<Vec<ConnectionInfo>> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                &self.inner.sql.user_connections,
+                &[&hub.as_str(), &user.as_str()],
+            )
+            .await
+            .map_err(db("listing a user's connections"))?;
+        rows.iter().map(connection_info).collect()
+    }
+
+    async fn online_users(&self, hub: &HubName) -> Result<Vec<UserId>> {
+        let client = self.client().await?;
+        let rows = client
+            .query(&self.inner.sql.online_users, &[&hub.as_str()])
+            .await
+            .map_err(db("listing online users"))?;
+        rows.iter()
+            .map(|row| {
+                let user: String = row.try_get(0).map_err(db("listing online users"))?;
+                name::<UserId>(&user)
+            })
+            .collect()
+    }
+
+    async fn user_session(&self, hub: &HubName, user: &UserId) -> Result<Option<UserSession>> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                &self.inner.sql.user_session,
+                &[&hub.as_str(), &user.as_str()],
+            )
+            .await
+            .map_err(db("reading a user session"))?;
+        let Some(row) = row else { return Ok(None) };
+        let e = || db("reading a user session");
+        let connections: i32 = row.try_get(3).map_err(e())?;
+        Ok(Some(UserSession {
+            user: user.clone(),
+            started_at: row.try_get(1).map_err(e())?,
+            ended_at: row.try_get(2).map_err(e())?,
+            connections: u32::try_from(connections).unwrap_or(0),
+            last_activity: row.try_get(4).map_err(e())?,
+        }))
+    }
+
+    async fn add_to_group(
+        &self,
+        hub: &HubName,
+        group: &GroupName,
+        connection: &ConnectionId,
+    ) -> Result<bool> {
+        let client = self.client().await?;
+        match client
+            .execute(
+                &self.inner.sql.add_member,
+                &[&hub.as_str(), &group.as_str(), &connection.as_str()],
+            )
+            .await
+        {
+            Ok(rows) => Ok(rows > 0),
+            Err(err)
+                if err.code() == Some(&tokio_postgres::error::SqlState::FOREIGN_KEY_VIOLATION) =>
+            {
+                Err(Error::UnknownConnection(connection.to_string()))
+            }
+            Err(err) => Err(db("adding to a group")(err)),
+        }
+    }
+
+    async fn remove_from_group(
+        &self,
+        hub: &HubName,
+        group: &GroupName,
+        connection: &ConnectionId,
+    ) -> Result<bool> {
+        let client = self.client().await?;
+        let rows = client
+            .execute(
+                &self.inner.sql.remove_member,
+                &[&hub.as_str(), &group.as_str(), &connection.as_str()],
+            )
+            .await
+            .map_err(db("removing from a group"))?;
+        Ok(rows > 0)
+    }
+
+    async fn group_members(&self, hub: &HubName, group: &GroupName) -> Result<Vec<ConnectionId>> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                &self.inner.sql.group_members,
+                &[&hub.as_str(), &group.as_str()],
+            )
+            .await
+            .map_err(db("listing a group"))?;
+        rows.iter()
+            .map(|row| {
+                let id: String = row.try_get(0).map_err(db("listing a group"))?;
+                name::<ConnectionId>(&id)
+            })
+            .collect()
+    }
+
+    async fn connection_groups(
+        &self,
+        hub: &HubName,
+        connection: &ConnectionId,
+    ) -> Result<Vec<GroupName>> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                &self.inner.sql.connection_groups,
+                &[&hub.as_str(), &connection.as_str()],
+            )
+            .await
+            .map_err(db("listing a connection's groups"))?;
+        rows.iter()
+            .map(|row| {
+                let group: String = row
+                    .try_get(0)
+                    .map_err(db("listing a connection's groups"))?;
+                name::<GroupName>(&group)
+            })
+            .collect()
+    }
+
+    async fn enqueue(&self, message: &NewDurableMessage) -> Result<MessageId> {
+        let client = self.client().await?;
+        let sender = message.sender.as_ref().map(ConnectionId::as_str);
+        let row = client
+            .query_one(
+                &self.inner.sql.enqueue,
+                &[
+                    &message.hub.as_str(),
+                    &message.user.as_str(),
+                    &sender,
+                    &message.payload.as_ref(),
+                    &message.ttl.as_secs_f64(),
+                ],
+            )
+            .await
+            .map_err(db("storing a durable message"))?;
+        let id: i64 = row.try_get(0).map_err(db("storing a durable message"))?;
+        Ok(MessageId(to_u64(id, "message id")?))
+    }
+
+    async fn pending(&self, hub: &HubName, user: &UserId) -> Result<Vec<DurableMessage>> {
+        let client = self.client().await?;
+        let rows = client
+            .query(&self.inner.sql.pending, &[&hub.as_str(), &user.as_str()])
+            .await
+            .map_err(db("listing pending messages"))?;
+        rows.iter().map(durable_message).collect()
+    }
+
+    async fn durable_message(
+        &self,
+        hub: &HubName,
+        id: MessageId,
+    ) -> Result<Option<DurableMessage>> {
+        let client = self.client().await?;
+        let id = to_i64(id.0, "message id")?;
+        let row = client
+            .query_opt(&self.inner.sql.durable_message, &[&hub.as_str(), &id])
+            .await
+            .map_err(db("reading a durable message"))?;
+        row.as_ref().map(durable_message).transpose()
+    }
+
+    async fn acknowledge(
+        &self,
+        hub: &HubName,
+        id: MessageId,
+        connection: &ConnectionId,
+    ) -> Result<bool> {
+        let client = self.client().await?;
+        let id = to_i64(id.0, "message id")?;
+        let rows = client
+            .execute(
+                &self.inner.sql.acknowledge,
+                &[&hub.as_str(), &id, &connection.as_str()],
+            )
+            .await
+            .map_err(db("acknowledging a message"))?;
+        Ok(rows > 0)
+    }
+
+    async fn record_attempt(
+        &self,
+        hub: &HubName,
+        id: MessageId,
+        connection: &ConnectionId,
+        error: Option<&str>,
+    ) -> Result<()> {
+        let client = self.client().await?;
+        let id = to_i64(id.0, "message id")?;
+        match client
+            .execute(
+                &self.inner.sql.record_attempt,
+                &[&hub.as_str(), &id, &connection.as_str(), &error],
+            )
+            .await
+        {
+            // A message purged in the meantime has nothing to record against.
+            Err(err)
+                if err.code() == Some(&tokio_postgres::error::SqlState::FOREIGN_KEY_VIOLATION) =>
+            {
+                Ok(())
+            }
+            Err(err) => Err(db("recording a delivery attempt")(err)),
+            Ok(_) => Ok(()),
+        }
+    }
+
+    async fn attempts(&self, hub: &HubName, id: MessageId) -> Result<Vec<DeliveryAttempt>> {
+        let client = self.client().await?;
+        let id = to_i64(id.0, "message id")?;
+        let rows = client
+            .query(&self.inner.sql.attempts, &[&hub.as_str(), &id])
+            .await
+            .map_err(db("listing delivery attempts"))?;
+        rows.iter()
+            .map(|row| {
+                let e = || db("listing delivery attempts");
+                let connection: String = row.try_get(0).map_err(e())?;
+                Ok(DeliveryAttempt {
+                    connection: name::<ConnectionId>(&connection)?,
+                    at: row.try_get(1).map_err(e())?,
+                    error: row.try_get(2).map_err(e())?,
+                })
+            })
+            .collect()
+    }
+
+    async fn purge_expired(&self) -> Result<u64> {
+        let client = self.client().await?;
+        client
+            .execute(&self.inner.sql.purge_expired, &[])
+            .await
+            .map_err(db("purging expired messages"))
+    }
+
+    async fn pending_count(&self) -> Result<u64> {
+        let client = self.client().await?;
+        let row = client
+            .query_one(&self.inner.sql.pending_count, &[])
+            .await
+            .map_err(db("counting pending messages"))?;
+        let count: i64 = row.try_get(0).map_err(db("counting pending messages"))?;
+        to_u64(count, "count")
+    }
+}
+
+/// An append written in a transaction that is still open; see [`PgBackplane::hold_append`].
+#[derive(Debug)]
+pub struct PgHeldAppend {
+    client: tokio_postgres::Client,
+    position: Position,
+}
+
+impl PgHeldAppend {
+    /// The position the held records got.
+    pub fn position(&self) -> Position {
+        self.position
+    }
+
+    /// Commits the transaction.
+    ///
+    /// # Errors
+    ///
+    /// The commit failed; the records are then not in the log.
+    pub async fn commit(self) -> Result<Position> {
+        self.client
+            .batch_execute("COMMIT")
+            .await
+            .map_err(db("committing a held append"))?;
+        Ok(self.position)
+    }
+}
+
+impl PgBackplane {
+    /// Appends `records` in a transaction on a connection of its own and leaves it open until
+    /// [`PgHeldAppend::commit`]: a slow transaction on demand, for fault tests and drills.
+    /// Other appends to the same stream wait for it; readers never see its offsets before the
+    /// commit, nor any later offset of the stream.
+    ///
+    /// # Errors
+    ///
+    /// The connection or the append failed.
+    pub async fn hold_append(
+        &self,
+        hub: &HubName,
+        stream: u32,
+        records: &[Bytes],
+    ) -> Result<PgHeldAppend> {
+        self.check_stream(stream)?;
+        // Make sure the stream row exists, so the held statement only updates it.
+        self.tail(hub, stream).await?;
+        let (client, connection) = self
+            .inner
+            .options
+            .config
+            .connect(NoTls)
+            .await
+            .map_err(db("connecting for a held append"))?;
+        tokio::spawn(connection);
+        client
+            .batch_execute("BEGIN")
+            .await
+            .map_err(db("starting a held append"))?;
+        let count = i64::try_from(records.len()).map_err(|_| corrupt("too many records"))?;
+        let data: Vec<&[u8]> = records.iter().map(|r| r.as_ref()).collect();
+        let row = client
+            .query_one(
+                &self.inner.sql.append,
+                &[
+                    &hub.as_str(),
+                    &stream_i32(stream)?,
+                    &count,
+                    &data,
+                    &self.inner.names.channel,
+                    &listener::payload(hub, stream),
+                ],
+            )
+            .await
+            .map_err(db("writing a held append"))?;
+        let base: i64 = row.try_get(0).map_err(db("writing a held append"))?;
+        let epoch: i64 = row.try_get(1).map_err(db("writing a held append"))?;
+        Ok(PgHeldAppend {
+            client,
+            position: Position::new(stream, to_u64(base, "offset")?, to_u64(epoch, "epoch")?),
+        })
+    }
+}

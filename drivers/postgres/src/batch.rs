@@ -1,0 +1,92 @@
+//! Coalescing of concurrent appends: one multi-row insert and one NOTIFY per batch.
+
+use std::sync::Weak;
+
+use backplane_core::{Error, HubName, Position, Result};
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+
+use crate::PgBackplane;
+use crate::backplane::Inner;
+
+/// One caller's append, waiting for its batch.
+pub(crate) struct AppendRequest {
+    pub(crate) records: Vec<Bytes>,
+    pub(crate) reply: oneshot::Sender<Result<Position>>,
+}
+
+/// The same error for every caller of a failed batch.
+fn share(err: &Error) -> Error {
+    if err.is_transient() {
+        Error::transient(PgBackplane::NAME, err.to_string())
+    } else {
+        Error::permanent(PgBackplane::NAME, err.to_string())
+    }
+}
+
+/// Collects appends to one stream into batches of at most `max_batch` records, each written by
+/// one statement. A lone append is written at once; when several are queued, the batch waits up
+/// to `batch_delay` for more. Callers keep their order.
+pub(crate) async fn run(
+    inner: Weak<Inner>,
+    hub: HubName,
+    stream: u32,
+    mut rx: mpsc::Receiver<AppendRequest>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let first = tokio::select! {
+            request = rx.recv() => match request {
+                Some(request) => request,
+                None => return,
+            },
+            _ = shutdown.changed() => return,
+        };
+        let Some(inner) = inner.upgrade() else { return };
+        let backplane = PgBackplane::from_inner(inner);
+        let (delay, max) = {
+            let options = &backplane.inner().options;
+            (options.batch_delay, options.max_batch)
+        };
+        let mut count = first.records.len();
+        let mut batch = vec![first];
+        // Take what is already queued. If others are appending at the same time, linger up to
+        // `batch_delay` for more; a lone append is written at once.
+        while count < max {
+            match rx.try_recv() {
+                Ok(request) => {
+                    count += request.records.len();
+                    batch.push(request);
+                }
+                Err(_) => break,
+            }
+        }
+        if batch.len() > 1 {
+            let deadline = Instant::now() + delay;
+            while count < max {
+                match tokio::time::timeout_at(deadline, rx.recv()).await {
+                    Ok(Some(request)) => {
+                        count += request.records.len();
+                        batch.push(request);
+                    }
+                    Ok(None) | Err(_) => break,
+                }
+            }
+        }
+        let records: Vec<Bytes> = batch
+            .iter()
+            .flat_map(|r| r.records.iter().cloned())
+            .collect();
+        let result = backplane.write(&hub, stream, &records).await;
+        let mut skip = 0u64;
+        for request in batch {
+            let reply = match &result {
+                Ok(position) => Ok(position.at(position.offset + skip)),
+                Err(err) => Err(share(err)),
+            };
+            skip += request.records.len() as u64;
+            let _ = request.reply.send(reply);
+        }
+    }
+}

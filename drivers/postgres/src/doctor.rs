@@ -1,0 +1,203 @@
+//! `doctor`: checks a database for everything the driver needs and says what is wrong.
+
+use std::time::Duration;
+
+use tokio_postgres::{AsyncMessage, NoTls};
+
+use crate::error::describe;
+use crate::options::PgOptions;
+use crate::schema::{self, Names, quote};
+
+/// The outcome of one doctor check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Check {
+    /// What was checked.
+    pub name: &'static str,
+    /// What was found, or what is wrong and how to fix it.
+    pub outcome: Result<String, String>,
+}
+
+impl Check {
+    fn new(name: &'static str, outcome: Result<String, String>) -> Self {
+        Self { name, outcome }
+    }
+}
+
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Checks connectivity, server version, privileges, the schema version and a LISTEN/NOTIFY
+/// round trip. Never fails: every problem is a failed [`Check`] with its reason.
+pub async fn doctor(options: &PgOptions) -> Vec<Check> {
+    let names = Names::new(options);
+    let mut checks = Vec::new();
+    let connect = tokio::time::timeout(TIMEOUT, options.config.connect(NoTls)).await;
+    let (client, connection) = match connect {
+        Ok(Ok(pair)) => pair,
+        Ok(Err(err)) => {
+            checks.push(Check::new(
+                "connect",
+                Err(format!("could not connect: {}", describe(&err))),
+            ));
+            return checks;
+        }
+        Err(_) => {
+            checks.push(Check::new(
+                "connect",
+                Err(format!(
+                    "no answer within {TIMEOUT:?}: check host, port and firewall"
+                )),
+            ));
+            return checks;
+        }
+    };
+    let (notify_tx, mut notify_rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut connection = connection;
+    tokio::spawn(async move {
+        while let Some(message) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+            match message {
+                Ok(AsyncMessage::Notification(n)) => {
+                    let _ = notify_tx.send(n.payload().to_owned());
+                }
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+    });
+
+    let about = client
+        .query_one(
+            "SELECT current_setting('server_version_num')::int, current_user, current_database()",
+            &[],
+        )
+        .await;
+    let about = about.and_then(|row| {
+        Ok((
+            row.try_get::<_, i32>(0)?,
+            row.try_get::<_, String>(1)?,
+            row.try_get::<_, String>(2)?,
+        ))
+    });
+    let version = match about {
+        Ok((version, user, database)) => {
+            checks.push(Check::new(
+                "connect",
+                Ok(format!("connected to database {database:?} as {user:?}")),
+            ));
+            version
+        }
+        Err(err) => {
+            checks.push(Check::new(
+                "connect",
+                Err(format!("the first query failed: {}", describe(&err))),
+            ));
+            return checks;
+        }
+    };
+    checks.push(Check::new(
+        "server version",
+        if version >= 120_000 {
+            Ok(format!(
+                "PostgreSQL {}.{}",
+                version / 10_000,
+                version % 10_000
+            ))
+        } else {
+            Err(format!(
+                "PostgreSQL {}: version 12 or later is required",
+                version / 10_000
+            ))
+        },
+    ));
+
+    let schema_exists = client
+        .query_one(
+            "SELECT count(*) > 0 FROM pg_namespace WHERE nspname = $1",
+            &[&options.schema],
+        )
+        .await
+        .and_then(|r| r.try_get::<_, bool>(0))
+        .unwrap_or(false);
+    let privileges = if schema_exists {
+        client
+            .query_one(
+                "SELECT has_schema_privilege($1, 'USAGE'), has_schema_privilege($1, 'CREATE')",
+                &[&options.schema],
+            )
+            .await
+            .and_then(|r| Ok((r.try_get::<_, bool>(0)?, r.try_get::<_, bool>(1)?)))
+    } else {
+        client
+            .query_one(
+                "SELECT true, has_database_privilege(current_database(), 'CREATE')",
+                &[],
+            )
+            .await
+            .and_then(|r| Ok((r.try_get::<_, bool>(0)?, r.try_get::<_, bool>(1)?)))
+    };
+    let can_create = matches!(privileges, Ok((_, true)));
+    checks.push(Check::new(
+        "privileges",
+        match privileges {
+            Ok((true, true)) => Ok(format!("may use and create tables in schema {:?}", options.schema)),
+            Ok((true, false)) if schema_exists => Ok(format!(
+                "may use schema {:?} but not create in it: fine once the tables exist (create_schema=false)",
+                options.schema
+            )),
+            Ok((false, _)) => Err(format!(
+                "no USAGE on schema {:?}: GRANT USAGE ON SCHEMA {} TO the application's role",
+                options.schema,
+                quote(&options.schema)
+            )),
+            Ok(_) => Err(format!(
+                "schema {:?} does not exist and this role may not create it: run the DDL (PgBackplane::ddl) as an owner, or GRANT CREATE ON DATABASE",
+                options.schema
+            )),
+            Err(err) => Err(format!("could not read privileges: {}", describe(&err))),
+        },
+    ));
+
+    checks.push(Check::new(
+        "schema version",
+        if !schema_exists && can_create {
+            Ok(format!(
+                "schema {:?} does not exist yet; it is created on first connect",
+                options.schema
+            ))
+        } else if !schema_exists {
+            Err(format!(
+                "schema {:?} does not exist and cannot be created by this role: run the DDL (PgBackplane::ddl) as its owner",
+                options.schema
+            ))
+        } else {
+            match schema::schema_version(&client, &names).await {
+                Ok(v) if v >= schema::latest_version() => Ok(format!("version {v}, up to date")),
+                Ok(v) => Err(format!(
+                    "version {v}, this driver needs {}: connect once with create_schema=true or run the DDL",
+                    schema::latest_version()
+                )),
+                Err(err) => Err(format!("no migrations table: {err}")),
+            }
+        },
+    ));
+
+    let channel = format!("backplane.doctor.{}", std::process::id());
+    let round_trip = async {
+        client
+            .batch_execute(&format!("LISTEN {}", quote(&channel)))
+            .await
+            .map_err(|e| format!("LISTEN failed: {}", describe(&e)))?;
+        client
+            .execute("SELECT pg_notify($1, 'ping')", &[&channel])
+            .await
+            .map_err(|e| format!("NOTIFY failed: {}", describe(&e)))?;
+        match tokio::time::timeout(TIMEOUT, notify_rx.recv()).await {
+            Ok(Some(payload)) if payload == "ping" => Ok("LISTEN/NOTIFY works".to_owned()),
+            Ok(_) => Err("the notification did not arrive".to_owned()),
+            Err(_) => Err(format!(
+                "no notification within {TIMEOUT:?}: a connection pooler in transaction mode (PgBouncer) drops LISTEN; connect the backplane directly or in session mode"
+            )),
+        }
+    };
+    checks.push(Check::new("listen/notify", round_trip.await));
+    checks
+}

@@ -1,0 +1,16 @@
+#![doc = include_str!("../README.md")]
+#![deny(rustdoc::broken_intra_doc_links)]
+
+mod backplane;
+mod batch;
+mod doctor;
+mod error;
+mod listener;
+mod options;
+mod schema;
+mod sql;
+
+pub use backplane::{PgBackplane, PgHeldAppend};
+pub use doctor::{Check, doctor};
+pub use error::PgError;
+pub use options::PgOptions;

@@ -1,0 +1,286 @@
+//! Connection and schema settings.
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use backplane_core::{DEFAULT_STREAMS, Error};
+
+use crate::PgBackplane;
+
+/// Settings of a [`PgBackplane`]: where the database is, which schema and tables to use, and
+/// how to batch. Each setter states its default.
+///
+/// # Examples
+///
+/// ```
+/// use backplane_postgres::PgOptions;
+///
+/// let options: PgOptions = "postgres://app:secret@db.internal:5432/chat?schema=rt&streams=8"
+///     .parse()?;
+/// assert_eq!(options.get_schema(), "rt");
+/// assert!(!format!("{options:?}").contains("secret"));
+/// # Ok::<(), backplane_core::Error>(())
+/// ```
+#[derive(Clone)]
+pub struct PgOptions {
+    pub(crate) config: tokio_postgres::Config,
+    pub(crate) schema: String,
+    pub(crate) table_prefix: String,
+    pub(crate) streams: u32,
+    pub(crate) pool_size: usize,
+    pub(crate) batch_delay: Duration,
+    pub(crate) max_batch: usize,
+    pub(crate) create_schema: bool,
+    pub(crate) listener_check: Duration,
+    pub(crate) statement_timeout: Duration,
+}
+
+impl fmt::Debug for PgOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PgOptions")
+            .field("hosts", &self.config.get_hosts())
+            .field("ports", &self.config.get_ports())
+            .field("user", &self.config.get_user())
+            .field("dbname", &self.config.get_dbname())
+            .field(
+                "password",
+                &self.config.get_password().map(|_| "<redacted>"),
+            )
+            .field("schema", &self.schema)
+            .field("table_prefix", &self.table_prefix)
+            .field("streams", &self.streams)
+            .field("pool_size", &self.pool_size)
+            .field("batch_delay", &self.batch_delay)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Query parameters that belong to the backplane, not to the PostgreSQL connection.
+const OWN_PARAMS: &[&str] = &[
+    "schema",
+    "table_prefix",
+    "streams",
+    "pool_size",
+    "batch_delay_ms",
+];
+
+fn bad(reason: impl Into<String>) -> Error {
+    Error::permanent(
+        PgBackplane::NAME,
+        format!("invalid options: {}", reason.into()),
+    )
+}
+
+impl PgOptions {
+    /// Options for a parsed connection configuration, with every other setting at its default.
+    pub fn from_config(config: tokio_postgres::Config) -> Self {
+        Self {
+            config,
+            schema: "backplane".to_owned(),
+            table_prefix: String::new(),
+            streams: DEFAULT_STREAMS,
+            pool_size: 16,
+            batch_delay: Duration::from_millis(1),
+            max_batch: 1000,
+            create_schema: true,
+            listener_check: Duration::from_secs(5),
+            statement_timeout: Duration::from_secs(30),
+        }
+    }
+
+    /// The schema that holds the tables. Defaults to `backplane`.
+    pub fn schema(mut self, schema: impl Into<String>) -> Self {
+        self.schema = schema.into();
+        self
+    }
+
+    /// A prefix for every table name, so several deployments can share one schema. Defaults to
+    /// none.
+    pub fn table_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.table_prefix = prefix.into();
+        self
+    }
+
+    /// Streams per hub; every node of a deployment must use the same count. Defaults to 4.
+    pub fn streams(mut self, streams: u32) -> Self {
+        self.streams = streams.max(1);
+        self
+    }
+
+    /// Connections in the pool. Defaults to 16.
+    pub fn pool_size(mut self, size: usize) -> Self {
+        self.pool_size = size.max(1);
+        self
+    }
+
+    /// How long a batch (one multi-row insert, one NOTIFY) waits for more appends when several
+    /// are already queued; a lone append is written at once. Zero turns batching off: every
+    /// append is its own statement. Defaults to 1 ms.
+    pub fn batch_delay(mut self, delay: Duration) -> Self {
+        self.batch_delay = delay;
+        self
+    }
+
+    /// The most records written by one batch. Defaults to 1000.
+    pub fn max_batch(mut self, records: usize) -> Self {
+        self.max_batch = records.max(1);
+        self
+    }
+
+    /// Whether to create and migrate the schema on connect. When `false`, the schema must
+    /// exist already (see [`PgBackplane::ddl`]). Defaults to `true`.
+    pub fn create_schema(mut self, create: bool) -> Self {
+        self.create_schema = create;
+        self
+    }
+
+    /// How often the listener connection is checked with a round trip, so a dead listener is
+    /// noticed without waiting for TCP. Defaults to 5 seconds.
+    pub fn listener_check(mut self, interval: Duration) -> Self {
+        self.listener_check = interval;
+        self
+    }
+
+    /// How long one statement may run before it fails. Defaults to 30 seconds.
+    pub fn statement_timeout(mut self, timeout: Duration) -> Self {
+        self.statement_timeout = timeout;
+        self
+    }
+
+    /// The schema name.
+    pub fn get_schema(&self) -> &str {
+        &self.schema
+    }
+
+    /// The table prefix.
+    pub fn get_table_prefix(&self) -> &str {
+        &self.table_prefix
+    }
+
+    /// The connection configuration.
+    pub fn config(&self) -> &tokio_postgres::Config {
+        &self.config
+    }
+
+    pub(crate) fn validate(&self) -> Result<(), Error> {
+        if self.schema.is_empty() || self.schema.len() > 40 {
+            return Err(bad("the schema name must be 1 to 40 bytes long"));
+        }
+        if self.table_prefix.len() > 20 {
+            return Err(bad("the table prefix must be at most 20 bytes long"));
+        }
+        for (what, value) in [
+            ("schema name", &self.schema),
+            ("table prefix", &self.table_prefix),
+        ] {
+            if value.chars().any(|c| c.is_control() || c == '"') {
+                return Err(bad(format!(
+                    "the {what} must not contain quotes or control characters"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl FromStr for PgOptions {
+    type Err = Error;
+
+    /// Parses a `postgres://` or `postgresql://` URL (or a `key=value` connection string).
+    /// The query parameters `schema`, `table_prefix`, `streams`, `pool_size` and
+    /// `batch_delay_ms` set the backplane's options; the others go to PostgreSQL.
+    fn from_str(url: &str) -> Result<Self, Error> {
+        let (base, query) = match url.split_once('?') {
+            Some((base, query)) => (base, query),
+            None => (url, ""),
+        };
+        let mut own = Vec::new();
+        let mut rest = Vec::new();
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            if OWN_PARAMS.contains(&key) {
+                own.push((key, value));
+            } else {
+                rest.push(pair);
+            }
+        }
+        let pg_url = if rest.is_empty() {
+            base.to_owned()
+        } else {
+            format!("{base}?{}", rest.join("&"))
+        };
+        // The connection string itself is never echoed: it may hold a password.
+        let config = tokio_postgres::Config::from_str(&pg_url)
+            .map_err(|e| bad(format!("could not parse the connection URL: {e}")))?;
+        let mut options = Self::from_config(config);
+        for (key, value) in own {
+            let number = || {
+                value
+                    .parse::<u64>()
+                    .map_err(|_| bad(format!("{key} must be a number, not {value:?}")))
+            };
+            options = match key {
+                "schema" => options.schema(value),
+                "table_prefix" => options.table_prefix(value),
+                "streams" => options
+                    .streams(u32::try_from(number()?).map_err(|_| bad("streams is too large"))?),
+                "pool_size" => options.pool_size(
+                    usize::try_from(number()?).map_err(|_| bad("pool_size is too large"))?,
+                ),
+                _ => options.batch_delay(Duration::from_millis(number()?)),
+            };
+        }
+        options.validate()?;
+        Ok(options)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_own_params_and_passes_the_rest() {
+        let o: PgOptions =
+            "postgres://u:pw@h:5433/db?schema=s1&connect_timeout=5&streams=8&table_prefix=t_"
+                .parse()
+                .unwrap();
+        assert_eq!(o.schema, "s1");
+        assert_eq!(o.table_prefix, "t_");
+        assert_eq!(o.streams, 8);
+        assert_eq!(
+            o.config.get_connect_timeout(),
+            Some(&Duration::from_secs(5))
+        );
+        assert_eq!(o.config.get_ports(), &[5433]);
+    }
+
+    #[test]
+    fn password_never_printed() {
+        let o: PgOptions = "postgres://u:hunter2@h/db".parse().unwrap();
+        assert!(!format!("{o:?}").contains("hunter2"));
+        let err = "postgres://u:hunter2@h/db?streams=x"
+            .parse::<PgOptions>()
+            .unwrap_err();
+        assert!(!err.to_string().contains("hunter2"), "{err}");
+        assert!(err.to_string().contains("streams"), "{err}");
+    }
+
+    #[test]
+    fn bad_names_rejected() {
+        assert!("postgres://h/db?schema=a%22b".parse::<PgOptions>().is_ok());
+        assert!(
+            PgOptions::from_config(tokio_postgres::Config::new())
+                .schema("a\"b")
+                .validate()
+                .is_err()
+        );
+        assert!(
+            PgOptions::from_config(tokio_postgres::Config::new())
+                .schema("")
+                .validate()
+                .is_err()
+        );
+    }
+}

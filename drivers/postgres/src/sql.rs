@@ -1,0 +1,263 @@
+//! Every statement the driver runs, rendered once per schema and prefix.
+//!
+//! All statements work on PostgreSQL 12 and later.
+
+use crate::schema::Names;
+
+#[derive(Debug)]
+pub(crate) struct Sql {
+    /// Allocates offsets under the stream row's lock, inserts the records, and notifies, in one
+    /// statement (one round trip, one implicit transaction). No row: the stream does not exist.
+    pub(crate) append: String,
+    pub(crate) create_stream: String,
+    pub(crate) tail: String,
+    pub(crate) read: String,
+    pub(crate) trim_streams: String,
+    pub(crate) trim_lock: String,
+    pub(crate) trim_oldest_young: String,
+    pub(crate) trim_set_first: String,
+    pub(crate) trim_delete: String,
+    pub(crate) register_node: String,
+    pub(crate) heartbeat: String,
+    pub(crate) unregister_node: String,
+    pub(crate) reap_nodes: String,
+    pub(crate) live_nodes: String,
+    pub(crate) add_connection: String,
+    pub(crate) open_session: String,
+    pub(crate) remove_connection: String,
+    pub(crate) connection: String,
+    pub(crate) user_connections: String,
+    pub(crate) online_users: String,
+    pub(crate) user_session: String,
+    pub(crate) add_member: String,
+    pub(crate) remove_member: String,
+    pub(crate) group_members: String,
+    pub(crate) connection_groups: String,
+    pub(crate) enqueue: String,
+    pub(crate) pending: String,
+    pub(crate) durable_message: String,
+    pub(crate) acknowledge: String,
+    pub(crate) record_attempt: String,
+    pub(crate) attempts: String,
+    pub(crate) purge_expired: String,
+    pub(crate) pending_count: String,
+}
+
+/// Common table expressions that remove the connections matching `condition` (on `c`), their
+/// memberships (by foreign-key cascade), and close the sessions they leave without connections.
+/// The removed rows are in `gone`.
+fn remove_connections(n: &Names, condition: &str) -> String {
+    format!(
+        "gone AS (
+             DELETE FROM {c} c WHERE {condition}
+             RETURNING c.hub, c.id, c.user_id, c.node, c.connected_at
+         ), counts AS (
+             SELECT hub, user_id, count(*)::int AS n FROM gone WHERE user_id IS NOT NULL
+             GROUP BY hub, user_id
+         ), sessions AS (
+             UPDATE {s} s
+             SET connections = greatest(s.connections - counts.n, 0),
+                 last_activity = now(),
+                 ended_at = CASE WHEN s.connections - counts.n <= 0 THEN now() ELSE s.ended_at END
+             FROM counts WHERE s.hub = counts.hub AND s.user_id = counts.user_id
+         )",
+        c = n.connections,
+        s = n.sessions,
+    )
+}
+
+impl Sql {
+    pub(crate) fn new(n: &Names) -> Self {
+        Self {
+            append: format!(
+                "WITH a AS (
+                     UPDATE {streams} SET next_offset = next_offset + $3
+                     WHERE hub = $1 AND stream = $2
+                     RETURNING next_offset - $3 AS base, epoch
+                 ), i AS (
+                     INSERT INTO {log} (hub, stream, \"offset\", data)
+                     SELECT $1, $2, a.base + t.i - 1, t.d
+                     FROM a, unnest($4::bytea[]) WITH ORDINALITY AS t(d, i)
+                 ), notified AS (
+                     SELECT pg_notify($5, $6) FROM a
+                 )
+                 SELECT a.base, a.epoch FROM a, notified",
+                streams = n.streams,
+                log = n.log
+            ),
+            create_stream: format!(
+                "INSERT INTO {} (hub, stream, epoch) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+                n.streams
+            ),
+            tail: format!(
+                "SELECT next_offset, epoch FROM {} WHERE hub = $1 AND stream = $2",
+                n.streams
+            ),
+            read: format!(
+                "SELECT s.first_offset, s.epoch, l.\"offset\", l.data
+                 FROM {streams} s
+                 LEFT JOIN LATERAL (
+                     SELECT \"offset\", data FROM {log}
+                     WHERE hub = $1 AND stream = $2 AND \"offset\" >= $3
+                     ORDER BY \"offset\" LIMIT $4
+                 ) l ON true
+                 WHERE s.hub = $1 AND s.stream = $2
+                 ORDER BY l.\"offset\"",
+                streams = n.streams,
+                log = n.log
+            ),
+            trim_streams: format!("SELECT hub, stream FROM {}", n.streams),
+            trim_lock: format!(
+                "SELECT next_offset, first_offset FROM {} WHERE hub = $1 AND stream = $2 FOR UPDATE",
+                n.streams
+            ),
+            trim_oldest_young: format!(
+                "SELECT min(\"offset\") FROM {}
+                 WHERE hub = $1 AND stream = $2 AND created_at >= now() - make_interval(secs => $3)",
+                n.log
+            ),
+            trim_set_first: format!(
+                "UPDATE {} SET first_offset = $3 WHERE hub = $1 AND stream = $2",
+                n.streams
+            ),
+            trim_delete: format!(
+                "DELETE FROM {} WHERE hub = $1 AND stream = $2 AND \"offset\" < $3",
+                n.log
+            ),
+            register_node: format!(
+                "INSERT INTO {} (id) VALUES ($1)
+                 ON CONFLICT (id) DO UPDATE SET last_heartbeat = now()",
+                n.nodes
+            ),
+            heartbeat: format!(
+                "WITH beat AS (
+                     UPDATE {nodes} SET last_heartbeat = now() WHERE id = $1 RETURNING id
+                 ), touched AS (
+                     UPDATE {s} s SET last_activity = now()
+                     FROM (SELECT DISTINCT hub, user_id FROM {c}
+                           WHERE node = $1 AND user_id IS NOT NULL) u
+                     WHERE s.hub = u.hub AND s.user_id = u.user_id
+                       AND EXISTS (SELECT 1 FROM beat)
+                 )
+                 SELECT count(*) FROM beat",
+                nodes = n.nodes,
+                s = n.sessions,
+                c = n.connections
+            ),
+            unregister_node: format!(
+                "WITH dead AS (DELETE FROM {nodes} WHERE id = $1 RETURNING id), {remove}
+                 SELECT count(*) FROM dead",
+                nodes = n.nodes,
+                remove = remove_connections(n, "c.node = $1")
+            ),
+            reap_nodes: format!(
+                "WITH dead AS (
+                     DELETE FROM {nodes}
+                     WHERE last_heartbeat < now() - make_interval(secs => $1)
+                     RETURNING id
+                 ), {remove}
+                 SELECT id FROM dead ORDER BY id",
+                nodes = n.nodes,
+                remove = remove_connections(n, "c.node IN (SELECT id FROM dead)")
+            ),
+            live_nodes: format!(
+                "SELECT id, started_at, last_heartbeat FROM {} ORDER BY id",
+                n.nodes
+            ),
+            add_connection: format!(
+                "INSERT INTO {} (hub, id, user_id, node) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT DO NOTHING RETURNING connected_at",
+                n.connections
+            ),
+            open_session: format!(
+                "INSERT INTO {s} AS s (hub, user_id, started_at, connections, last_activity)
+                 VALUES ($1, $2, now(), 1, now())
+                 ON CONFLICT (hub, user_id) DO UPDATE SET
+                     connections = s.connections + 1,
+                     started_at = CASE WHEN s.connections = 0 THEN now() ELSE s.started_at END,
+                     ended_at = CASE WHEN s.connections = 0 THEN NULL ELSE s.ended_at END,
+                     last_activity = now()",
+                s = n.sessions
+            ),
+            remove_connection: format!(
+                "WITH {} SELECT hub, id, user_id, node, connected_at FROM gone",
+                remove_connections(n, "c.hub = $1 AND c.id = $2")
+            ),
+            connection: format!(
+                "SELECT hub, id, user_id, node, connected_at FROM {} WHERE hub = $1 AND id = $2",
+                n.connections
+            ),
+            user_connections: format!(
+                "SELECT hub, id, user_id, node, connected_at FROM {}
+                 WHERE hub = $1 AND user_id = $2 ORDER BY id",
+                n.connections
+            ),
+            online_users: format!(
+                "SELECT DISTINCT user_id FROM {} WHERE hub = $1 AND user_id IS NOT NULL
+                 ORDER BY user_id",
+                n.connections
+            ),
+            user_session: format!(
+                "SELECT user_id, started_at, ended_at, connections, last_activity FROM {}
+                 WHERE hub = $1 AND user_id = $2",
+                n.sessions
+            ),
+            add_member: format!(
+                "INSERT INTO {} (hub, group_name, connection) VALUES ($1, $2, $3)
+                 ON CONFLICT DO NOTHING",
+                n.memberships
+            ),
+            remove_member: format!(
+                "DELETE FROM {} WHERE hub = $1 AND group_name = $2 AND connection = $3",
+                n.memberships
+            ),
+            group_members: format!(
+                "SELECT connection FROM {} WHERE hub = $1 AND group_name = $2 ORDER BY connection",
+                n.memberships
+            ),
+            connection_groups: format!(
+                "SELECT group_name FROM {} WHERE hub = $1 AND connection = $2 ORDER BY group_name",
+                n.memberships
+            ),
+            enqueue: format!(
+                "INSERT INTO {} (hub, user_id, sender, payload, expires_at)
+                 VALUES ($1, $2, $3, $4, now() + make_interval(secs => $5))
+                 RETURNING id",
+                n.messages
+            ),
+            pending: format!(
+                "SELECT id, hub, user_id, sender, payload, created_at, expires_at, acked_by, acked_at
+                 FROM {} WHERE hub = $1 AND user_id = $2 AND acked_at IS NULL AND expires_at > now()
+                 ORDER BY id",
+                n.messages
+            ),
+            durable_message: format!(
+                "SELECT id, hub, user_id, sender, payload, created_at, expires_at, acked_by, acked_at
+                 FROM {} WHERE hub = $1 AND id = $2",
+                n.messages
+            ),
+            acknowledge: format!(
+                "UPDATE {} SET acked_by = $3, acked_at = now()
+                 WHERE hub = $1 AND id = $2 AND acked_at IS NULL",
+                n.messages
+            ),
+            record_attempt: format!(
+                "INSERT INTO {a} (message_id, connection, error)
+                 SELECT id, $3, $4 FROM {m} WHERE hub = $1 AND id = $2",
+                a = n.attempts,
+                m = n.messages
+            ),
+            attempts: format!(
+                "SELECT a.connection, a.at, a.error FROM {a} a JOIN {m} m ON m.id = a.message_id
+                 WHERE m.hub = $1 AND a.message_id = $2 ORDER BY a.id",
+                a = n.attempts,
+                m = n.messages
+            ),
+            purge_expired: format!("DELETE FROM {} WHERE expires_at <= now()", n.messages),
+            pending_count: format!(
+                "SELECT count(*) FROM {} WHERE acked_at IS NULL AND expires_at > now()",
+                n.messages
+            ),
+        }
+    }
+}
