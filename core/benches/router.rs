@@ -105,46 +105,28 @@ fn cross_node(c: &mut Criterion) {
         let local = a.connect(&hub, None, None).await.expect("connects");
         (a, b, remote, local)
     });
-    group.bench_function("through_log", |bench| {
-        bench.iter_custom(|iters| {
-            rt.block_on(async {
-                let start = Instant::now();
-                for _ in 0..iters {
-                    for _ in 0..BATCH {
-                        a.publish(Message::to_connection(
-                            hub.clone(),
-                            remote.id.clone(),
-                            Bytes::from_static(PAYLOAD),
-                        ))
-                        .await
-                        .expect("publish");
+    for (name, target) in [("through_log", &mut remote), ("local_baseline", &mut local)] {
+        group.bench_function(name, |bench| {
+            bench.iter_custom(|iters| {
+                rt.block_on(async {
+                    let start = Instant::now();
+                    for _ in 0..iters {
+                        for _ in 0..BATCH {
+                            a.publish(Message::to_connection(
+                                hub.clone(),
+                                target.id.clone(),
+                                Bytes::from_static(PAYLOAD),
+                            ))
+                            .await
+                            .expect("publish");
+                        }
+                        drain(std::slice::from_mut(target), BATCH).await;
                     }
-                    drain(std::slice::from_mut(&mut remote), BATCH).await;
-                }
-                start.elapsed()
+                    start.elapsed()
+                })
             })
-        })
-    });
-    group.bench_function("local_baseline", |bench| {
-        bench.iter_custom(|iters| {
-            rt.block_on(async {
-                let start = Instant::now();
-                for _ in 0..iters {
-                    for _ in 0..BATCH {
-                        a.publish(Message::to_connection(
-                            hub.clone(),
-                            local.id.clone(),
-                            Bytes::from_static(PAYLOAD),
-                        ))
-                        .await
-                        .expect("publish");
-                    }
-                    drain(std::slice::from_mut(&mut local), BATCH).await;
-                }
-                start.elapsed()
-            })
-        })
-    });
+        });
+    }
     rt.block_on(async {
         a.shutdown().await;
         b.shutdown().await;

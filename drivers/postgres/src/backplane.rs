@@ -95,6 +95,17 @@ fn name<T: std::str::FromStr<Err = Error>>(value: &str) -> Result<T> {
         .map_err(|e| corrupt(format!("stored name {value:?} is invalid: {e}")))
 }
 
+/// A position from a row of `(offset, epoch)`.
+fn position(row: &Row, stream: u32, context: &'static str) -> Result<Position> {
+    let offset: i64 = row.try_get(0).map_err(db(context))?;
+    let epoch: i64 = row.try_get(1).map_err(db(context))?;
+    Ok(Position::new(
+        stream,
+        to_u64(offset, "offset")?,
+        to_u64(epoch, "epoch")?,
+    ))
+}
+
 fn connection_info(row: &Row) -> Result<ConnectionInfo> {
     let hub: String = row.try_get(0).map_err(db("decoding a connection"))?;
     let id: String = row.try_get(1).map_err(db("decoding a connection"))?;
@@ -304,13 +315,7 @@ impl PgBackplane {
                 .await
                 .map_err(db("appending to the log"))?;
             if let Some(row) = row {
-                let base: i64 = row.try_get(0).map_err(db("appending to the log"))?;
-                let epoch: i64 = row.try_get(1).map_err(db("appending to the log"))?;
-                return Ok(Position::new(
-                    stream,
-                    to_u64(base, "offset")?,
-                    to_u64(epoch, "epoch")?,
-                ));
+                return position(&row, stream, "appending to the log");
             }
             self.create_stream(&client, hub, stream_db).await?;
         }
@@ -464,13 +469,7 @@ impl Backplane for PgBackplane {
                 .await
                 .map_err(db("reading the tail of the log"))?;
             if let Some(row) = row {
-                let next: i64 = row.try_get(0).map_err(db("reading the tail of the log"))?;
-                let epoch: i64 = row.try_get(1).map_err(db("reading the tail of the log"))?;
-                return Ok(Position::new(
-                    stream,
-                    to_u64(next, "offset")?,
-                    to_u64(epoch, "epoch")?,
-                ));
+                return position(&row, stream, "reading the tail of the log");
             }
             self.create_stream(&client, hub, stream_db).await?;
         }
@@ -979,11 +978,9 @@ impl PgBackplane {
             )
             .await
             .map_err(db("writing a held append"))?;
-        let base: i64 = row.try_get(0).map_err(db("writing a held append"))?;
-        let epoch: i64 = row.try_get(1).map_err(db("writing a held append"))?;
         Ok(PgHeldAppend {
             client,
-            position: Position::new(stream, to_u64(base, "offset")?, to_u64(epoch, "epoch")?),
+            position: position(&row, stream, "writing a held append")?,
         })
     }
 }
