@@ -138,32 +138,81 @@ impl LocalIndex {
         }
     }
 
+    /// Calls `f` once for every local connection a message goes to, without the excepted ones.
+    pub(crate) fn for_each_recipient(
+        &self,
+        target: &Target,
+        except: &[ConnectionId],
+        mut f: impl FnMut(&ConnectionId, &LocalConnection),
+    ) {
+        let excepted = Except::new(except);
+        let mut visit = |id: &ConnectionId, connection: &LocalConnection| {
+            if !excepted.contains(id) {
+                f(id, connection);
+            }
+        };
+        let (members, dedupe): (Box<dyn Iterator<Item = &ConnectionId>>, bool) = match target {
+            Target::All => {
+                for (id, connection) in &self.connections {
+                    visit(id, connection);
+                }
+                return;
+            }
+            Target::Groups(groups) => (
+                Box::new(groups.iter().filter_map(|g| self.groups.get(g)).flatten()),
+                groups.len() > 1,
+            ),
+            Target::Users(users) => (
+                Box::new(users.iter().filter_map(|u| self.users.get(u)).flatten()),
+                users.len() > 1,
+            ),
+            Target::Connections(ids) => (Box::new(ids.iter()), ids.len() > 1),
+        };
+        // A list of one name cannot repeat a connection; a longer list can.
+        let mut seen: HashSet<&ConnectionId> = HashSet::new();
+        for id in members {
+            if let Some((key, connection)) = self.connections.get_key_value(id) {
+                if !dedupe || seen.insert(key) {
+                    visit(key, connection);
+                }
+            }
+        }
+    }
+
     /// The local connections a message goes to, each once, without the excepted ones.
     pub(crate) fn recipients(
         &self,
         target: &Target,
         except: &[ConnectionId],
     ) -> Vec<(ConnectionId, mpsc::Sender<Delivery>)> {
-        let candidates: Box<dyn Iterator<Item = &ConnectionId>> = match target {
-            Target::All => Box::new(self.connections.keys()),
-            Target::Groups(groups) => {
-                Box::new(groups.iter().filter_map(|g| self.groups.get(g)).flatten())
-            }
-            Target::Users(users) => {
-                Box::new(users.iter().filter_map(|u| self.users.get(u)).flatten())
-            }
-            Target::Connections(ids) => Box::new(ids.iter()),
-        };
-        let mut chosen: HashSet<&ConnectionId> = except.iter().collect();
         let mut out = Vec::new();
-        for id in candidates {
-            if let Some((key, connection)) = self.connections.get_key_value(id) {
-                if chosen.insert(key) {
-                    out.push((key.clone(), connection.tx.clone()));
-                }
-            }
-        }
+        self.for_each_recipient(target, except, |id, connection| {
+            out.push((id.clone(), connection.tx.clone()));
+        });
         out
+    }
+}
+
+/// An except-list: scanned when short, hashed when long.
+enum Except<'a> {
+    Few(&'a [ConnectionId]),
+    Many(HashSet<&'a ConnectionId>),
+}
+
+impl<'a> Except<'a> {
+    fn new(except: &'a [ConnectionId]) -> Self {
+        if except.len() <= 8 {
+            Self::Few(except)
+        } else {
+            Self::Many(except.iter().collect())
+        }
+    }
+
+    fn contains(&self, id: &ConnectionId) -> bool {
+        match self {
+            Self::Few(list) => list.contains(id),
+            Self::Many(set) => set.contains(id),
+        }
     }
 }
 

@@ -564,29 +564,38 @@ impl Node {
         payload: &Bytes,
         durable: Option<MessageId>,
     ) {
+        let Some(message) = durable else {
+            // Transient: hand over under the read lock, without collecting recipients.
+            let index = state.read();
+            index.for_each_recipient(target, except, |id, connection| {
+                let delivery = Delivery {
+                    payload: payload.clone(),
+                    kind: DeliveryKind::Message,
+                };
+                self.try_deliver(&state.name, id, &connection.tx, delivery);
+            });
+            return;
+        };
         let mut recipients = state.read().recipients(target, except);
-        if let Some(message) = durable {
+        {
             // A connection that got this message from its user's inbox on connect does not get
             // it again from the log.
             let mut index = state.write();
             recipients.retain(|(id, _)| index.claim_durable(id, message));
         }
-        let kind = durable.map_or(DeliveryKind::Message, DeliveryKind::Durable);
         for (id, tx) in recipients {
             let delivery = Delivery {
                 payload: payload.clone(),
-                kind: kind.clone(),
+                kind: DeliveryKind::Durable(message),
             };
             let error = self.try_deliver(&state.name, &id, &tx, delivery);
-            if let Some(message) = durable {
-                if let Err(err) = self
-                    .inner
-                    .backplane
-                    .record_attempt(&state.name, message, &id, error)
-                    .await
-                {
-                    tracing::warn!(%err, hub = %state.name, message = %message, "could not record a delivery attempt");
-                }
+            if let Err(err) = self
+                .inner
+                .backplane
+                .record_attempt(&state.name, message, &id, error)
+                .await
+            {
+                tracing::warn!(%err, hub = %state.name, message = %message, "could not record a delivery attempt");
             }
         }
     }
