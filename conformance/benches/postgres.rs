@@ -6,7 +6,8 @@
 //! ```
 //!
 //! Uses `BACKPLANE_TEST_PG_URL` when set, otherwise a throwaway cluster. `BENCH_MESSAGES`
-//! (default 100 000) sets the messages per throughput run.
+//! (default 100 000) sets the messages per throughput run, `BENCH_SENDERS` (default 512) the
+//! concurrent senders on the publishing node.
 
 #![allow(
     clippy::cast_possible_truncation,
@@ -26,8 +27,6 @@ use bytes::Bytes;
 use tokio_postgres::{AsyncMessage, NoTls};
 
 type BenchResult<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
-
-const SENDERS: usize = 64;
 
 async fn admin(url: &str) -> BenchResult<tokio_postgres::Client> {
     let (client, connection) = tokio_postgres::connect(url, NoTls).await?;
@@ -125,7 +124,7 @@ async fn cluster(url: &str, schema: &str, batch_delay: Duration) -> BenchResult<
         let options = PgOptions::from_str(url)?
             .schema(schema)
             .batch_delay(batch_delay)
-            .pool_size(SENDERS.min(32));
+            .pool_size(16);
         let backplane = PgBackplane::connect_with(options).await?;
         let node = Node::start(
             Arc::new(backplane),
@@ -169,20 +168,21 @@ fn verify(received: &[Bytes], senders: usize, per_sender: usize) -> (usize, usiz
     (lost, duplicated, out_of_order)
 }
 
-/// Messages per second delivered to each of three subscriber nodes, published by `SENDERS`
+/// Messages per second delivered to each of three subscriber nodes, published by `senders`
 /// concurrent senders on the first node.
 async fn throughput(
     url: &str,
     schema: &str,
     size: usize,
     total: usize,
+    senders: usize,
     batch_delay: Duration,
 ) -> BenchResult<(f64, (usize, usize, usize))> {
     let mut c = cluster(url, schema, batch_delay).await?;
-    let per_sender = total / SENDERS;
+    let per_sender = total / senders;
     let started = Instant::now();
     let mut tasks = Vec::new();
-    for s in 0..SENDERS {
+    for s in 0..senders {
         let (node, hub) = (c.nodes[0].clone(), c.hub.clone());
         let sender = ConnectionId::new(format!("sender-{s}"))?;
         tasks.push(tokio::spawn(async move {
@@ -201,7 +201,7 @@ async fn throughput(
             Ok::<(), backplane_core::Error>(())
         }));
     }
-    let expected = per_sender * SENDERS;
+    let expected = per_sender * senders;
     let mut receiving = Vec::new();
     for mut receiver in std::mem::take(&mut c.receivers) {
         receiving.push(tokio::spawn(async move {
@@ -222,7 +222,7 @@ async fn throughput(
     let mut check = (0, 0, 0);
     for r in receiving {
         let (got, done) = r.await?;
-        let (lost, dup, ooo) = verify(&got, SENDERS, per_sender);
+        let (lost, dup, ooo) = verify(&got, senders, per_sender);
         check = (check.0 + lost, check.1 + dup, check.2 + ooo);
         rates.push(got.len() as f64 / done.duration_since(started).as_secs_f64());
     }
@@ -285,6 +285,11 @@ async fn run() -> BenchResult<()> {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(100_000);
+    let senders: usize = std::env::var("BENCH_SENDERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(512)
+        .clamp(1, 65_535);
 
     println!("raw ceiling (one connection, tight loops, 3 s each)");
     let (tx_per_s, rows_per_s) = raw_ceiling(&url, 3).await?;
@@ -299,7 +304,7 @@ async fn run() -> BenchResult<()> {
     );
 
     println!(
-        "\ncross-node throughput: 1 publishing node -> 3 subscriber nodes, {SENDERS} senders, {total} messages"
+        "\ncross-node throughput: 1 publishing node -> 3 subscriber nodes, {senders} senders, {total} messages"
     );
     let mut run = 0;
     for size in [100usize, 4096] {
@@ -309,7 +314,8 @@ async fn run() -> BenchResult<()> {
         ] {
             run += 1;
             let schema = format!("bench_{}_{run}", std::process::id());
-            let (rate, (lost, dup, ooo)) = throughput(&url, &schema, size, total, delay).await?;
+            let (rate, (lost, dup, ooo)) =
+                throughput(&url, &schema, size, total, senders, delay).await?;
             println!(
                 "  {size:>5} B  {label}  {rate:>9.0} msg/s per subscriber   {:>5.1}x one-row tx/s   {:>5.1}% of 100-row rows/s   lost {lost} dup {dup} out-of-order {ooo}",
                 rate / tx_per_s,
