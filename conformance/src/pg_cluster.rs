@@ -13,6 +13,7 @@ pub struct Cluster {
     bin: PathBuf,
     port: u16,
     as_postgres: bool,
+    settings: String,
 }
 
 fn is_root() -> bool {
@@ -70,6 +71,15 @@ impl Cluster {
     ///
     /// No server binaries, or `initdb` or `pg_ctl` failed (their output is in the message).
     pub fn start() -> Result<Self, String> {
+        Self::start_with_tls(None)
+    }
+
+    /// Like [`start`](Self::start), with TLS on when a PEM certificate chain and key are given.
+    ///
+    /// # Errors
+    ///
+    /// As [`start`](Self::start), or the files could not be written.
+    pub fn start_with_tls(tls: Option<(&str, &str)>) -> Result<Self, String> {
         let bin = bindir()?;
         let as_postgres = is_root();
         let dir = std::env::temp_dir().join(format!(
@@ -81,11 +91,12 @@ impl Cluster {
         if as_postgres {
             run(Command::new("chown").arg("postgres:").arg(&dir), "chown")?;
         }
-        let cluster = Self {
+        let mut cluster = Self {
             dir,
             bin,
             port: free_port()?,
             as_postgres,
+            settings: String::new(),
         };
         let data = cluster.data();
         cluster.pg(
@@ -101,6 +112,28 @@ impl Cluster {
                 "--no-sync",
             ],
         )?;
+        if let Some((cert, key)) = tls {
+            let cert_file = cluster.dir.join("server.crt");
+            let key_file = cluster.dir.join("server.key");
+            std::fs::write(&cert_file, cert)
+                .map_err(|e| format!("writing the certificate: {e}"))?;
+            std::fs::write(&key_file, key).map_err(|e| format!("writing the key: {e}"))?;
+            run(Command::new("chmod").arg("600").arg(&key_file), "chmod")?;
+            if cluster.as_postgres {
+                run(
+                    Command::new("chown")
+                        .arg("postgres:")
+                        .arg(&cert_file)
+                        .arg(&key_file),
+                    "chown",
+                )?;
+            }
+            cluster.settings = format!(
+                " -c ssl=on -c ssl_cert_file={} -c ssl_key_file={}",
+                cert_file.display(),
+                key_file.display()
+            );
+        }
         cluster.pg_ctl_start()?;
         Ok(cluster)
     }
@@ -124,9 +157,10 @@ impl Cluster {
 
     fn pg_ctl_start(&self) -> Result<(), String> {
         let options = format!(
-            "-c listen_addresses=127.0.0.1 -c port={} -c unix_socket_directories={} -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=500",
+            "-c listen_addresses=127.0.0.1 -c port={} -c unix_socket_directories={} -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=500{}",
             self.port,
-            self.dir.display()
+            self.dir.display(),
+            self.settings
         );
         let log = self.dir.join("server.log").display().to_string();
         self.pg(
@@ -144,6 +178,11 @@ impl Cluster {
                 "start",
             ],
         )
+    }
+
+    /// The port the server listens on, on 127.0.0.1.
+    pub fn port(&self) -> u16 {
+        self.port
     }
 
     /// The superuser URL of the cluster.

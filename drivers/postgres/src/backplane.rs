@@ -13,7 +13,7 @@ use backplane_core::{
 use bytes::Bytes;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio::sync::{mpsc, oneshot, watch};
-use tokio_postgres::{NoTls, Row};
+use tokio_postgres::Row;
 
 use crate::batch::{self, AppendRequest};
 use crate::error::{corrupt, db, pool};
@@ -50,6 +50,8 @@ pub(crate) struct Inner {
     pub(crate) options: PgOptions,
     pub(crate) names: Names,
     pub(crate) sql: Sql,
+    config: tokio_postgres::Config,
+    tls: tokio_postgres_rustls::MakeRustlsConnect,
     wakeups: Arc<WakeupHub>,
     shutdown: watch::Sender<bool>,
     batchers: Mutex<HashMap<(HubName, u32), mpsc::Sender<AppendRequest>>>,
@@ -169,7 +171,7 @@ impl PgBackplane {
     pub async fn connect_with(options: PgOptions) -> Result<Self> {
         options.validate()?;
         let names = Names::new(&options);
-        let mut config = options.config.clone();
+        let (mut config, tls) = options.connect_parts()?;
         if config.get_application_name().is_none() {
             config.application_name("backplane");
         }
@@ -183,7 +185,7 @@ impl PgBackplane {
 
         if options.create_schema {
             let (mut client, connection) = config
-                .connect(NoTls)
+                .connect(tls.clone())
                 .await
                 .map_err(db("connecting to run migrations"))?;
             let task = tokio::spawn(connection);
@@ -194,8 +196,8 @@ impl PgBackplane {
         }
 
         let manager = Manager::from_config(
-            config,
-            NoTls,
+            config.clone(),
+            tls.clone(),
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -217,6 +219,8 @@ impl PgBackplane {
         let (ready_tx, ready_rx) = oneshot::channel();
         tokio::spawn(
             Listener {
+                config: config.clone(),
+                tls: tls.clone(),
                 options: options.clone(),
                 names: names.clone(),
                 wakeups: wakeups.clone(),
@@ -241,6 +245,8 @@ impl PgBackplane {
                 options,
                 names,
                 sql,
+                config,
+                tls,
                 wakeups,
                 shutdown,
                 batchers: Mutex::default(),
@@ -952,9 +958,8 @@ impl PgBackplane {
         self.tail(hub, stream).await?;
         let (client, connection) = self
             .inner
-            .options
             .config
-            .connect(NoTls)
+            .connect(self.inner.tls.clone())
             .await
             .map_err(db("connecting for a held append"))?;
         tokio::spawn(connection);

@@ -2,11 +2,12 @@
 
 use std::time::Duration;
 
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::AsyncMessage;
 
 use crate::error::describe;
 use crate::options::PgOptions;
 use crate::schema::{self, Names, quote};
+use crate::tls::SslMode;
 
 /// The outcome of one doctor check.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,7 +31,14 @@ const TIMEOUT: Duration = Duration::from_secs(10);
 pub async fn doctor(options: &PgOptions) -> Vec<Check> {
     let names = Names::new(options);
     let mut checks = Vec::new();
-    let connect = tokio::time::timeout(TIMEOUT, options.config.connect(NoTls)).await;
+    let (config, tls) = match options.connect_parts() {
+        Ok(parts) => parts,
+        Err(err) => {
+            checks.push(Check::new("tls", Err(err.to_string())));
+            return checks;
+        }
+    };
+    let connect = tokio::time::timeout(TIMEOUT, config.connect(tls)).await;
     let (client, connection) = match connect {
         Ok(Ok(pair)) => pair,
         Ok(Err(err)) => {
@@ -106,6 +114,25 @@ pub async fn doctor(options: &PgOptions) -> Vec<Check> {
                 "PostgreSQL {}: version 12 or later is required",
                 version / 10_000
             ))
+        },
+    ));
+
+    let tls = client
+        .query_opt(
+            "SELECT version FROM pg_stat_ssl WHERE pid = pg_backend_pid() AND ssl",
+            &[],
+        )
+        .await
+        .and_then(|row| row.map(|r| r.try_get::<_, String>(0)).transpose());
+    checks.push(Check::new(
+        "tls",
+        match (tls, options.ssl_mode) {
+            (Ok(Some(version)), mode) => Ok(format!("encrypted with {version} (sslmode {mode:?})")),
+            (Ok(None), SslMode::Disable) => Ok("not encrypted (sslmode disable)".to_owned()),
+            (Ok(None), _) => Ok(
+                "not encrypted: the server offers no TLS (sslmode prefer); use sslmode=verify-full in production".to_owned(),
+            ),
+            (Err(err), _) => Err(format!("could not read the TLS state: {}", describe(&err))),
         },
     ));
 

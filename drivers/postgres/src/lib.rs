@@ -9,8 +9,10 @@ mod listener;
 mod options;
 mod schema;
 mod sql;
+mod tls;
 
 pub use backplane::{PgBackplane, PgHeldAppend};
 pub use doctor::{Check, doctor};
 pub use error::PgError;
 pub use options::PgOptions;
+pub use tls::{RootCerts, SslMode};

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use backplane_core::{HubName, WakeupHub};
 use tokio::sync::{oneshot, watch};
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::AsyncMessage;
 
 use crate::options::PgOptions;
 use crate::schema::{Names, quote};
@@ -26,6 +26,9 @@ pub(crate) fn payload(hub: &HubName, stream: u32) -> String {
 }
 
 pub(crate) struct Listener {
+    /// The connection configuration, TLS mode applied.
+    pub(crate) config: tokio_postgres::Config,
+    pub(crate) tls: tokio_postgres_rustls::MakeRustlsConnect,
     pub(crate) options: PgOptions,
     pub(crate) names: Names,
     pub(crate) wakeups: Arc<WakeupHub>,
@@ -73,10 +76,10 @@ impl Listener {
         ready: &mut Option<oneshot::Sender<Result<(), String>>>,
         listened: &mut bool,
     ) -> Result<(), String> {
-        let mut config = self.options.config.clone();
+        let mut config = self.config.clone();
         config.application_name(format!("backplane-listener {}", self.names.channel));
         let (client, mut connection) = config
-            .connect(NoTls)
+            .connect(self.tls.clone())
             .await
             .map_err(|e| format!("could not connect: {e}"))?;
         let (dead_tx, mut dead_rx) = oneshot::channel::<String>();

@@ -7,6 +7,7 @@ use std::time::Duration;
 use backplane_core::{DEFAULT_STREAMS, Error};
 
 use crate::PgBackplane;
+use crate::tls::{self, RootCerts, SslMode};
 
 /// Settings of a [`PgBackplane`]: where the database is, which schema and tables to use, and
 /// how to batch. Each setter states its default.
@@ -34,6 +35,8 @@ pub struct PgOptions {
     pub(crate) create_schema: bool,
     pub(crate) listener_check: Duration,
     pub(crate) statement_timeout: Duration,
+    pub(crate) ssl_mode: SslMode,
+    pub(crate) root_certs: Option<RootCerts>,
 }
 
 impl fmt::Debug for PgOptions {
@@ -52,6 +55,8 @@ impl fmt::Debug for PgOptions {
             .field("streams", &self.streams)
             .field("pool_size", &self.pool_size)
             .field("batch_delay", &self.batch_delay)
+            .field("ssl_mode", &self.ssl_mode)
+            .field("root_certs", &self.root_certs)
             .finish_non_exhaustive()
     }
 }
@@ -63,6 +68,8 @@ const OWN_PARAMS: &[&str] = &[
     "streams",
     "pool_size",
     "batch_delay_ms",
+    "sslmode",
+    "sslrootcert",
 ];
 
 fn bad(reason: impl Into<String>) -> Error {
@@ -86,7 +93,41 @@ impl PgOptions {
             create_schema: true,
             listener_check: Duration::from_secs(5),
             statement_timeout: Duration::from_secs(30),
+            ssl_mode: SslMode::default(),
+            root_certs: None,
         }
+    }
+
+    /// How the connection is encrypted and the server checked, as libpq's `sslmode`. Defaults
+    /// to [`SslMode::Prefer`].
+    pub fn ssl_mode(mut self, mode: SslMode) -> Self {
+        self.ssl_mode = mode;
+        self
+    }
+
+    /// The trusted roots for `verify-ca` and `verify-full`, as libpq's `sslrootcert` (a PEM
+    /// file, or [`RootCerts::System`]). Defaults to the system's store.
+    pub fn root_certs(mut self, roots: RootCerts) -> Self {
+        self.root_certs = Some(roots);
+        self
+    }
+
+    /// The connection configuration with the TLS mode applied, and its TLS connector.
+    pub(crate) fn connect_parts(
+        &self,
+    ) -> Result<
+        (
+            tokio_postgres::Config,
+            tokio_postgres_rustls::MakeRustlsConnect,
+        ),
+        Error,
+    > {
+        let mut config = self.config.clone();
+        config.ssl_mode(tls::postgres_mode(self.ssl_mode));
+        Ok((
+            config,
+            tls::connector(self.ssl_mode, self.root_certs.as_ref())?,
+        ))
     }
 
     /// The schema that holds the tables. Defaults to `backplane`.
@@ -188,8 +229,10 @@ impl FromStr for PgOptions {
     type Err = Error;
 
     /// Parses a `postgres://` or `postgresql://` URL (or a `key=value` connection string).
-    /// The query parameters `schema`, `table_prefix`, `streams`, `pool_size` and
-    /// `batch_delay_ms` set the backplane's options; the others go to PostgreSQL.
+    /// The query parameters `schema`, `table_prefix`, `streams`, `pool_size`,
+    /// `batch_delay_ms`, `sslmode` (`disable`, `prefer`, `require`, `verify-ca`, `verify-full`)
+    /// and `sslrootcert` (a PEM file, or `system`) set the backplane's options; the others go to
+    /// PostgreSQL.
     fn from_str(url: &str) -> Result<Self, Error> {
         let (base, query) = match url.split_once('?') {
             Some((base, query)) => (base, query),
@@ -228,6 +271,12 @@ impl FromStr for PgOptions {
                 "pool_size" => options.pool_size(
                     usize::try_from(number()?).map_err(|_| bad("pool_size is too large"))?,
                 ),
+                "sslmode" => options.ssl_mode(value.parse()?),
+                "sslrootcert" => options.root_certs(if value == "system" {
+                    RootCerts::System
+                } else {
+                    RootCerts::File(value.into())
+                }),
                 _ => options.batch_delay(Duration::from_millis(number()?)),
             };
         }
@@ -254,6 +303,25 @@ mod tests {
             Some(&Duration::from_secs(5))
         );
         assert_eq!(o.config.get_ports(), &[5433]);
+    }
+
+    #[test]
+    fn tls_params_are_ours() {
+        let o: PgOptions = "postgres://h/db?sslmode=verify-full&sslrootcert=/etc/ca.pem"
+            .parse()
+            .unwrap();
+        assert_eq!(o.ssl_mode, SslMode::VerifyFull);
+        assert_eq!(o.root_certs, Some(RootCerts::File("/etc/ca.pem".into())));
+        let o: PgOptions = "postgres://h/db?sslmode=require&sslrootcert=system"
+            .parse()
+            .unwrap();
+        assert_eq!(o.ssl_mode, SslMode::Require);
+        assert_eq!(o.root_certs, Some(RootCerts::System));
+        assert!(
+            "postgres://h/db?sslmode=sometimes"
+                .parse::<PgOptions>()
+                .is_err()
+        );
     }
 
     #[test]
