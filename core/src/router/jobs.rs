@@ -15,8 +15,8 @@ use crate::error::{Error, Result};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 #[non_exhaustive]
 pub enum Job {
-    /// Writes the node's heartbeat, re-registers it if it was reaped, and fails client results
-    /// awaited from nodes that are gone.
+    /// Writes the node's heartbeat, re-registers it if it was reaped, removes connections whose
+    /// unregistration failed earlier, and fails client results awaited from nodes that are gone.
     Heartbeat,
     /// Reaps dead nodes, purges expired durable messages and trims the log.
     Cleanup,
@@ -107,6 +107,7 @@ impl Node {
             self.reregister().await?;
             self.emit(NodeEvent::Reregistered);
         }
+        self.remove_orphans().await?;
         let awaited = self.inner.invocations.awaited_nodes();
         if !awaited.is_empty() {
             let live = backplane.live_nodes().await?;

@@ -151,6 +151,9 @@ pub(crate) struct Inner {
     sequence: AtomicU64,
     counters: Counters,
     jobs: jobs::JobTable,
+    /// Connections removed from this node whose removal the backplane did not record; the
+    /// heartbeat job retries them.
+    orphans: Mutex<Vec<(HubName, ConnectionId)>>,
 }
 
 /// One server process's membership in the backplane.
@@ -220,6 +223,7 @@ impl Node {
             sequence: AtomicU64::new(0),
             counters: Counters::default(),
             jobs: jobs::JobTable::default(),
+            orphans: Mutex::default(),
         });
         let node = Self { inner };
         node.spawn(jobs::heartbeat(node.clone()));
@@ -372,6 +376,19 @@ impl Node {
         if state.read().contains(&id) {
             return Err(Error::DuplicateConnection(id.to_string()));
         }
+        let orphaned = {
+            let mut orphans = self.orphans();
+            let before = orphans.len();
+            orphans.retain(|(h, c)| !(h == hub && c == &id));
+            orphans.len() != before
+        };
+        if orphaned {
+            // The same id comes back before its old registration was removed: remove it now.
+            if let Err(err) = self.inner.backplane.remove_connection(hub, &id).await {
+                self.orphans().push((hub.clone(), id.clone()));
+                return Err(err);
+            }
+        }
         let info = ConnectionInfo {
             hub: hub.clone(),
             id: id.clone(),
@@ -439,7 +456,8 @@ impl Node {
     ///
     /// # Errors
     ///
-    /// The driver's error; the connection is gone from this node either way.
+    /// The driver's error; the connection is gone from this node either way, and the
+    /// heartbeat job removes it from the backplane once the backplane answers again.
     pub async fn disconnect(&self, hub: &HubName, id: &ConnectionId) -> Result<bool> {
         let Some(state) = self.existing_hub(hub) else {
             return Ok(false);
@@ -449,9 +467,36 @@ impl Node {
             return Ok(false);
         }
         self.fail_invocations_of(hub, id).await;
-        self.inner.backplane.remove_connection(hub, id).await?;
+        if let Err(err) = self.inner.backplane.remove_connection(hub, id).await {
+            tracing::warn!(%err, hub = %hub, connection = %id, "could not unregister a connection; the heartbeat retries");
+            self.orphans().push((hub.clone(), id.clone()));
+            return Err(err);
+        }
         tracing::debug!(hub = %hub, connection = %id, "connection unregistered");
         Ok(true)
+    }
+
+    fn orphans(&self) -> std::sync::MutexGuard<'_, Vec<(HubName, ConnectionId)>> {
+        self.inner
+            .orphans
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Removes from the backplane the connections whose removal failed before. Returns the
+    /// first error; what could not be removed stays for the next try.
+    async fn remove_orphans(&self) -> Result<()> {
+        let orphans = std::mem::take(&mut *self.orphans());
+        let mut outcome = Ok(());
+        for (hub, id) in orphans {
+            if let Err(err) = self.inner.backplane.remove_connection(&hub, &id).await {
+                self.orphans().push((hub, id));
+                if outcome.is_ok() {
+                    outcome = Err(err);
+                }
+            }
+        }
+        outcome
     }
 
     /// Publishes a message to every matching connection on every node.
