@@ -88,6 +88,7 @@ macro_rules! for_each_case {
             durable::durable_attempts_recorded,
             durable::durable_stored_before_send,
             durable::durable_requires_user_target,
+            durable::durable_expired_in_log_not_delivered,
             log::log_offsets_gap_free_in_commit_order,
             log::log_replay_from_position,
             log::log_position_too_old_after_trim,

@@ -63,7 +63,9 @@ pub(crate) struct Envelope {
     pub(crate) origin: NodeId,
     pub(crate) target: Target,
     pub(crate) except: Vec<ConnectionId>,
-    pub(crate) durable: Option<MessageId>,
+    /// The stored copy of a durable message, and when it stops being deliverable (milliseconds
+    /// since the Unix epoch, by the publishing node's clock).
+    pub(crate) durable: Option<(MessageId, u64)>,
     pub(crate) payload: Bytes,
 }
 
@@ -83,9 +85,10 @@ impl Record {
                 }
                 w.list(0, &env.except);
                 match env.durable {
-                    Some(id) => {
+                    Some((id, expires)) => {
                         w.0.put_u8(1);
                         w.0.put_u64_le(id.0);
+                        w.0.put_u64_le(expires);
                     }
                     None => w.0.put_u8(0),
                 }
@@ -168,7 +171,7 @@ impl Record {
                 let except = r.names(|s| ConnectionId::new(s))?;
                 let durable = match r.u8()? {
                     0 => None,
-                    _ => Some(MessageId(r.u64()?)),
+                    _ => Some((MessageId(r.u64()?), r.u64()?)),
                 };
                 let payload = r.bytes()?;
                 Self::Message(Envelope {
@@ -322,7 +325,7 @@ mod tests {
             origin: node.clone(),
             target: Target::Groups(vec![GroupName::new("g ' *").unwrap()]),
             except: vec![conn.clone()],
-            durable: Some(MessageId(7)),
+            durable: Some((MessageId(7), 1_700_000_000_000)),
             payload: Bytes::from((0..=255u8).collect::<Vec<_>>()),
         }));
         roundtrip(Record::Message(Envelope {

@@ -459,3 +459,50 @@ pub async fn durable_requires_user_target(ctx: &mut Ctx) -> CaseResult {
     let marker = sentinel(&node, &ctx.hub, &[&client]).await?;
     client.quiet_until(&marker).await
 }
+
+/// A node whose reader falls behind a durable message's lifetime does not deliver it from the
+/// log once it catches up: an expired message is never delivered, whatever the path.
+/// Checklist C.45.
+pub async fn durable_expired_in_log_not_delivered(ctx: &mut Ctx) -> CaseResult {
+    let publisher = ctx.node().await?;
+    let gated = crate::cases::log::Gated::new(ctx.backplane().await?);
+    let slow = ctx
+        .node_on(
+            gated.clone(),
+            test_options().poll_interval(Duration::from_secs(3600)),
+        )
+        .await?;
+    let mut client = ctx.connect(&slow, Some("late-reader")).await?;
+    let backplane = ctx.backplane().await?;
+    let user = UserId::new("late-reader")?;
+
+    gated.set_reads(false);
+    let published = publisher
+        .publish(
+            Message::to_user(ctx.hub.clone(), user.clone(), "expires in the log")
+                .durable(Duration::from_millis(200)),
+        )
+        .await?;
+    let id = single_id(&published)?;
+    let marker = bytes::Bytes::from_static(b"after the expiry");
+    gated.reads_waiting(1).await?;
+
+    // Cleanup purges the message once it has expired; that is the event to wait for.
+    let mut events = publisher.events();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while backplane.durable_message(&ctx.hub, id).await?.is_some() {
+        check!(
+            tokio::time::Instant::now() < deadline,
+            "the durable message was not purged within {WAIT:?} of its expiry"
+        );
+        wait_event(&mut events, WAIT, |e| {
+            matches!(e, NodeEvent::JobRan(Job::Cleanup))
+        })
+        .await?;
+    }
+    publisher
+        .publish(Message::to_user(ctx.hub.clone(), user, marker.clone()))
+        .await?;
+    gated.set_reads(true);
+    client.quiet_until(&marker).await
+}

@@ -195,6 +195,13 @@ impl std::fmt::Debug for Node {
     }
 }
 
+/// Milliseconds since the Unix epoch (0 before it).
+pub(crate) fn unix_ms(at: SystemTime) -> u64 {
+    at.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
 /// A stable hash (FNV-1a) of a name, to pick a stream.
 fn stream_hash(s: &str) -> u64 {
     s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
@@ -549,7 +556,11 @@ impl Node {
                         })
                         .await?;
                     published.durable.push(id);
-                    records.push((Target::Users(vec![user.clone()]), Some(id)));
+                    let expires = SystemTime::now() + *ttl;
+                    records.push((
+                        Target::Users(vec![user.clone()]),
+                        Some((id, unix_ms(expires))),
+                    ));
                 }
             }
             _ => {
@@ -593,7 +604,8 @@ impl Node {
             .await;
         } else {
             for (target, durable) in &records {
-                self.deliver_local(&state, target, &message.except, &message.payload, *durable)
+                let id = durable.map(|(id, _)| id);
+                self.deliver_local(&state, target, &message.except, &message.payload, id)
                     .await;
             }
         }

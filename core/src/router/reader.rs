@@ -3,6 +3,7 @@
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::SystemTime;
 
 use bytes::Bytes;
 use tokio::time::MissedTickBehavior;
@@ -155,13 +156,19 @@ impl Reader {
                 tracing::error!(%err, hub = %hub, "skipping an undecodable log record");
             }
             Ok(Record::Message(env)) => {
-                if env.origin != node.inner.id {
+                let expired = env
+                    .durable
+                    .is_some_and(|(_, expires)| expires <= super::unix_ms(SystemTime::now()));
+                if expired {
+                    // A reader that fell behind a durable message's lifetime must not deliver it.
+                    tracing::debug!(hub = %hub, "skipping an expired durable message");
+                } else if env.origin != node.inner.id {
                     node.deliver_local(
                         &self.state,
                         &env.target,
                         &env.except,
                         &env.payload,
-                        env.durable,
+                        env.durable.map(|(id, _)| id),
                     )
                     .await;
                 }
