@@ -452,6 +452,34 @@ pub async fn wait_event(
     }
 }
 
+/// Waits, job run by job run of `node`, until `done` holds, within [`WAIT`].
+pub async fn until_after_jobs<F, Fut>(
+    node: &Node,
+    job: backplane_core::Job,
+    what: &str,
+    mut done: F,
+) -> CaseResult
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<bool, CaseError>>,
+{
+    let mut events = node.events();
+    let outcome = tokio::time::timeout(WAIT, async {
+        while !done().await? {
+            wait_event(&mut events, WAIT, |e| {
+                *e == backplane_core::NodeEvent::JobRan(job)
+            })
+            .await?;
+        }
+        Ok::<(), CaseError>(())
+    })
+    .await;
+    match outcome {
+        Ok(result) => result,
+        Err(_) => Err(CaseError::Failed(format!("{what} within {WAIT:?}"))),
+    }
+}
+
 /// Retention that keeps nothing older than `max_entries` per stream.
 pub fn keep_last(max_entries: u64) -> Retention {
     Retention {

@@ -12,7 +12,8 @@ mod postgres;
 
 pub use harness::{
     CASE_TIMEOUT, Case, CaseError, CaseFn, CaseResult, Client, Ctx, Factory, HeldAppend, Namespace,
-    Spec, WAIT, connect, keep_last, run_case, run_test, sentinel, test_options, wait_event,
+    Spec, WAIT, connect, keep_last, run_case, run_test, sentinel, test_options, until_after_jobs,
+    wait_event,
 };
 #[cfg(feature = "memory")]
 pub use memory::MemoryFactory;

@@ -6,11 +6,12 @@ use std::time::{Duration, SystemTime};
 
 use backplane_core::{
     ConnectionId, Delivery, DeliveryKind, DurableMessage, Error, GroupName, Job, Message,
-    MessageId, Node, NodeEvent, Published, SharedBackplane, Target, UserId,
+    MessageId, Published, SharedBackplane, Target, UserId,
 };
 
 use crate::{
-    CaseError, CaseResult, Client, Ctx, WAIT, check, check_eq, sentinel, test_options, wait_event,
+    CaseError, CaseResult, Client, Ctx, WAIT, check, check_eq, sentinel, test_options,
+    until_after_jobs,
 };
 
 /// A time to live long enough that nothing expires during a case.
@@ -197,26 +198,6 @@ pub async fn durable_ack_stops_redelivery(ctx: &mut Ctx) -> CaseResult {
         again.quiet_until(&marker).await?;
     }
     Ok(())
-}
-
-/// Waits, job run by job run of `node`, until `done` holds, within [`WAIT`].
-async fn until_after_jobs<F, Fut>(node: &Node, job: Job, what: &str, mut done: F) -> CaseResult
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<bool, CaseError>>,
-{
-    let mut events = node.events();
-    let outcome = tokio::time::timeout(WAIT, async {
-        while !done().await? {
-            wait_event(&mut events, WAIT, |e| *e == NodeEvent::JobRan(job)).await?;
-        }
-        Ok::<(), CaseError>(())
-    })
-    .await;
-    match outcome {
-        Ok(result) => result,
-        Err(_) => Err(CaseError::Failed(format!("{what} within {WAIT:?}"))),
-    }
 }
 
 /// A durable message whose ttl passes before its user connects is no longer pending (though
@@ -488,18 +469,13 @@ pub async fn durable_expired_in_log_not_delivered(ctx: &mut Ctx) -> CaseResult {
     gated.reads_waiting(1).await?;
 
     // Cleanup purges the message once it has expired; that is the event to wait for.
-    let mut events = publisher.events();
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while backplane.durable_message(&ctx.hub, id).await?.is_some() {
-        check!(
-            tokio::time::Instant::now() < deadline,
-            "the durable message was not purged within {WAIT:?} of its expiry"
-        );
-        wait_event(&mut events, WAIT, |e| {
-            matches!(e, NodeEvent::JobRan(Job::Cleanup))
-        })
-        .await?;
-    }
+    until_after_jobs(
+        &publisher,
+        Job::Cleanup,
+        "the expired message was not purged",
+        || async { Ok(backplane.durable_message(&ctx.hub, id).await?.is_none()) },
+    )
+    .await?;
     publisher
         .publish(Message::to_user(ctx.hub.clone(), user, marker.clone()))
         .await?;

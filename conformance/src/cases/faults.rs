@@ -1,11 +1,12 @@
 //! Fault cases: lost wake-ups, a database restart, and a backplane that fails calls.
 
-use backplane_core::{ConnectionId, Error, HubName, Job, Message, Node, NodeEvent, UserId};
+use backplane_core::{ConnectionId, Error, HubName, Job, Message, Node, UserId};
 use tokio::sync::{mpsc, watch};
 
 use crate::cases::log::Gated;
 use crate::{
-    CaseError, CaseResult, Client, Ctx, WAIT, check, check_eq, sentinel, test_options, wait_event,
+    CaseError, CaseResult, Client, Ctx, WAIT, check, check_eq, sentinel, test_options,
+    until_after_jobs,
 };
 
 /// Receives `"{from}"` … `"{to - 1}"` on each client, in that order and nothing else.
@@ -280,24 +281,20 @@ pub async fn failing_backplane_reports_errors(ctx: &mut Ctx) -> CaseResult {
         "the disconnected connection's channel stayed open"
     );
     let existing_id = existing.id().clone();
-    let mut events = a.events();
     ctx.namespace().start_database().await?;
     // A disconnect the backplane could not record is removed by a later heartbeat.
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while backplane
-        .connection(&ctx.hub, &existing_id)
-        .await?
-        .is_some()
-    {
-        check!(
-            tokio::time::Instant::now() < deadline,
-            "the connection disconnected while the database was down is still registered"
-        );
-        wait_event(&mut events, WAIT, |e| {
-            matches!(e, NodeEvent::JobRan(Job::Heartbeat))
-        })
-        .await?;
-    }
+    until_after_jobs(
+        &a,
+        Job::Heartbeat,
+        "the connection disconnected while the database was down is still registered",
+        || async {
+            Ok(backplane
+                .connection(&ctx.hub, &existing_id)
+                .await?
+                .is_none())
+        },
+    )
+    .await?;
 
     for hub in [&ctx.hub, &new_hub] {
         check!(
