@@ -356,7 +356,13 @@ pub async fn subscribe_while_publishing(ctx: &mut Ctx) -> CaseResult {
     let mut late = ctx.connect(&b, None).await?;
     task.await
         .map_err(|e| CaseError::Failed(format!("publisher panicked: {e}")))??;
-    let marker = sentinel(&a, &ctx.hub, &[&late]).await?;
+    // The marker comes from the same sender, so it shares the messages' stream and follows them.
+    let marker = Bytes::from_static(b"subscribe-while-publishing-end");
+    a.publish(
+        Message::to_connection(ctx.hub.clone(), late.id().clone(), marker.clone())
+            .sender(sender.id().clone()),
+    )
+    .await?;
     let got = late.until(&marker).await?;
     let seqs: Vec<u64> = got
         .iter()
