@@ -70,6 +70,7 @@ const OWN_PARAMS: &[&str] = &[
     "batch_delay_ms",
     "sslmode",
     "sslrootcert",
+    "create_schema",
 ];
 
 fn bad(reason: impl Into<String>) -> Error {
@@ -230,9 +231,9 @@ impl FromStr for PgOptions {
 
     /// Parses a `postgres://` or `postgresql://` URL (or a `key=value` connection string).
     /// The query parameters `schema`, `table_prefix`, `streams`, `pool_size`,
-    /// `batch_delay_ms`, `sslmode` (`disable`, `prefer`, `require`, `verify-ca`, `verify-full`)
-    /// and `sslrootcert` (a PEM file, or `system`) set the backplane's options; the others go to
-    /// PostgreSQL.
+    /// `batch_delay_ms`, `create_schema` (`true` or `false`), `sslmode` (`disable`, `prefer`,
+    /// `require`, `verify-ca`, `verify-full`) and `sslrootcert` (a PEM file, or `system`) set the
+    /// backplane's options; the others go to PostgreSQL.
     fn from_str(url: &str) -> Result<Self, Error> {
         let (base, query) = match url.split_once('?') {
             Some((base, query)) => (base, query),
@@ -243,7 +244,10 @@ impl FromStr for PgOptions {
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
             if OWN_PARAMS.contains(&key) {
-                own.push((key, value));
+                let value = percent_encoding::percent_decode_str(value)
+                    .decode_utf8()
+                    .map_err(|_| bad(format!("{key} is not valid UTF-8 once decoded")))?;
+                own.push((key, value.into_owned()));
             } else {
                 rest.push(pair);
             }
@@ -257,7 +261,8 @@ impl FromStr for PgOptions {
         let config = tokio_postgres::Config::from_str(&pg_url)
             .map_err(|e| bad(format!("could not parse the connection URL: {e}")))?;
         let mut options = Self::from_config(config);
-        for (key, value) in own {
+        for (key, value) in &own {
+            let (key, value) = (*key, value.as_str());
             let number = || {
                 value
                     .parse::<u64>()
@@ -272,6 +277,15 @@ impl FromStr for PgOptions {
                     usize::try_from(number()?).map_err(|_| bad("pool_size is too large"))?,
                 ),
                 "sslmode" => options.ssl_mode(value.parse()?),
+                "create_schema" => options.create_schema(match value {
+                    "true" | "1" | "yes" => true,
+                    "false" | "0" | "no" => false,
+                    other => {
+                        return Err(bad(format!(
+                            "create_schema must be true or false, not {other:?}"
+                        )));
+                    }
+                }),
                 "sslrootcert" => options.root_certs(if value == "system" {
                     RootCerts::System
                 } else {
@@ -303,6 +317,8 @@ mod tests {
             Some(&Duration::from_secs(5))
         );
         assert_eq!(o.config.get_ports(), &[5433]);
+        let o: PgOptions = "postgres://h/db?schema=Mixed%20Case".parse().unwrap();
+        assert_eq!(o.schema, "Mixed Case");
     }
 
     #[test]
@@ -337,7 +353,7 @@ mod tests {
 
     #[test]
     fn bad_names_rejected() {
-        assert!("postgres://h/db?schema=a%22b".parse::<PgOptions>().is_ok());
+        assert!("postgres://h/db?schema=a%22b".parse::<PgOptions>().is_err());
         assert!(
             PgOptions::from_config(tokio_postgres::Config::new())
                 .schema("a\"b")

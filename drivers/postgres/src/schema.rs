@@ -151,13 +151,26 @@ async fn apply(client: &mut Client, options: &PgOptions, names: &Names) -> Resul
 
 /// The highest applied migration, 0 when none.
 pub(crate) async fn schema_version(client: &Client, names: &Names) -> Result<i32> {
-    let row = client
+    let row = match client
         .query_one(
             &format!("SELECT coalesce(max(version), 0) FROM {}", names.migrations),
             &[],
         )
         .await
-        .map_err(db("reading the schema version"))?;
+    {
+        Ok(row) => row,
+        // No migrations table (or no schema): nothing has been applied.
+        Err(err)
+            if matches!(
+                err.code(),
+                Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE)
+                    | Some(&tokio_postgres::error::SqlState::INVALID_SCHEMA_NAME)
+            ) =>
+        {
+            return Ok(0);
+        }
+        Err(err) => return Err(db("reading the schema version")(err)),
+    };
     row.try_get(0).map_err(db("reading the schema version"))
 }
 
