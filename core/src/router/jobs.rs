@@ -107,7 +107,6 @@ impl Node {
             self.reregister().await?;
             self.emit(NodeEvent::Reregistered);
         }
-        self.remove_orphans().await?;
         let awaited = self.inner.invocations.awaited_nodes();
         if !awaited.is_empty() {
             let live = backplane.live_nodes().await?;
@@ -117,7 +116,7 @@ impl Node {
                 .collect();
             self.inner.invocations.fail_nodes(&gone);
         }
-        Ok(())
+        self.remove_orphans().await
     }
 
     /// Registers the node and its connections and memberships again after it was reaped.
