@@ -29,6 +29,15 @@ impl Position {
         }
     }
 
+    /// A fresh random epoch for a stream that starts a new history. It fits in 63 bits, so it
+    /// is positive in every database's signed 64-bit integer.
+    pub fn random_epoch() -> u64 {
+        let bytes = uuid::Uuid::new_v4().into_bytes();
+        let mut low = [0u8; 8];
+        low.copy_from_slice(&bytes[..8]);
+        u64::from_le_bytes(low) >> 1
+    }
+
     /// The same stream and epoch at another offset.
     pub fn at(self, offset: u64) -> Self {
         Self { offset, ..self }

@@ -157,20 +157,12 @@ impl MemoryBackplane {
     }
 }
 
-fn new_epoch() -> u64 {
-    // The low 63 bits of a random UUID: positive in every database's signed 64-bit integer.
-    let bytes = uuid::Uuid::new_v4().into_bytes();
-    let mut low = [0u8; 8];
-    low.copy_from_slice(&bytes[..8]);
-    u64::from_le_bytes(low) >> 1
-}
-
 impl State {
     fn streams(&mut self, hub: &HubName, count: u32) -> &mut Vec<Stream> {
         self.logs.entry(hub.clone()).or_insert_with(|| {
             (0..count)
                 .map(|_| Stream {
-                    epoch: new_epoch(),
+                    epoch: Position::random_epoch(),
                     first: 0,
                     entries: VecDeque::new(),
                 })

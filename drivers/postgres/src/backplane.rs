@@ -72,13 +72,6 @@ impl Drop for Inner {
     }
 }
 
-fn new_epoch() -> i64 {
-    let bytes = uuid::Uuid::new_v4().into_bytes();
-    let mut low = [0u8; 8];
-    low.copy_from_slice(&bytes[..8]);
-    i64::from_le_bytes(low).checked_abs().unwrap_or(1)
-}
-
 pub(crate) fn to_i64(value: u64, what: &str) -> Result<i64> {
     i64::try_from(value).map_err(|_| corrupt(format!("{what} {value} does not fit the database")))
 }
@@ -210,7 +203,7 @@ impl PgBackplane {
             .build()
             .map_err(|e| Error::permanent(Self::NAME, format!("could not build the pool: {e}")))?;
         {
-            let client = pool.get().await.map_err(pool_error)?;
+            let client = pool.get().await.map_err(crate::error::pool)?;
             schema::check_version(&client, &names).await?;
         }
 
@@ -337,7 +330,11 @@ impl PgBackplane {
         client
             .execute(
                 &self.inner.sql.create_stream,
-                &[&hub.as_str(), &stream, &new_epoch()],
+                &[
+                    &hub.as_str(),
+                    &stream,
+                    &to_i64(Position::random_epoch(), "epoch")?,
+                ],
             )
             .await
             .map_err(db("creating a stream"))?;
@@ -379,10 +376,6 @@ impl PgBackplane {
     pub(crate) fn from_inner(inner: Arc<Inner>) -> Self {
         Self { inner }
     }
-}
-
-fn pool_error(err: deadpool_postgres::PoolError) -> Error {
-    pool(err)
 }
 
 #[async_trait]
