@@ -177,6 +177,16 @@ impl Wakeups {
             Err(broadcast::error::RecvError::Closed) => Wake::Closed,
         }
     }
+
+    /// A wake-up that has already arrived, if any, without waiting.
+    pub fn try_recv(&mut self) -> Option<Wake> {
+        match self.rx.try_recv() {
+            Ok(wake) => Some(wake),
+            Err(broadcast::error::TryRecvError::Empty) => None,
+            Err(broadcast::error::TryRecvError::Lagged(_)) => Some(Wake::Resync),
+            Err(broadcast::error::TryRecvError::Closed) => Some(Wake::Closed),
+        }
+    }
 }
 
 /// Per-hub wake-up channels, for drivers to build [`Wakeups`] from.

@@ -30,6 +30,7 @@ pub use options::NodeOptions;
 
 use invocations::Invocations;
 use local::{LocalConnection, LocalIndex};
+use reader::OwnEntries;
 
 /// Something that happened on a node, for operators and tests.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -127,6 +128,8 @@ pub(crate) struct HubState {
     name: HubName,
     index: RwLock<LocalIndex>,
     started: OnceCell<()>,
+    /// Entries this node appended and already delivered locally, which its reader steps over.
+    own: Mutex<OwnEntries>,
 }
 
 impl HubState {
@@ -340,6 +343,7 @@ impl Node {
                     name: hub.clone(),
                     index: RwLock::default(),
                     started: OnceCell::new(),
+                    own: Mutex::default(),
                 })
             })
             .clone();
@@ -586,7 +590,13 @@ impl Node {
                 })
                 .collect();
             let stream = self.stream_for(message.sender.as_ref());
-            published.position = Some(self.inner.backplane.append(hub, stream, &encoded).await?);
+            let position = self.inner.backplane.append(hub, stream, &encoded).await?;
+            state
+                .own
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(position, encoded.len() as u64);
+            published.position = Some(position);
         }
         self.inner
             .counters

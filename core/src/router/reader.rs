@@ -1,7 +1,8 @@
 //! The per-hub loop that reads the log from this node's cursors and delivers what it finds.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
+use std::sync::PoisonError;
 use std::sync::atomic::Ordering;
 use std::time::SystemTime;
 
@@ -18,6 +19,59 @@ use crate::record::Record;
 /// How many group-change ids a reader remembers, to reload a connection's groups once per
 /// change although the change is written to every stream.
 const SEEN_CHANGES: usize = 4096;
+
+/// How many of its own appends per stream a node remembers for its reader to step over. Past
+/// that, the oldest are forgotten and simply read (and ignored) like any other entry.
+const OWN_RANGES: usize = 4096;
+
+/// The entries this node appended with messages it already delivered locally, per stream, so
+/// its reader does not fetch them back from the log only to ignore them.
+#[derive(Default)]
+pub(super) struct OwnEntries {
+    /// Per stream: epoch, then start offset -> end offset (exclusive).
+    streams: HashMap<u32, (u64, BTreeMap<u64, u64>)>,
+}
+
+impl OwnEntries {
+    /// Remembers that `count` entries starting at `position` are this node's.
+    pub(super) fn insert(&mut self, position: Position, count: u64) {
+        if count == 0 {
+            return;
+        }
+        let (epoch, ranges) = self
+            .streams
+            .entry(position.stream)
+            .or_insert_with(|| (position.epoch, BTreeMap::new()));
+        if *epoch != position.epoch {
+            *epoch = position.epoch;
+            ranges.clear();
+        }
+        ranges.insert(position.offset, position.offset + count);
+        if ranges.len() > OWN_RANGES {
+            ranges.pop_first();
+        }
+    }
+
+    /// Moves `cursor` past this node's entries that start at it, forgets those below it, and
+    /// returns the offset where the next of this node's entries starts, if one is known.
+    pub(super) fn step_over(&mut self, cursor: &mut Position) -> Option<u64> {
+        let (epoch, ranges) = self.streams.get_mut(&cursor.stream)?;
+        if *epoch != cursor.epoch {
+            ranges.clear();
+            return None;
+        }
+        while let Some((&start, &end)) = ranges.first_key_value() {
+            if start > cursor.offset {
+                return Some(start);
+            }
+            ranges.pop_first();
+            if start == cursor.offset {
+                cursor.offset = end;
+            }
+        }
+        None
+    }
+}
 
 pub(super) struct Reader {
     node: Node,
@@ -64,17 +118,22 @@ impl Reader {
             if *shutdown.borrow() {
                 return;
             }
-            match wake {
-                Wake::Appended { stream } => {
-                    if let Some(flag) = dirty.get_mut(stream as usize) {
-                        *flag = true;
+            // Take every wake-up already waiting too: one read per stream covers them all.
+            let mut wake = Some(wake);
+            while let Some(w) = wake {
+                match w {
+                    Wake::Appended { stream } => {
+                        if let Some(flag) = dirty.get_mut(stream as usize) {
+                            *flag = true;
+                        }
+                    }
+                    Wake::Resync => dirty.fill(true),
+                    Wake::Closed => {
+                        self.wakeups = None;
+                        dirty.fill(true);
                     }
                 }
-                Wake::Resync => dirty.fill(true),
-                Wake::Closed => {
-                    self.wakeups = None;
-                    dirty.fill(true);
-                }
+                wake = self.wakeups.as_mut().and_then(Wakeups::try_recv);
             }
             if self.wakeups.is_none() {
                 // Subscribe before reading, so nothing appended after the read goes unnoticed.
@@ -102,12 +161,22 @@ impl Reader {
     async fn catch_up(&mut self, stream: usize) -> Result<()> {
         let batch = self.node.inner.options.read_batch;
         loop {
+            let next_own = self
+                .state
+                .own
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .step_over(&mut self.cursors[stream]);
             let cursor = self.cursors[stream];
+            // Read up to this node's next own entries at most; the next round steps over them.
+            let limit = next_own.map_or(batch, |start| {
+                usize::try_from(start - cursor.offset).map_or(batch, |gap| gap.min(batch))
+            });
             let entries = match self
                 .node
                 .inner
                 .backplane
-                .read(&self.state.name, cursor, batch)
+                .read(&self.state.name, cursor, limit)
                 .await
             {
                 Ok(entries) => entries,
@@ -142,7 +211,7 @@ impl Reader {
                 self.process(&entry.data).await?;
                 self.cursors[stream].offset = entry.offset + 1;
             }
-            if count < batch {
+            if count < limit {
                 return Ok(());
             }
         }
@@ -239,5 +308,55 @@ async fn next_wake(wakeups: &mut Option<Wakeups>) -> Wake {
     match wakeups {
         Some(w) => w.recv().await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn steps_over_own_entries_at_the_cursor() {
+        let mut own = OwnEntries::default();
+        own.insert(Position::new(0, 5, 7), 3);
+        own.insert(Position::new(0, 8, 7), 2);
+        own.insert(Position::new(0, 20, 7), 1);
+        let mut cursor = Position::new(0, 2, 7);
+        assert_eq!(own.step_over(&mut cursor), Some(5));
+        assert_eq!(cursor.offset, 2);
+        cursor.offset = 5;
+        assert_eq!(own.step_over(&mut cursor), Some(20));
+        assert_eq!(cursor.offset, 10);
+        cursor.offset = 21;
+        assert_eq!(own.step_over(&mut cursor), None);
+        assert_eq!(cursor.offset, 21);
+    }
+
+    #[test]
+    fn forgets_ranges_already_read_and_other_epochs() {
+        let mut own = OwnEntries::default();
+        own.insert(Position::new(1, 5, 7), 3);
+        let mut cursor = Position::new(1, 6, 7);
+        assert_eq!(own.step_over(&mut cursor), None);
+        assert_eq!(cursor.offset, 6);
+
+        own.insert(Position::new(1, 10, 7), 1);
+        let mut other_epoch = Position::new(1, 10, 8);
+        assert_eq!(own.step_over(&mut other_epoch), None);
+        assert_eq!(other_epoch.offset, 10);
+
+        let mut other_stream = Position::new(2, 10, 7);
+        assert_eq!(own.step_over(&mut other_stream), None);
+    }
+
+    #[test]
+    fn remembers_a_bounded_number_of_ranges() {
+        let mut own = OwnEntries::default();
+        for i in 0..(OWN_RANGES as u64 + 10) {
+            own.insert(Position::new(0, i, 1), 1);
+        }
+        let mut cursor = Position::new(0, 0, 1);
+        assert_eq!(own.step_over(&mut cursor), Some(10));
+        assert_eq!(cursor.offset, 0);
     }
 }

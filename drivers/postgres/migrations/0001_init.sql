@@ -1,41 +1,47 @@
 -- backplane schema, version 1. {schema} and {prefix} are replaced by the quoted schema name and
--- the table prefix before this runs; every identifier is quoted.
+-- the table prefix before this runs; every identifier is quoted. Names compare byte by byte
+-- (COLLATE "C"): they are identifiers, not prose, and the database's locale must not change
+-- what is equal or slow down every index lookup.
 
 -- One row per (hub, stream): the next offset to allocate, the first offset still stored, and the
 -- stream's epoch. Appends lock this row for the length of their transaction, so offsets are
 -- handed out and committed in the same order.
 CREATE TABLE {schema}."{prefix}streams" (
-    hub          text    NOT NULL,
+    id           bigint  GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    hub          text    COLLATE "C" NOT NULL,
     stream       integer NOT NULL,
     next_offset  bigint  NOT NULL DEFAULT 0,
     first_offset bigint  NOT NULL DEFAULT 0,
     epoch        bigint  NOT NULL,
-    PRIMARY KEY (hub, stream)
+    UNIQUE (hub, stream)
 );
 
--- The log: one row per entry. NOTIFY carries only "hub/stream"; readers read rows.
+-- The log: one row per entry, keyed by the stream's id, which keeps rows and index entries
+-- narrow. NOTIFY carries only "hub/stream"; readers read rows.
 CREATE TABLE {schema}."{prefix}log" (
-    hub        text        NOT NULL,
-    stream     integer     NOT NULL,
+    stream_id  bigint      NOT NULL,
     "offset"   bigint      NOT NULL,
     data       bytea       NOT NULL,
     created_at timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (hub, stream, "offset")
+    PRIMARY KEY (stream_id, "offset")
 );
-CREATE INDEX ON {schema}."{prefix}log" (created_at);
+-- Entries up to 8 KiB stay inline and uncompressed: every reader fetches every entry, and
+-- compressing once to decompress on each node costs more than it saves. Larger ones are
+-- compressed and stored out of line as usual.
+ALTER TABLE {schema}."{prefix}log" SET (toast_tuple_target = 8160);
 
 CREATE TABLE {schema}."{prefix}nodes" (
-    id             text        PRIMARY KEY,
+    id             text COLLATE "C" PRIMARY KEY,
     started_at     timestamptz NOT NULL DEFAULT now(),
     last_heartbeat timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX ON {schema}."{prefix}nodes" (last_heartbeat);
 
 CREATE TABLE {schema}."{prefix}connections" (
-    hub          text        NOT NULL,
-    id           text        NOT NULL,
-    user_id      text,
-    node         text        NOT NULL,
+    hub          text COLLATE "C" NOT NULL,
+    id           text COLLATE "C" NOT NULL,
+    user_id      text COLLATE "C",
+    node         text COLLATE "C" NOT NULL,
     connected_at timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (hub, id)
 );
@@ -43,17 +49,17 @@ CREATE INDEX ON {schema}."{prefix}connections" (hub, user_id) WHERE user_id IS N
 CREATE INDEX ON {schema}."{prefix}connections" (node);
 
 CREATE TABLE {schema}."{prefix}memberships" (
-    hub        text NOT NULL,
-    group_name text NOT NULL,
-    connection text NOT NULL,
+    hub        text COLLATE "C" NOT NULL,
+    group_name text COLLATE "C" NOT NULL,
+    connection text COLLATE "C" NOT NULL,
     PRIMARY KEY (hub, group_name, connection),
     FOREIGN KEY (hub, connection) REFERENCES {schema}."{prefix}connections" (hub, id) ON DELETE CASCADE
 );
 CREATE INDEX ON {schema}."{prefix}memberships" (hub, connection);
 
 CREATE TABLE {schema}."{prefix}sessions" (
-    hub           text        NOT NULL,
-    user_id       text        NOT NULL,
+    hub           text COLLATE "C" NOT NULL,
+    user_id       text COLLATE "C" NOT NULL,
     started_at    timestamptz NOT NULL,
     ended_at      timestamptz,
     connections   integer     NOT NULL DEFAULT 0,
@@ -63,13 +69,13 @@ CREATE TABLE {schema}."{prefix}sessions" (
 
 CREATE TABLE {schema}."{prefix}messages" (
     id          bigserial   PRIMARY KEY,
-    hub         text        NOT NULL,
-    user_id     text        NOT NULL,
-    sender      text,
+    hub         text COLLATE "C" NOT NULL,
+    user_id     text COLLATE "C" NOT NULL,
+    sender      text COLLATE "C",
     payload     bytea       NOT NULL,
     created_at  timestamptz NOT NULL DEFAULT now(),
     expires_at  timestamptz NOT NULL,
-    acked_by    text,
+    acked_by    text COLLATE "C",
     acked_at    timestamptz
 );
 CREATE INDEX ON {schema}."{prefix}messages" (hub, user_id, id) WHERE acked_at IS NULL;
@@ -78,7 +84,7 @@ CREATE INDEX ON {schema}."{prefix}messages" (expires_at);
 CREATE TABLE {schema}."{prefix}attempts" (
     id         bigserial   PRIMARY KEY,
     message_id bigint      NOT NULL REFERENCES {schema}."{prefix}messages" (id) ON DELETE CASCADE,
-    connection text        NOT NULL,
+    connection text COLLATE "C" NOT NULL,
     at         timestamptz NOT NULL DEFAULT now(),
     error      text
 );

@@ -490,31 +490,29 @@ impl Backplane for PgBackplane {
         let max_entries = i64::try_from(retention.max_entries).unwrap_or(i64::MAX);
         let mut removed = 0;
         for row in streams {
-            let hub: String = row.try_get(0).map_err(db("listing streams to trim"))?;
-            let stream: i32 = row.try_get(1).map_err(db("listing streams to trim"))?;
+            let id: i64 = row.try_get(0).map_err(db("listing streams to trim"))?;
             let tx = client.transaction().await.map_err(db("trimming the log"))?;
             // Locking the stream row waits for appends in flight, so the next statement's
             // snapshot sees every entry that has an offset below next_offset.
             let lock = tx
-                .query_one(&sql.trim_lock, &[&hub, &stream])
+                .query_one(&sql.trim_lock, &[&id])
                 .await
                 .map_err(db("trimming the log"))?;
             let next: i64 = lock.try_get(0).map_err(db("trimming the log"))?;
             let first: i64 = lock.try_get(1).map_err(db("trimming the log"))?;
+            let floor = first.max(next.saturating_sub(max_entries));
             let young = tx
-                .query_one(&sql.trim_oldest_young, &[&hub, &stream, &max_age])
+                .query_one(&sql.trim_oldest_young, &[&id, &max_age, &floor])
                 .await
                 .map_err(db("trimming the log"))?;
             let oldest_young: Option<i64> = young.try_get(0).map_err(db("trimming the log"))?;
-            let new_first = first
-                .max(next.saturating_sub(max_entries))
-                .max(oldest_young.unwrap_or(next));
+            let new_first = floor.max(oldest_young.unwrap_or(next));
             if new_first > first {
-                tx.execute(&sql.trim_set_first, &[&hub, &stream, &new_first])
+                tx.execute(&sql.trim_set_first, &[&id, &new_first])
                     .await
                     .map_err(db("trimming the log"))?;
                 removed += tx
-                    .execute(&sql.trim_delete, &[&hub, &stream, &new_first])
+                    .execute(&sql.trim_delete, &[&id, &new_first])
                     .await
                     .map_err(db("trimming the log"))?;
             }

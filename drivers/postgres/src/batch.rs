@@ -26,8 +26,12 @@ fn share(err: &Error) -> Error {
 }
 
 /// Collects appends to one stream into batches of at most `max_batch` records, each written by
-/// one statement. A lone append is written at once; when several are queued, the batch waits up
-/// to `batch_delay` for more. Callers keep their order.
+/// one statement. Callers keep their order.
+///
+/// An append on an idle stream is written at once. Under load (several appends queued, or the
+/// previous batch held several), the batch waits up to `batch_delay` for more, and stops waiting
+/// once it has as many appends as the previous batch: the callers answered last time are
+/// usually back by then.
 pub(crate) async fn run(
     inner: Weak<Inner>,
     hub: HubName,
@@ -35,6 +39,7 @@ pub(crate) async fn run(
     mut rx: mpsc::Receiver<AppendRequest>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let mut previous = 1usize;
     loop {
         let first = tokio::select! {
             request = rx.recv() => match request {
@@ -51,8 +56,6 @@ pub(crate) async fn run(
         };
         let mut count = first.records.len();
         let mut batch = vec![first];
-        // Take what is already queued. If others are appending at the same time, linger up to
-        // `batch_delay` for more; a lone append is written at once.
         while count < max {
             match rx.try_recv() {
                 Ok(request) => {
@@ -62,9 +65,9 @@ pub(crate) async fn run(
                 Err(_) => break,
             }
         }
-        if batch.len() > 1 {
+        if batch.len() > 1 || previous > 1 {
             let deadline = Instant::now() + delay;
-            while count < max {
+            while count < max && batch.len() < previous.max(2) {
                 match tokio::time::timeout_at(deadline, rx.recv()).await {
                     Ok(Some(request)) => {
                         count += request.records.len();
@@ -74,6 +77,7 @@ pub(crate) async fn run(
                 }
             }
         }
+        previous = batch.len();
         let records: Vec<Bytes> = batch
             .iter()
             .flat_map(|r| r.records.iter().cloned())

@@ -156,9 +156,9 @@ impl PgOptions {
         self
     }
 
-    /// How long a batch (one multi-row insert, one NOTIFY) waits for more appends when several
-    /// are already queued; a lone append is written at once. Zero turns batching off: every
-    /// append is its own statement. Defaults to 1 ms.
+    /// How long a batch (one multi-row insert, one NOTIFY) waits for more appends under load;
+    /// an append on an idle stream is written at once. Zero turns batching off: every append is
+    /// its own statement. Defaults to 1 ms.
     pub fn batch_delay(mut self, delay: Duration) -> Self {
         self.batch_delay = delay;
         self

@@ -14,6 +14,8 @@ pub(crate) struct Sql {
     pub(crate) read: String,
     pub(crate) trim_streams: String,
     pub(crate) trim_lock: String,
+    /// The first entry young enough to keep, at or above `$3`. It walks the primary key from
+    /// there and stops at the first young entry, so its cost follows the entries removed.
     pub(crate) trim_oldest_young: String,
     pub(crate) trim_set_first: String,
     pub(crate) trim_delete: String,
@@ -73,10 +75,10 @@ impl Sql {
                 "WITH a AS (
                      UPDATE {streams} SET next_offset = next_offset + $3
                      WHERE hub = $1 AND stream = $2
-                     RETURNING next_offset - $3 AS base, epoch
+                     RETURNING id, next_offset - $3 AS base, epoch
                  ), i AS (
-                     INSERT INTO {log} (hub, stream, \"offset\", data)
-                     SELECT $1, $2, a.base + t.i - 1, t.d
+                     INSERT INTO {log} (stream_id, \"offset\", data)
+                     SELECT a.id, a.base + t.i - 1, t.d
                      FROM a, unnest($4::bytea[]) WITH ORDINALITY AS t(d, i)
                  ), notified AS (
                      SELECT pg_notify($5, $6) FROM a
@@ -98,7 +100,7 @@ impl Sql {
                  FROM {streams} s
                  LEFT JOIN LATERAL (
                      SELECT \"offset\", data FROM {log}
-                     WHERE hub = $1 AND stream = $2 AND \"offset\" >= $3
+                     WHERE stream_id = s.id AND \"offset\" >= $3
                      ORDER BY \"offset\" LIMIT $4
                  ) l ON true
                  WHERE s.hub = $1 AND s.stream = $2
@@ -106,22 +108,24 @@ impl Sql {
                 streams = n.streams,
                 log = n.log
             ),
-            trim_streams: format!("SELECT hub, stream FROM {}", n.streams),
+            trim_streams: format!("SELECT id FROM {}", n.streams),
             trim_lock: format!(
-                "SELECT next_offset, first_offset FROM {} WHERE hub = $1 AND stream = $2 FOR UPDATE",
+                "SELECT next_offset, first_offset FROM {} WHERE id = $1 FOR UPDATE",
                 n.streams
             ),
             trim_oldest_young: format!(
-                "SELECT min(\"offset\") FROM {}
-                 WHERE hub = $1 AND stream = $2 AND created_at >= now() - make_interval(secs => $3)",
+                "SELECT (SELECT \"offset\" FROM {}
+                         WHERE stream_id = $1 AND \"offset\" >= $3
+                           AND created_at >= now() - make_interval(secs => $2)
+                         ORDER BY \"offset\" LIMIT 1)",
                 n.log
             ),
             trim_set_first: format!(
-                "UPDATE {} SET first_offset = $3 WHERE hub = $1 AND stream = $2",
+                "UPDATE {} SET first_offset = $2 WHERE id = $1",
                 n.streams
             ),
             trim_delete: format!(
-                "DELETE FROM {} WHERE hub = $1 AND stream = $2 AND \"offset\" < $3",
+                "DELETE FROM {} WHERE stream_id = $1 AND \"offset\" < $2",
                 n.log
             ),
             register_node: format!(
