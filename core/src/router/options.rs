@@ -44,6 +44,12 @@ impl NodeOptions {
         Self::default()
     }
 
+    /// The most local connections the node accepts, as set by
+    /// [`max_connections`](Self::max_connections).
+    pub fn connection_limit(&self) -> usize {
+        self.max_connections
+    }
+
     /// The node's id. Defaults to a new random id, so a restarted process is a new node.
     pub fn id(mut self, id: NodeId) -> Self {
         self.id = Some(id);

@@ -1,0 +1,738 @@
+//! One client's WebSocket: the handshake, then a reader that dispatches invocations and a
+//! writer that sends everything queued for the client, coalesced into as few frames as
+//! possible.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use backplane_core::{ConnectionId, Delivery, DeliveryKind, Error, InvocationId, Node, UserId};
+use bytes::Bytes;
+use fastwebsockets::{FragmentCollectorRead, Frame, OpCode, Payload, WebSocket, WebSocketWrite};
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+use tokio::io::WriteHalf;
+use tokio::sync::{mpsc, watch};
+use tokio::task::AbortHandle;
+
+use crate::hub::{Arguments, Context, Handler, Hub, StreamSender};
+use crate::protocol::{self, Handshake, HubMessage, Outcome, RecordBuffer};
+use crate::server::Limits;
+
+type Socket = TokioIo<Upgraded>;
+
+/// How many bytes of queued records one frame carries at most.
+const FRAME_BYTES: usize = 64 * 1024;
+
+/// How many invocations may wait for the connection's worker before the reader waits too.
+const INVOCATION_QUEUE: usize = 64;
+
+/// What the writer sends.
+enum Out {
+    /// One encoded hub message.
+    Record(Vec<u8>),
+    /// The answer to a WebSocket ping.
+    Pong(Vec<u8>),
+    /// A hub `Close` message, then the WebSocket close frame; the writer ends.
+    Close {
+        error: Option<String>,
+        allow_reconnect: bool,
+        code: u16,
+    },
+}
+
+/// Who is connecting and where.
+pub(crate) struct Setup {
+    pub(crate) hub: Arc<Hub>,
+    pub(crate) node: Node,
+    pub(crate) id: ConnectionId,
+    pub(crate) user: Option<UserId>,
+    pub(crate) limits: Limits,
+    pub(crate) shutdown: watch::Receiver<bool>,
+}
+
+/// A noop for the read half's obligated sends: auto pong and auto close are off, and the
+/// reader answers pings and closes through the writer instead.
+async fn no_obligations(_: Frame<'_>) -> Result<(), std::io::Error> {
+    Ok(())
+}
+
+/// Serves one upgraded WebSocket until it closes.
+pub(crate) async fn serve(mut ws: WebSocket<Socket>, setup: Setup) {
+    ws.set_auto_close(false);
+    ws.set_auto_pong(false);
+    ws.set_max_message_size(setup.limits.max_message_size);
+    let (read, mut write) = ws.split(tokio::io::split);
+    let mut obligations = no_obligations;
+    let mut read = FragmentCollectorRead::new(read);
+    let mut buffer = RecordBuffer::default();
+
+    // The handshake: the first record, within the handshake timeout.
+    let first = tokio::time::timeout(setup.limits.handshake_timeout, async {
+        loop {
+            let frame = read
+                .read_frame(&mut no_obligations)
+                .await
+                .map_err(|e| e.to_string())?;
+            match frame.opcode {
+                OpCode::Text | OpCode::Binary => {
+                    let records = buffer
+                        .push(&frame.payload, setup.limits.max_message_size)
+                        .map_err(|e| e.to_string())?;
+                    if !records.is_empty() {
+                        return Ok::<_, String>(records);
+                    }
+                }
+                OpCode::Close => return Err("the client closed before its handshake".into()),
+                _ => {}
+            }
+        }
+    })
+    .await;
+    let mut records = match first {
+        Ok(Ok(records)) => records.into_iter(),
+        Ok(Err(reason)) => {
+            tracing::debug!(connection = %setup.id, %reason, "handshake failed");
+            return;
+        }
+        Err(_) => {
+            let reason = "no handshake within the handshake timeout";
+            reject(&mut write, reason).await;
+            tracing::debug!(connection = %setup.id, reason, "handshake failed");
+            return;
+        }
+    };
+    let handshake = records
+        .next()
+        .map(|r| Handshake::parse(&r))
+        .unwrap_or_else(|| Err(protocol::ProtocolError("empty handshake".into())));
+    let handshake = match handshake {
+        Ok(h) if h.protocol != "json" => {
+            let reason = format!("The protocol '{}' is not supported.", h.protocol);
+            reject(&mut write, &reason).await;
+            return;
+        }
+        Ok(h) if h.version == 0 || h.version > protocol::MAX_VERSION => {
+            let reason = format!(
+                "The server does not support version {} of the 'json' protocol.",
+                h.version
+            );
+            reject(&mut write, &reason).await;
+            return;
+        }
+        Ok(h) => h,
+        Err(err) => {
+            reject(&mut write, &err.0).await;
+            return;
+        }
+    };
+    tracing::trace!(connection = %setup.id, version = handshake.version, "handshake");
+
+    let hub_name = setup.hub.name().clone();
+    let connection = match setup
+        .node
+        .connect(&hub_name, Some(setup.id.clone()), setup.user.clone())
+        .await
+    {
+        Ok(c) => c,
+        Err(err) => {
+            let reason = match &err {
+                Error::TooManyConnections { .. } => "The server is at its connection limit.".into(),
+                Error::DuplicateConnection(_) => "This connection id is already connected.".into(),
+                other => format!("The connection could not be registered: {other}"),
+            };
+            reject(&mut write, &reason).await;
+            return;
+        }
+    };
+    if write_record(&mut write, protocol::handshake_response(None))
+        .await
+        .is_err()
+    {
+        let _ = setup.node.disconnect(&hub_name, &setup.id).await;
+        return;
+    }
+
+    let ctx = Context::new(
+        setup.node.clone(),
+        hub_name.clone(),
+        setup.id.clone(),
+        setup.user.clone(),
+    );
+    let (out_tx, out_rx) = mpsc::channel::<Out>(256);
+    let (writer_done_tx, mut writer_done) = watch::channel(false);
+    let writer = tokio::spawn(writer(
+        write,
+        connection,
+        out_rx,
+        setup.node.clone(),
+        ctx.clone(),
+        setup.limits,
+        setup.shutdown.clone(),
+        writer_done_tx,
+    ));
+
+    if let Err(err) = setup.hub.connected(ctx.clone()).await {
+        let _ = out_tx
+            .send(Out::Close {
+                error: Some(format!("Connection refused by the hub: {err}")),
+                allow_reconnect: false,
+                code: 1008,
+            })
+            .await;
+    }
+
+    let streams: Streams = Arc::default();
+    let (work_tx, work_rx) = mpsc::channel::<Work>(INVOCATION_QUEUE);
+    let worker = tokio::spawn(worker(
+        work_rx,
+        ctx.clone(),
+        out_tx.clone(),
+        streams.clone(),
+    ));
+    let mut dispatch = Dispatch {
+        hub: setup.hub.clone(),
+        ctx: ctx.clone(),
+        out: out_tx.clone(),
+        work: work_tx,
+        streams: streams.clone(),
+    };
+
+    // Records that came in the handshake's frame.
+    let mut end = None;
+    for record in records {
+        if let Some(reason) = dispatch.record(&record).await {
+            end = Some(reason);
+            break;
+        }
+    }
+    while end.is_none() {
+        let frame = tokio::select! {
+            frame = tokio::time::timeout(setup.limits.client_timeout, read.read_frame(&mut obligations)) => frame,
+            _ = writer_done.changed() => break,
+        };
+        let frame = match frame {
+            Err(_) => {
+                end = Some(End::Close(
+                    "Server timeout elapsed without receiving a message from the client.".into(),
+                ));
+                break;
+            }
+            Ok(Err(fastwebsockets::WebSocketError::FrameTooLarge)) => {
+                end = Some(End::TooLarge);
+                break;
+            }
+            Ok(Err(err)) => {
+                tracing::debug!(connection = %setup.id, %err, "socket read ended");
+                break;
+            }
+            Ok(Ok(frame)) => frame,
+        };
+        match frame.opcode {
+            OpCode::Text | OpCode::Binary => {
+                match buffer.push(&frame.payload, setup.limits.max_message_size) {
+                    Ok(records) => {
+                        for record in records {
+                            if let Some(reason) = dispatch.record(&record).await {
+                                end = Some(reason);
+                                break;
+                            }
+                        }
+                    }
+                    Err(_) => end = Some(End::TooLarge),
+                }
+            }
+            OpCode::Ping => {
+                let _ = out_tx.send(Out::Pong(frame.payload.to_vec())).await;
+            }
+            OpCode::Close => {
+                end = Some(End::ClientClosed);
+            }
+            _ => {}
+        }
+    }
+
+    // Stop the work in flight, then close.
+    drop(dispatch);
+    for (_, handle) in streams
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .drain()
+    {
+        handle.abort();
+    }
+    worker.abort();
+    let close = match end {
+        Some(End::Close(error)) => Some(Out::Close {
+            error: Some(error),
+            allow_reconnect: false,
+            code: 1000,
+        }),
+        Some(End::TooLarge) => Some(Out::Close {
+            error: Some(format!(
+                "Connection closed with an error: a message exceeded the maximum size of {} bytes.",
+                setup.limits.max_message_size
+            )),
+            allow_reconnect: false,
+            code: 1009,
+        }),
+        Some(End::Protocol(error)) => Some(Out::Close {
+            error: Some(error),
+            allow_reconnect: false,
+            code: 1002,
+        }),
+        Some(End::ClientClosed) => Some(Out::Close {
+            error: None,
+            allow_reconnect: false,
+            code: 1000,
+        }),
+        None => None,
+    };
+    if let Some(close) = close {
+        let _ = out_tx.send(close).await;
+    }
+    drop(out_tx);
+    let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
+    if let Err(err) = setup.node.disconnect(&hub_name, &setup.id).await {
+        tracing::warn!(connection = %setup.id, %err, "could not unregister a connection");
+    }
+    if let Err(err) = setup.hub.disconnected(ctx).await {
+        tracing::warn!(connection = %setup.id, %err, "the hub's disconnect hook failed");
+    }
+}
+
+/// Sends a handshake error and closes.
+async fn reject(write: &mut WebSocketWrite<WriteHalf<Socket>>, reason: &str) {
+    let _ = write_record(write, protocol::handshake_response(Some(reason))).await;
+    let _ = write
+        .write_frame(Frame::close(1002, reason.as_bytes()))
+        .await;
+}
+
+async fn write_record(
+    write: &mut WebSocketWrite<WriteHalf<Socket>>,
+    record: Vec<u8>,
+) -> Result<(), fastwebsockets::WebSocketError> {
+    write.write_frame(Frame::text(Payload::Owned(record))).await
+}
+
+/// Why the reader stopped.
+enum End {
+    /// Close with this error.
+    Close(String),
+    /// A message over the size limit.
+    TooLarge,
+    /// A record that is not the hub protocol.
+    Protocol(String),
+    /// The client sent a hub `Close` or a WebSocket close.
+    ClientClosed,
+}
+
+type Streams = Arc<Mutex<HashMap<String, AbortHandle>>>;
+
+/// One invocation for the connection's worker.
+struct Work {
+    invocation_id: Option<String>,
+    method: crate::hub::Method,
+    arguments: Vec<Value>,
+}
+
+struct Dispatch {
+    hub: Arc<Hub>,
+    ctx: Context,
+    out: mpsc::Sender<Out>,
+    work: mpsc::Sender<Work>,
+    streams: Streams,
+}
+
+impl Dispatch {
+    async fn complete(&self, invocation_id: Option<String>, outcome: Outcome) {
+        if let Some(invocation_id) = invocation_id {
+            let record = HubMessage::Completion {
+                invocation_id,
+                outcome,
+            }
+            .encode();
+            let _ = self.out.send(Out::Record(record)).await;
+        }
+    }
+
+    /// Handles one record; `Some` ends the connection.
+    async fn record(&mut self, record: &[u8]) -> Option<End> {
+        let message = match HubMessage::parse(record) {
+            Ok(m) => m,
+            Err(err) => {
+                return Some(End::Protocol(format!(
+                    "Connection closed with an error: invalid message: {err}"
+                )));
+            }
+        };
+        match message {
+            HubMessage::Invocation {
+                invocation_id,
+                target,
+                arguments,
+                stream_ids,
+            } => {
+                self.invoke(invocation_id, &target, arguments, stream_ids, false)
+                    .await;
+            }
+            HubMessage::StreamInvocation {
+                invocation_id,
+                target,
+                arguments,
+                stream_ids,
+            } => {
+                self.invoke(Some(invocation_id), &target, arguments, stream_ids, true)
+                    .await;
+            }
+            HubMessage::Completion {
+                invocation_id,
+                outcome,
+            } => {
+                let result = match outcome {
+                    Outcome::Void => Ok(Bytes::from_static(b"null")),
+                    Outcome::Result(value) => {
+                        Ok(Bytes::from(serde_json::to_vec(&value).unwrap_or_default()))
+                    }
+                    Outcome::Error(error) => Err(error),
+                };
+                let id = InvocationId::new(&invocation_id);
+                if let Err(err) = self
+                    .ctx
+                    .node()
+                    .complete(self.ctx.connection_id(), &id, result)
+                    .await
+                {
+                    tracing::debug!(connection = %self.ctx.connection_id(), %err, "completion refused");
+                }
+            }
+            HubMessage::CancelInvocation { invocation_id } => {
+                if let Some(handle) = self
+                    .streams
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .remove(&invocation_id)
+                {
+                    handle.abort();
+                }
+            }
+            HubMessage::Close { .. } => return Some(End::ClientClosed),
+            HubMessage::Ping
+            | HubMessage::Ack { .. }
+            | HubMessage::Sequence { .. }
+            | HubMessage::StreamItem { .. } => {}
+        }
+        None
+    }
+
+    async fn invoke(
+        &mut self,
+        invocation_id: Option<String>,
+        target: &str,
+        arguments: Vec<Value>,
+        stream_ids: Vec<String>,
+        streaming: bool,
+    ) {
+        let Some(method) = self.hub.method(target).cloned() else {
+            self.complete(
+                invocation_id,
+                Outcome::Error(format!("Unknown hub method '{target}'")),
+            )
+            .await;
+            return;
+        };
+        if !stream_ids.is_empty() {
+            self.complete(
+                invocation_id,
+                Outcome::Error(format!(
+                    "'{}' does not accept client-to-server streams",
+                    method.name
+                )),
+            )
+            .await;
+            return;
+        }
+        if arguments.len() != method.arity {
+            self.complete(
+                invocation_id,
+                Outcome::Error(format!(
+                    "Invocation provides {} argument(s) but target expects {}.",
+                    arguments.len(),
+                    method.arity
+                )),
+            )
+            .await;
+            return;
+        }
+        let is_stream = matches!(method.handler, Handler::Streaming(_));
+        if is_stream != streaming {
+            let error = if is_stream {
+                format!(
+                    "'{}' is a streaming method: call it with stream()",
+                    method.name
+                )
+            } else {
+                format!("'{}' is not a streaming method", method.name)
+            };
+            self.complete(invocation_id, Outcome::Error(error)).await;
+            return;
+        }
+        let _ = self
+            .work
+            .send(Work {
+                invocation_id,
+                method,
+                arguments,
+            })
+            .await;
+    }
+}
+
+/// Runs a connection's invocations one at a time, in order (streams run beside it).
+async fn worker(
+    mut work: mpsc::Receiver<Work>,
+    ctx: Context,
+    out: mpsc::Sender<Out>,
+    streams: Streams,
+) {
+    while let Some(item) = work.recv().await {
+        let args = Arguments::new(&item.method.name, item.arguments);
+        match item.method.handler {
+            Handler::Unary(handler) => {
+                let name = item.method.name.clone();
+                let result = tokio::spawn(handler(ctx.clone(), args)).await;
+                let outcome = match result {
+                    Ok(Ok(Value::Null)) => Outcome::Void,
+                    Ok(Ok(value)) => Outcome::Result(value),
+                    Ok(Err(err)) => Outcome::Error(err.message().to_owned()),
+                    Err(join) => {
+                        tracing::error!(method = %name, error = %join, "a hub method failed");
+                        Outcome::Error(format!(
+                            "An unexpected error occurred invoking '{name}' on the server."
+                        ))
+                    }
+                };
+                if let Some(invocation_id) = item.invocation_id {
+                    let record = HubMessage::Completion {
+                        invocation_id,
+                        outcome,
+                    }
+                    .encode();
+                    if out.send(Out::Record(record)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            Handler::Streaming(handler) => {
+                let Some(invocation_id) = item.invocation_id else {
+                    continue;
+                };
+                let (tx, mut rx) = mpsc::channel::<Value>(16);
+                let producer = tokio::spawn(handler(ctx.clone(), args, StreamSender::new(tx)));
+                let out = out.clone();
+                let id = invocation_id.clone();
+                let name = item.method.name.clone();
+                let forward = tokio::spawn(async move {
+                    while let Some(item) = rx.recv().await {
+                        let record = HubMessage::StreamItem {
+                            invocation_id: id.clone(),
+                            item,
+                        }
+                        .encode();
+                        if out.send(Out::Record(record)).await.is_err() {
+                            return;
+                        }
+                    }
+                    let outcome = match producer.await {
+                        Ok(Ok(())) => Outcome::Void,
+                        Ok(Err(err)) => Outcome::Error(err.message().to_owned()),
+                        Err(join) => {
+                            tracing::error!(method = %name, error = %join, "a streaming hub method failed");
+                            Outcome::Error(format!(
+                                "An unexpected error occurred invoking '{name}' on the server."
+                            ))
+                        }
+                    };
+                    let record = HubMessage::Completion {
+                        invocation_id: id,
+                        outcome,
+                    }
+                    .encode();
+                    let _ = out.send(Out::Record(record)).await;
+                });
+                streams
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .insert(invocation_id, forward.abort_handle());
+            }
+        }
+    }
+}
+
+/// Turns a delivery into the record the client receives.
+fn delivery_record(delivery: &Delivery) -> Option<Vec<u8>> {
+    match &delivery.kind {
+        DeliveryKind::Invocation(id) => {
+            #[derive(serde::Deserialize)]
+            struct Call {
+                target: String,
+                arguments: Vec<Value>,
+            }
+            let call: Call = serde_json::from_slice(&delivery.payload).ok()?;
+            Some(
+                HubMessage::Invocation {
+                    invocation_id: Some(id.as_str().to_owned()),
+                    target: call.target,
+                    arguments: call.arguments,
+                    stream_ids: Vec::new(),
+                }
+                .encode(),
+            )
+        }
+        _ => Some(delivery.payload.to_vec()),
+    }
+}
+
+/// Sends everything queued for the client: what the node delivers and what the reader and
+/// worker queue, coalesced into frames of up to [`FRAME_BYTES`], plus keep-alive pings.
+#[allow(clippy::too_many_arguments)]
+async fn writer(
+    mut write: WebSocketWrite<WriteHalf<Socket>>,
+    mut connection: backplane_core::Connection,
+    mut out: mpsc::Receiver<Out>,
+    node: Node,
+    ctx: Context,
+    limits: Limits,
+    mut shutdown: watch::Receiver<bool>,
+    done: watch::Sender<bool>,
+) {
+    let mut ping = tokio::time::interval(limits.keep_alive);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ping.tick().await;
+    let mut wrote_since_tick = false;
+    let mut frame = Vec::with_capacity(FRAME_BYTES);
+    let mut acks = Vec::new();
+    let mut closing: Option<(u16, Option<Vec<u8>>)> = None;
+    let mut out_open = true;
+    loop {
+        frame.clear();
+        acks.clear();
+        tokio::select! {
+            biased;
+            _ = shutdown.changed(), if closing.is_none() => {
+                let record = HubMessage::Close {
+                    error: Some("Server is shutting down.".into()),
+                    allow_reconnect: true,
+                }
+                .encode();
+                closing = Some((1001, Some(record)));
+            }
+            item = out.recv(), if out_open => match item {
+                Some(Out::Record(record)) => frame.extend_from_slice(&record),
+                Some(Out::Pong(payload)) => {
+                    if write.write_frame(Frame::pong(Payload::Owned(payload))).await.is_err() {
+                        break;
+                    }
+                    continue;
+                }
+                Some(Out::Close { error, allow_reconnect, code }) => {
+                    let record = HubMessage::Close { error, allow_reconnect }.encode();
+                    closing = Some((code, Some(record)));
+                }
+                None => out_open = false,
+            },
+            delivery = connection.recv() => match delivery {
+                Some(delivery) => {
+                    if let Some(record) = delivery_record(&delivery) {
+                        frame.extend_from_slice(&record);
+                    }
+                    if let DeliveryKind::Durable(id) = delivery.kind {
+                        acks.push(id);
+                    }
+                }
+                None => {
+                    // The node dropped the connection: it fell behind, or the node stops.
+                    let record = HubMessage::Close {
+                        error: Some("The server closed the connection: it could not keep up with the messages sent to it.".into()),
+                        allow_reconnect: true,
+                    }
+                    .encode();
+                    closing = Some((1008, Some(record)));
+                }
+            },
+            _ = ping.tick() => {
+                if !wrote_since_tick {
+                    frame.extend_from_slice(&HubMessage::Ping.encode());
+                }
+                wrote_since_tick = false;
+            }
+        }
+        if closing.is_none() {
+            // Everything else already queued goes in the same frame.
+            while frame.len() < FRAME_BYTES {
+                if let Some(delivery) = connection.try_recv() {
+                    if let Some(record) = delivery_record(&delivery) {
+                        frame.extend_from_slice(&record);
+                    }
+                    if let DeliveryKind::Durable(id) = delivery.kind {
+                        acks.push(id);
+                    }
+                    continue;
+                }
+                match out.try_recv() {
+                    Ok(Out::Record(record)) => frame.extend_from_slice(&record),
+                    Ok(Out::Pong(payload)) => {
+                        let _ = write
+                            .write_frame(Frame::pong(Payload::Owned(payload)))
+                            .await;
+                    }
+                    Ok(Out::Close {
+                        error,
+                        allow_reconnect,
+                        code,
+                    }) => {
+                        let record = HubMessage::Close {
+                            error,
+                            allow_reconnect,
+                        }
+                        .encode();
+                        closing = Some((code, Some(record)));
+                        break;
+                    }
+                    Err(_) => break,
+                }
+            }
+        }
+        if !frame.is_empty() {
+            let payload = std::mem::take(&mut frame);
+            if write
+                .write_frame(Frame::text(Payload::Owned(payload)))
+                .await
+                .is_err()
+            {
+                break;
+            }
+            wrote_since_tick = true;
+            for id in acks.drain(..) {
+                if let Err(err) = node.acknowledge(ctx.hub(), ctx.connection_id(), id).await {
+                    tracing::warn!(connection = %ctx.connection_id(), %err, "could not acknowledge a durable message");
+                }
+            }
+        }
+        if let Some((code, record)) = closing.take() {
+            if let Some(record) = record {
+                let _ = write.write_frame(Frame::text(Payload::Owned(record))).await;
+            }
+            let _ = write.write_frame(Frame::close(code, b"")).await;
+            break;
+        }
+        if !out_open && frame.is_empty() {
+            // The reader is gone and said nothing more: close quietly.
+            let _ = write.write_frame(Frame::close(1000, b"")).await;
+            break;
+        }
+    }
+    let _ = done.send(true);
+}

@@ -1,0 +1,612 @@
+//! Hubs: named methods that clients invoke, and what a method can do with the caller's context.
+//!
+//! ```
+//! use backplane_server::{Hub, HubError};
+//! use serde_json::json;
+//!
+//! let hub = Hub::builder("echo")
+//!     .expect("a valid hub name")
+//!     .method("Echo", 1, |ctx, args| async move {
+//!         let text: String = args.get(0)?;
+//!         ctx.clients().caller().send("Echoed", vec![json!(text)]).await?;
+//!         Ok(json!(text))
+//!     })
+//!     .build();
+//! assert_eq!(hub.name().as_str(), "echo");
+//! ```
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use backplane_core::{
+    ConnectionId, Error, GroupName, HubName, Message, Node, Published, Target, UserId,
+};
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use tokio::sync::mpsc;
+
+use crate::protocol;
+
+/// A boxed, sendable future.
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// What a hub method returns: a value for the caller's completion (`null` for none), or an
+/// error the caller receives as the completion's error.
+pub type HubResult<T = Value> = Result<T, HubError>;
+
+/// An error a hub method reports to its caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HubError(String);
+
+impl HubError {
+    /// An error with this message.
+    pub fn new(message: impl Into<String>) -> Self {
+        Self(message.into())
+    }
+
+    /// The message the caller receives.
+    pub fn message(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for HubError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for HubError {}
+
+impl From<Error> for HubError {
+    fn from(err: Error) -> Self {
+        Self(err.to_string())
+    }
+}
+
+/// The arguments of an invocation.
+#[derive(Debug, Clone, Default)]
+pub struct Arguments {
+    method: Arc<str>,
+    values: Vec<Value>,
+}
+
+impl Arguments {
+    pub(crate) fn new(method: &str, values: Vec<Value>) -> Self {
+        Self {
+            method: method.into(),
+            values,
+        }
+    }
+
+    /// The argument at `index`, converted to `T`.
+    ///
+    /// # Errors
+    ///
+    /// A caller-facing error naming the argument when it is missing or of another type.
+    pub fn get<T: DeserializeOwned>(&self, index: usize) -> HubResult<T> {
+        let value = self.values.get(index).ok_or_else(|| {
+            HubError::new(format!(
+                "'{}' takes at least {} argument(s)",
+                self.method,
+                index + 1
+            ))
+        })?;
+        T::deserialize(value).map_err(|e| {
+            HubError::new(format!(
+                "argument {} of '{}' has the wrong type: {e}",
+                index + 1,
+                self.method
+            ))
+        })
+    }
+
+    /// How many arguments there are.
+    pub fn len(&self) -> usize {
+        self.values.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.values.is_empty()
+    }
+
+    /// The raw values.
+    pub fn into_values(self) -> Vec<Value> {
+        self.values
+    }
+}
+
+/// Items of a streaming method, sent to the caller as `StreamItem` messages.
+#[derive(Debug, Clone)]
+pub struct StreamSender {
+    tx: mpsc::Sender<Value>,
+}
+
+impl StreamSender {
+    pub(crate) fn new(tx: mpsc::Sender<Value>) -> Self {
+        Self { tx }
+    }
+
+    /// Sends one item; waits while the caller's queue is full.
+    ///
+    /// # Errors
+    ///
+    /// The caller cancelled the stream or went away.
+    pub async fn send(&self, item: Value) -> HubResult<()> {
+        self.tx
+            .send(item)
+            .await
+            .map_err(|_| HubError::new("the stream was cancelled"))
+    }
+}
+
+type Unary = Arc<dyn Fn(Context, Arguments) -> BoxFuture<HubResult> + Send + Sync>;
+type Streaming =
+    Arc<dyn Fn(Context, Arguments, StreamSender) -> BoxFuture<HubResult<()>> + Send + Sync>;
+type Hook = Arc<dyn Fn(Context) -> BoxFuture<HubResult<()>> + Send + Sync>;
+
+#[derive(Clone)]
+pub(crate) enum Handler {
+    Unary(Unary),
+    Streaming(Streaming),
+}
+
+#[derive(Clone)]
+pub(crate) struct Method {
+    pub(crate) name: String,
+    pub(crate) arity: usize,
+    pub(crate) handler: Handler,
+}
+
+/// A hub: its name, methods and connection hooks. Method names match case-insensitively, as
+/// in ASP.NET Core SignalR.
+#[derive(Clone)]
+pub struct Hub {
+    name: HubName,
+    methods: HashMap<String, Method>,
+    on_connected: Option<Hook>,
+    on_disconnected: Option<Hook>,
+}
+
+impl fmt::Debug for Hub {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut methods: Vec<&str> = self.methods.values().map(|m| m.name.as_str()).collect();
+        methods.sort_unstable();
+        f.debug_struct("Hub")
+            .field("name", &self.name)
+            .field("methods", &methods)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Hub {
+    /// Starts a hub served at `/hubs/{name}`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidName`] when `name` is not a valid hub name.
+    pub fn builder(name: &str) -> backplane_core::Result<HubBuilder> {
+        Ok(HubBuilder {
+            hub: Hub {
+                name: HubName::new(name)?,
+                methods: HashMap::new(),
+                on_connected: None,
+                on_disconnected: None,
+            },
+        })
+    }
+
+    /// The hub's name.
+    pub fn name(&self) -> &HubName {
+        &self.name
+    }
+
+    pub(crate) fn method(&self, name: &str) -> Option<&Method> {
+        self.methods.get(&name.to_ascii_lowercase())
+    }
+
+    pub(crate) async fn connected(&self, ctx: Context) -> HubResult<()> {
+        match &self.on_connected {
+            Some(hook) => hook(ctx).await,
+            None => Ok(()),
+        }
+    }
+
+    pub(crate) async fn disconnected(&self, ctx: Context) -> HubResult<()> {
+        match &self.on_disconnected {
+            Some(hook) => hook(ctx).await,
+            None => Ok(()),
+        }
+    }
+}
+
+/// Builds a [`Hub`].
+pub struct HubBuilder {
+    hub: Hub,
+}
+
+impl fmt::Debug for HubBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.hub.fmt(f)
+    }
+}
+
+impl HubBuilder {
+    /// Adds a method taking `arity` arguments. A call with another number of arguments gets an
+    /// error completion without reaching the handler.
+    pub fn method<F, Fut>(mut self, name: &str, arity: usize, handler: F) -> Self
+    where
+        F: Fn(Context, Arguments) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = HubResult> + Send + 'static,
+    {
+        let handler: Unary = Arc::new(move |ctx, args| Box::pin(handler(ctx, args)));
+        self.hub.methods.insert(
+            name.to_ascii_lowercase(),
+            Method {
+                name: name.to_owned(),
+                arity,
+                handler: Handler::Unary(handler),
+            },
+        );
+        self
+    }
+
+    /// Adds a streaming method: the caller receives what the handler sends, then a completion.
+    pub fn stream<F, Fut>(mut self, name: &str, arity: usize, handler: F) -> Self
+    where
+        F: Fn(Context, Arguments, StreamSender) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = HubResult<()>> + Send + 'static,
+    {
+        let handler: Streaming =
+            Arc::new(move |ctx, args, items| Box::pin(handler(ctx, args, items)));
+        self.hub.methods.insert(
+            name.to_ascii_lowercase(),
+            Method {
+                name: name.to_owned(),
+                arity,
+                handler: Handler::Streaming(handler),
+            },
+        );
+        self
+    }
+
+    /// Runs after a connection's handshake, before its first invocation.
+    pub fn on_connected<F, Fut>(mut self, hook: F) -> Self
+    where
+        F: Fn(Context) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = HubResult<()>> + Send + 'static,
+    {
+        self.hub.on_connected = Some(Arc::new(move |ctx| Box::pin(hook(ctx))));
+        self
+    }
+
+    /// Runs once a connection has ended.
+    pub fn on_disconnected<F, Fut>(mut self, hook: F) -> Self
+    where
+        F: Fn(Context) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = HubResult<()>> + Send + 'static,
+    {
+        self.hub.on_disconnected = Some(Arc::new(move |ctx| Box::pin(hook(ctx))));
+        self
+    }
+
+    /// The finished hub.
+    pub fn build(self) -> Hub {
+        self.hub
+    }
+}
+
+/// The caller of a hub method: who it is, and handles to reach other clients and groups.
+#[derive(Clone)]
+pub struct Context {
+    node: Node,
+    hub: HubName,
+    connection: ConnectionId,
+    user: Option<UserId>,
+}
+
+impl fmt::Debug for Context {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Context")
+            .field("hub", &self.hub)
+            .field("connection", &self.connection)
+            .field("user", &self.user)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Context {
+    pub(crate) fn new(
+        node: Node,
+        hub: HubName,
+        connection: ConnectionId,
+        user: Option<UserId>,
+    ) -> Self {
+        Self {
+            node,
+            hub,
+            connection,
+            user,
+        }
+    }
+
+    /// The caller's connection id.
+    pub fn connection_id(&self) -> &ConnectionId {
+        &self.connection
+    }
+
+    /// The caller's user, when it is authenticated.
+    pub fn user(&self) -> Option<&UserId> {
+        self.user.as_ref()
+    }
+
+    /// The hub.
+    pub fn hub(&self) -> &HubName {
+        &self.hub
+    }
+
+    /// The node this connection lives on.
+    pub fn node(&self) -> &Node {
+        &self.node
+    }
+
+    /// Sends to clients of this hub, on every node.
+    pub fn clients(&self) -> Clients {
+        Clients {
+            node: self.node.clone(),
+            hub: self.hub.clone(),
+            caller: Some(self.connection.clone()),
+        }
+    }
+
+    /// Adds this connection to, or removes it from, groups.
+    pub fn groups(&self) -> Groups {
+        Groups {
+            node: self.node.clone(),
+            hub: self.hub.clone(),
+        }
+    }
+
+    /// The users with at least one connection to this hub, on any node.
+    ///
+    /// # Errors
+    ///
+    /// The backplane could not be read.
+    pub async fn online_users(&self) -> HubResult<Vec<UserId>> {
+        Ok(self.node.backplane().online_users(&self.hub).await?)
+    }
+}
+
+/// Picks the clients of a hub to send to.
+#[derive(Debug, Clone)]
+pub struct Clients {
+    node: Node,
+    hub: HubName,
+    caller: Option<ConnectionId>,
+}
+
+impl Clients {
+    /// Clients of `hub` on `node`, outside any invocation (for back-end code and the server
+    /// API).
+    pub fn new(node: Node, hub: HubName) -> Self {
+        Self {
+            node,
+            hub,
+            caller: None,
+        }
+    }
+
+    fn to(&self, target: Target) -> Recipients {
+        Recipients {
+            node: self.node.clone(),
+            hub: self.hub.clone(),
+            target,
+            except: Vec::new(),
+            sender: self.caller.clone(),
+            durable: None,
+        }
+    }
+
+    /// Every connection.
+    pub fn all(&self) -> Recipients {
+        self.to(Target::All)
+    }
+
+    /// Every connection except the caller.
+    pub fn others(&self) -> Recipients {
+        let send = self.all();
+        match &self.caller {
+            Some(caller) => send.except([caller.clone()]),
+            None => send,
+        }
+    }
+
+    /// The caller alone; outside an invocation it addresses nobody.
+    pub fn caller(&self) -> Client {
+        Client {
+            send: self.to(Target::Connections(self.caller.iter().cloned().collect())),
+            node: self.node.clone(),
+            hub: self.hub.clone(),
+            connection: self.caller.clone(),
+        }
+    }
+
+    /// One connection, wherever it lives.
+    pub fn client(&self, connection: ConnectionId) -> Client {
+        Client {
+            send: self.to(Target::Connections(vec![connection.clone()])),
+            node: self.node.clone(),
+            hub: self.hub.clone(),
+            connection: Some(connection),
+        }
+    }
+
+    /// These connections.
+    pub fn connections(&self, connections: impl IntoIterator<Item = ConnectionId>) -> Recipients {
+        self.to(Target::Connections(connections.into_iter().collect()))
+    }
+
+    /// Every connection in `group`.
+    pub fn group(&self, group: GroupName) -> Recipients {
+        self.to(Target::Groups(vec![group]))
+    }
+
+    /// Every connection in any of `groups`, once.
+    pub fn groups(&self, groups: impl IntoIterator<Item = GroupName>) -> Recipients {
+        self.to(Target::Groups(groups.into_iter().collect()))
+    }
+
+    /// Every connection in `group` except the caller.
+    pub fn others_in_group(&self, group: GroupName) -> Recipients {
+        let send = self.group(group);
+        match &self.caller {
+            Some(caller) => send.except([caller.clone()]),
+            None => send,
+        }
+    }
+
+    /// Every connection of `user`.
+    pub fn user(&self, user: UserId) -> Recipients {
+        self.to(Target::Users(vec![user]))
+    }
+
+    /// Every connection of any of `users`.
+    pub fn users(&self, users: impl IntoIterator<Item = UserId>) -> Recipients {
+        self.to(Target::Users(users.into_iter().collect()))
+    }
+}
+
+/// A message on its way to a set of clients.
+#[derive(Debug, Clone)]
+#[must_use = "nothing is sent until `send` is awaited"]
+pub struct Recipients {
+    node: Node,
+    hub: HubName,
+    target: Target,
+    except: Vec<ConnectionId>,
+    sender: Option<ConnectionId>,
+    durable: Option<Duration>,
+}
+
+impl Recipients {
+    /// Leaves these connections out.
+    pub fn except(mut self, connections: impl IntoIterator<Item = ConnectionId>) -> Self {
+        self.except.extend(connections);
+        self
+    }
+
+    /// Stores the message in each target user's inbox first, so a user who is offline receives
+    /// it on their next connect, within `ttl`. Only for messages to users.
+    pub fn durable(mut self, ttl: Duration) -> Self {
+        self.durable = Some(ttl);
+        self
+    }
+
+    /// Invokes `method` with `arguments` on every target client, without waiting for answers.
+    /// Returns once the message is stored (or delivered, for local-only targets).
+    ///
+    /// # Errors
+    ///
+    /// The message could not be stored: it was not sent.
+    pub async fn send(self, method: &str, arguments: Vec<Value>) -> HubResult<Published> {
+        let payload = protocol::invocation(method, &arguments);
+        let mut message = Message::new(self.hub, self.target, payload).except(self.except);
+        if let Some(sender) = self.sender {
+            message = message.sender(sender);
+        }
+        if let Some(ttl) = self.durable {
+            message = message.durable(ttl);
+        }
+        Ok(self.node.publish(message).await?)
+    }
+}
+
+/// One client: send to it, or invoke a method on it and wait for its result.
+#[derive(Debug, Clone)]
+pub struct Client {
+    send: Recipients,
+    node: Node,
+    hub: HubName,
+    connection: Option<ConnectionId>,
+}
+
+impl Client {
+    /// Invokes `method` on the client without waiting for an answer.
+    ///
+    /// # Errors
+    ///
+    /// As [`Recipients::send`].
+    pub async fn send(self, method: &str, arguments: Vec<Value>) -> HubResult<Published> {
+        self.send.send(method, arguments).await
+    }
+
+    /// Invokes `method` on the client and waits up to `timeout` for the value its handler
+    /// returns (a SignalR client result), wherever the client is connected.
+    ///
+    /// # Errors
+    ///
+    /// The client answered with an error, disconnected, did not answer in time, or does not
+    /// exist.
+    pub async fn invoke(
+        self,
+        method: &str,
+        arguments: Vec<Value>,
+        timeout: Duration,
+    ) -> HubResult<Value> {
+        let connection = self
+            .connection
+            .ok_or_else(|| HubError::new("no client to invoke"))?;
+        let payload = serde_json::to_vec(&serde_json::json!({
+            "target": method,
+            "arguments": arguments,
+        }))
+        .map_err(|e| HubError::new(e.to_string()))?;
+        let answer =
+            tokio::time::timeout(timeout, self.node.invoke(&self.hub, &connection, payload))
+                .await
+                .map_err(|_| {
+                    HubError::new(format!("the client did not answer within {timeout:?}"))
+                })??;
+        serde_json::from_slice(&answer).map_err(|e| HubError::new(e.to_string()))
+    }
+}
+
+/// Group membership of connections.
+#[derive(Debug, Clone)]
+pub struct Groups {
+    node: Node,
+    hub: HubName,
+}
+
+impl Groups {
+    /// Puts `connection` in `group`, wherever the connection lives.
+    ///
+    /// # Errors
+    ///
+    /// The backplane could not record it, or the connection does not exist.
+    pub async fn add(&self, connection: &ConnectionId, group: &GroupName) -> HubResult<()> {
+        self.node
+            .add_to_group(&self.hub, group, connection)
+            .await
+            .map(|_| ())
+            .map_err(HubError::from)
+    }
+
+    /// Takes `connection` out of `group`.
+    ///
+    /// # Errors
+    ///
+    /// The backplane could not record it.
+    pub async fn remove(&self, connection: &ConnectionId, group: &GroupName) -> HubResult<()> {
+        self.node
+            .remove_from_group(&self.hub, group, connection)
+            .await
+            .map(|_| ())
+            .map_err(HubError::from)
+    }
+}

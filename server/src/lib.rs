@@ -1,0 +1,33 @@
+//! The backplane reference server: hubs spoken to with the SignalR JSON hub protocol over
+//! WebSockets (hyper and fastwebsockets), so the official SignalR clients connect unchanged,
+//! scaled out over any backplane driver.
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use backplane_core::{MemoryBackplane, Node, NodeOptions};
+//! use backplane_server::{Server, Security, chat};
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let node = Node::start(Arc::new(MemoryBackplane::new()), NodeOptions::default()).await?;
+//! let running = Server::new(node)
+//!     .hub(chat::hub())
+//!     .security(Security { allow_anonymous: true, ..Security::default() })
+//!     .bind("127.0.0.1:5000".parse()?)
+//!     .await?;
+//! println!("listening on {}", running.local_addr());
+//! # Ok(()) }
+//! ```
+
+mod auth;
+pub mod chat;
+mod connection;
+mod hub;
+pub mod protocol;
+mod server;
+
+pub use auth::user_token;
+pub use hub::{
+    Arguments, BoxFuture, Client, Clients, Context, Groups, Hub, HubBuilder, HubError, HubResult,
+    Recipients, StreamSender,
+};
+pub use server::{Limits, Running, Security, Server};

@@ -1,0 +1,356 @@
+//! `backplane-server`: the reference chat server on any backplane.
+//!
+//! Settings come from flags, then `BACKPLANE_*` environment variables, then an optional TOML
+//! file (`--config`), then defaults. Bad configuration fails at start with one line and exit
+//! code 2.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use backplane_core::{NodeId, NodeOptions, SharedBackplane};
+use backplane_server::{Limits, Security, Server, chat};
+use clap::Parser;
+use serde::Deserialize;
+
+/// Parses durations such as `15s`, `500ms` or `2m`.
+fn duration(value: &str) -> Result<Duration, String> {
+    humantime::parse_duration(value).map_err(|e| format!("'{value}': {e}"))
+}
+
+/// The reference backplane server: SignalR hubs over WebSockets, scaled out over a database.
+#[derive(Debug, Parser)]
+#[command(name = "backplane-server", version)]
+struct Args {
+    /// A TOML file with any of the settings below (keys as the flags, without dashes
+    /// prefix: `listen = "0.0.0.0:5000"`).
+    #[arg(long, env = "BACKPLANE_CONFIG")]
+    config: Option<PathBuf>,
+    /// The address to listen on [default: 127.0.0.1:5000].
+    #[arg(long, env = "BACKPLANE_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// The backplane: `memory://` (one node), `postgres://user:pass@host/db?...`
+    /// [default: memory://].
+    #[arg(long, env = "BACKPLANE_URL")]
+    backplane: Option<String>,
+    /// This node's id [default: random].
+    #[arg(long, env = "BACKPLANE_NODE_ID")]
+    node_id: Option<String>,
+    /// The HS256 secret of user access tokens (`sub` is the user id).
+    #[arg(long, env = "BACKPLANE_JWT_SECRET", hide_env_values = true)]
+    jwt_secret: Option<String>,
+    /// Signs connection tokens; give every node the same one [default: the JWT secret].
+    #[arg(long, env = "BACKPLANE_TOKEN_SECRET", hide_env_values = true)]
+    token_secret: Option<String>,
+    /// Development mode: clients connect without a token, as the user in `?user=`.
+    #[arg(long, env = "BACKPLANE_ALLOW_ANONYMOUS")]
+    allow_anonymous: bool,
+    /// Browser origins allowed to connect (repeat, or comma-separated; `*` for any).
+    #[arg(
+        long = "cors-origin",
+        env = "BACKPLANE_CORS_ORIGINS",
+        value_delimiter = ','
+    )]
+    cors_origins: Vec<String>,
+    /// How often idle clients are pinged [default: 15s].
+    #[arg(long, env = "BACKPLANE_KEEP_ALIVE", value_parser = duration)]
+    keep_alive: Option<Duration>,
+    /// How long a silent client is kept [default: 30s].
+    #[arg(long, env = "BACKPLANE_CLIENT_TIMEOUT", value_parser = duration)]
+    client_timeout: Option<Duration>,
+    /// How long a new connection has for its handshake [default: 15s].
+    #[arg(long, env = "BACKPLANE_HANDSHAKE_TIMEOUT", value_parser = duration)]
+    handshake_timeout: Option<Duration>,
+    /// The largest message a client may send, in bytes [default: 1048576].
+    #[arg(long, env = "BACKPLANE_MAX_MESSAGE_SIZE")]
+    max_message_size: Option<usize>,
+    /// The most connections this node accepts [default: 100000].
+    #[arg(long, env = "BACKPLANE_MAX_CONNECTIONS")]
+    max_connections: Option<usize>,
+    /// How often this node writes its heartbeat [default: 30s].
+    #[arg(long, env = "BACKPLANE_HEARTBEAT_INTERVAL", value_parser = duration)]
+    heartbeat_interval: Option<Duration>,
+    /// How long a node may miss heartbeats before others reap it [default: 5m].
+    #[arg(long, env = "BACKPLANE_NODE_TIMEOUT", value_parser = duration)]
+    node_timeout: Option<Duration>,
+    /// How often dead nodes, expired messages and old log entries are cleaned up
+    /// [default: 15m].
+    #[arg(long, env = "BACKPLANE_CLEANUP_INTERVAL", value_parser = duration)]
+    cleanup_interval: Option<Duration>,
+}
+
+/// The same settings, from the TOML file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct FileConfig {
+    listen: Option<SocketAddr>,
+    backplane: Option<String>,
+    node_id: Option<String>,
+    jwt_secret: Option<String>,
+    token_secret: Option<String>,
+    allow_anonymous: Option<bool>,
+    cors_origins: Option<Vec<String>>,
+    keep_alive: Option<String>,
+    client_timeout: Option<String>,
+    handshake_timeout: Option<String>,
+    max_message_size: Option<usize>,
+    max_connections: Option<usize>,
+    heartbeat_interval: Option<String>,
+    node_timeout: Option<String>,
+    cleanup_interval: Option<String>,
+}
+
+/// Everything resolved.
+#[derive(Debug)]
+struct Config {
+    listen: SocketAddr,
+    backplane: String,
+    node: NodeOptions,
+    limits: Limits,
+    security: Security,
+}
+
+fn file_duration(value: Option<String>, key: &str) -> Result<Option<Duration>, String> {
+    value
+        .map(|v| duration(&v).map_err(|e| format!("{key} in the config file: {e}")))
+        .transpose()
+}
+
+fn resolve(args: Args) -> Result<Config, String> {
+    let file = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read the config file {}: {e}", path.display()))?;
+            toml::from_str::<FileConfig>(&text)
+                .map_err(|e| format!("invalid config file {}: {}", path.display(), e.message()))?
+        }
+        None => FileConfig::default(),
+    };
+    let defaults = Limits::default();
+    let limits = Limits {
+        keep_alive: args
+            .keep_alive
+            .or(file_duration(file.keep_alive, "keep-alive")?)
+            .unwrap_or(defaults.keep_alive),
+        client_timeout: args
+            .client_timeout
+            .or(file_duration(file.client_timeout, "client-timeout")?)
+            .unwrap_or(defaults.client_timeout),
+        handshake_timeout: args
+            .handshake_timeout
+            .or(file_duration(file.handshake_timeout, "handshake-timeout")?)
+            .unwrap_or(defaults.handshake_timeout),
+        max_message_size: args
+            .max_message_size
+            .or(file.max_message_size)
+            .unwrap_or(defaults.max_message_size),
+    };
+    if limits.keep_alive.is_zero() || limits.client_timeout <= limits.keep_alive {
+        return Err(format!(
+            "client-timeout ({:?}) must be longer than keep-alive ({:?})",
+            limits.client_timeout, limits.keep_alive
+        ));
+    }
+    let mut node = NodeOptions::new().max_payload(limits.max_message_size);
+    if let Some(id) = args.node_id.or(file.node_id) {
+        node = node.id(NodeId::new(id).map_err(|e| format!("invalid node-id: {e}"))?);
+    }
+    if let Some(max) = args.max_connections.or(file.max_connections) {
+        node = node.max_connections(max);
+    }
+    if let Some(d) = args.heartbeat_interval.or(file_duration(
+        file.heartbeat_interval,
+        "heartbeat-interval",
+    )?) {
+        node = node.heartbeat_interval(d);
+    }
+    if let Some(d) = args
+        .node_timeout
+        .or(file_duration(file.node_timeout, "node-timeout")?)
+    {
+        node = node.connection_timeout(d);
+    }
+    if let Some(d) = args
+        .cleanup_interval
+        .or(file_duration(file.cleanup_interval, "cleanup-interval")?)
+    {
+        node = node.cleanup_interval(d);
+    }
+    let allow_anonymous = args.allow_anonymous || file.allow_anonymous.unwrap_or(false);
+    let jwt_secret = args.jwt_secret.or(file.jwt_secret);
+    if jwt_secret.is_none() && !allow_anonymous {
+        return Err(
+            "no way to authenticate clients: set --jwt-secret (BACKPLANE_JWT_SECRET) or, for development, --allow-anonymous".into(),
+        );
+    }
+    let cors_origins = if args.cors_origins.is_empty() {
+        file.cors_origins.unwrap_or_default()
+    } else {
+        args.cors_origins
+    };
+    Ok(Config {
+        listen: args
+            .listen
+            .or(file.listen)
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 5000))),
+        backplane: args
+            .backplane
+            .or(file.backplane)
+            .unwrap_or_else(|| "memory://".into()),
+        node,
+        limits,
+        security: Security {
+            jwt_secret: jwt_secret.map(String::into_bytes),
+            token_secret: args
+                .token_secret
+                .or(file.token_secret)
+                .map(String::into_bytes),
+            allow_anonymous,
+            cors_origins,
+        },
+    })
+}
+
+/// Connects the driver the URL's scheme names.
+async fn backplane(url: &str) -> Result<SharedBackplane, String> {
+    let Some((scheme, _)) = url.split_once("://") else {
+        return Err(format!(
+            "malformed backplane URL '{url}': expected scheme://… (memory://, postgres://…)"
+        ));
+    };
+    match scheme {
+        "memory" => {
+            #[cfg(feature = "memory")]
+            {
+                Ok(Arc::new(backplane_core::MemoryBackplane::new()))
+            }
+            #[cfg(not(feature = "memory"))]
+            {
+                Err("the memory backplane is not compiled in: build with the cargo feature `memory`".into())
+            }
+        }
+        "postgres" | "postgresql" => {
+            #[cfg(feature = "postgres")]
+            {
+                backplane_postgres::PgBackplane::connect(url)
+                    .await
+                    .map(|b| Arc::new(b) as SharedBackplane)
+                    .map_err(|e| format!("cannot start the PostgreSQL backplane: {e}"))
+            }
+            #[cfg(not(feature = "postgres"))]
+            {
+                Err("the PostgreSQL backplane is not compiled in: build with the cargo feature `postgres`".into())
+            }
+        }
+        "mssql" | "sqlserver" => Err(
+            "the SQL Server backplane is not compiled in: build with the cargo feature `mssql`"
+                .into(),
+        ),
+        other => Err(format!(
+            "unknown backplane scheme '{other}': expected memory:// or postgres://"
+        )),
+    }
+}
+
+async fn run(config: Config) -> Result<(), String> {
+    if config.security.allow_anonymous {
+        tracing::warn!(
+            "anonymous mode: clients choose their own user id with ?user=; do not use in production"
+        );
+    }
+    raise_fd_limit();
+    let backplane = backplane(&config.backplane).await?;
+    let node = backplane_core::Node::start(backplane, config.node)
+        .await
+        .map_err(|e| format!("cannot start the node: {e}"))?;
+    let running = Server::new(node.clone())
+        .hub(chat::hub())
+        .limits(config.limits)
+        .security(config.security)
+        .bind(config.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
+    tracing::info!(address = %running.local_addr(), node = %node.id(), backplane = node.backplane().driver_name(), "listening");
+    println!(
+        "backplane-server listening on http://{}",
+        running.local_addr()
+    );
+    wait_for_signal().await;
+    tracing::info!("shutting down");
+    running.shutdown(Duration::from_secs(10)).await;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// Raises the open-files soft limit to the hard limit, and logs the capacity that gives.
+fn raise_fd_limit() {
+    #[cfg(target_os = "linux")]
+    {
+        match rlimit::increase_nofile_limit(u64::MAX) {
+            Ok(limit) => tracing::info!(
+                open_files = limit,
+                "open-files limit raised: room for about {} connections",
+                limit.saturating_sub(64)
+            ),
+            Err(err) => tracing::warn!(%err, "could not raise the open-files limit"),
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let config = match resolve(args) {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("error: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: could not start the runtime: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    match runtime.block_on(run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err}");
+            ExitCode::from(2)
+        }
+    }
+}

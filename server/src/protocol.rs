@@ -1,0 +1,543 @@
+//! The SignalR JSON hub protocol: records ending in `0x1E`, the handshake, and the hub messages.
+//!
+//! Follows the published HubProtocol specification (message types 1 to 9, including `Ack` and
+//! `Sequence` of protocol version 2 for stateful reconnect).
+
+use serde_json::{Map, Value};
+
+/// Ends every JSON record.
+pub const RECORD_SEPARATOR: u8 = 0x1e;
+
+/// The highest hub protocol version the server speaks: 2 adds `Ack` and `Sequence` for
+/// stateful reconnect.
+pub const MAX_VERSION: u32 = 2;
+
+/// Why bytes from a client are not a valid hub protocol record.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct ProtocolError(pub String);
+
+fn bad(reason: impl Into<String>) -> ProtocolError {
+    ProtocolError(reason.into())
+}
+
+/// The client's first record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Handshake {
+    /// The protocol name; only `json` is spoken here.
+    pub protocol: String,
+    /// The protocol version the client asks for.
+    pub version: u32,
+}
+
+impl Handshake {
+    /// Parses a handshake record (without its separator).
+    ///
+    /// # Errors
+    ///
+    /// Malformed JSON or missing fields.
+    pub fn parse(record: &[u8]) -> Result<Self, ProtocolError> {
+        let value: Value = serde_json::from_slice(record)
+            .map_err(|e| bad(format!("the handshake is not valid JSON: {e}")))?;
+        let object = value
+            .as_object()
+            .ok_or_else(|| bad("the handshake must be a JSON object"))?;
+        let protocol = object
+            .get("protocol")
+            .and_then(Value::as_str)
+            .ok_or_else(|| bad("the handshake has no 'protocol' string"))?
+            .to_owned();
+        let version = object
+            .get("version")
+            .and_then(Value::as_u64)
+            .ok_or_else(|| bad("the handshake has no 'version' number"))?;
+        let version =
+            u32::try_from(version).map_err(|_| bad("the handshake version is too large"))?;
+        Ok(Self { protocol, version })
+    }
+}
+
+/// The server's answer to a handshake: `{}` or `{"error": …}`, with its separator.
+pub fn handshake_response(error: Option<&str>) -> Vec<u8> {
+    let mut out = match error {
+        None => b"{}".to_vec(),
+        Some(error) => serde_json::to_vec(&serde_json::json!({ "error": error }))
+            .unwrap_or_else(|_| b"{\"error\":\"handshake failed\"}".to_vec()),
+    };
+    out.push(RECORD_SEPARATOR);
+    out
+}
+
+/// How an invocation ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// Finished without a value.
+    Void,
+    /// Finished with a value.
+    Result(Value),
+    /// Failed with an error message.
+    Error(String),
+}
+
+/// One hub protocol message.
+#[derive(Debug, Clone, PartialEq)]
+pub enum HubMessage {
+    /// Type 1: call a method, with an id when the caller wants a completion.
+    Invocation {
+        /// The id the completion answers, if one is wanted.
+        invocation_id: Option<String>,
+        /// The method name.
+        target: String,
+        /// The arguments.
+        arguments: Vec<Value>,
+        /// Ids of client-to-server streams passed as arguments.
+        stream_ids: Vec<String>,
+    },
+    /// Type 2: one item of a stream.
+    StreamItem {
+        /// The stream's invocation id.
+        invocation_id: String,
+        /// The item.
+        item: Value,
+    },
+    /// Type 3: the end of an invocation.
+    Completion {
+        /// The invocation it ends.
+        invocation_id: String,
+        /// Its result or error.
+        outcome: Outcome,
+    },
+    /// Type 4: call a streaming method.
+    StreamInvocation {
+        /// The id its items and completion carry.
+        invocation_id: String,
+        /// The method name.
+        target: String,
+        /// The arguments.
+        arguments: Vec<Value>,
+        /// Ids of client-to-server streams passed as arguments.
+        stream_ids: Vec<String>,
+    },
+    /// Type 5: stop a stream.
+    CancelInvocation {
+        /// The stream's invocation id.
+        invocation_id: String,
+    },
+    /// Type 6: keep-alive.
+    Ping,
+    /// Type 7: the connection is closing.
+    Close {
+        /// Why, if it was an error.
+        error: Option<String>,
+        /// Whether the client may reconnect.
+        allow_reconnect: bool,
+    },
+    /// Type 8: every message up to this sequence id arrived (protocol version 2).
+    Ack {
+        /// The last sequence id received.
+        sequence_id: u64,
+    },
+    /// Type 9: the next message carries this sequence id (protocol version 2).
+    Sequence {
+        /// The sequence id of the next message.
+        sequence_id: u64,
+    },
+}
+
+fn string(object: &Map<String, Value>, field: &str) -> Result<String, ProtocolError> {
+    match object.get(field) {
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(_) => Err(bad(format!("'{field}' must be a string"))),
+        None => Err(bad(format!("missing '{field}'"))),
+    }
+}
+
+fn optional_string(
+    object: &Map<String, Value>,
+    field: &str,
+) -> Result<Option<String>, ProtocolError> {
+    match object.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(_) => Err(bad(format!("'{field}' must be a string"))),
+    }
+}
+
+fn arguments(object: &Map<String, Value>) -> Result<Vec<Value>, ProtocolError> {
+    match object.get("arguments") {
+        Some(Value::Array(items)) => Ok(items.clone()),
+        Some(_) => Err(bad("'arguments' must be an array")),
+        None => Err(bad("missing 'arguments'")),
+    }
+}
+
+fn stream_ids(object: &Map<String, Value>) -> Result<Vec<String>, ProtocolError> {
+    match object.get("streamIds") {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|v| {
+                v.as_str()
+                    .map(str::to_owned)
+                    .ok_or_else(|| bad("'streamIds' must hold strings"))
+            })
+            .collect(),
+        Some(_) => Err(bad("'streamIds' must be an array")),
+    }
+}
+
+fn sequence(object: &Map<String, Value>) -> Result<u64, ProtocolError> {
+    object
+        .get("sequenceId")
+        .and_then(Value::as_u64)
+        .ok_or_else(|| bad("'sequenceId' must be a non-negative integer"))
+}
+
+impl HubMessage {
+    /// Parses one record (without its separator).
+    ///
+    /// # Errors
+    ///
+    /// Malformed JSON, an unknown message type, or fields of the wrong type.
+    pub fn parse(record: &[u8]) -> Result<Self, ProtocolError> {
+        let value: Value =
+            serde_json::from_slice(record).map_err(|e| bad(format!("invalid JSON: {e}")))?;
+        let Value::Object(object) = value else {
+            return Err(bad("a message must be a JSON object"));
+        };
+        let kind = object
+            .get("type")
+            .and_then(Value::as_u64)
+            .ok_or_else(|| bad("missing or invalid 'type'"))?;
+        Ok(match kind {
+            1 => Self::Invocation {
+                invocation_id: optional_string(&object, "invocationId")?,
+                target: string(&object, "target")?,
+                arguments: arguments(&object)?,
+                stream_ids: stream_ids(&object)?,
+            },
+            2 => Self::StreamItem {
+                invocation_id: string(&object, "invocationId")?,
+                item: object.get("item").cloned().unwrap_or(Value::Null),
+            },
+            3 => {
+                let invocation_id = string(&object, "invocationId")?;
+                let outcome = match (object.get("error"), object.get("result")) {
+                    (Some(Value::String(error)), _) => Outcome::Error(error.clone()),
+                    (Some(Value::Null) | None, Some(result)) => Outcome::Result(result.clone()),
+                    (Some(Value::Null) | None, None) => Outcome::Void,
+                    (Some(_), _) => return Err(bad("'error' must be a string")),
+                };
+                Self::Completion {
+                    invocation_id,
+                    outcome,
+                }
+            }
+            4 => Self::StreamInvocation {
+                invocation_id: string(&object, "invocationId")?,
+                target: string(&object, "target")?,
+                arguments: arguments(&object)?,
+                stream_ids: stream_ids(&object)?,
+            },
+            5 => Self::CancelInvocation {
+                invocation_id: string(&object, "invocationId")?,
+            },
+            6 => Self::Ping,
+            7 => Self::Close {
+                error: optional_string(&object, "error")?,
+                allow_reconnect: object
+                    .get("allowReconnect")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false),
+            },
+            8 => Self::Ack {
+                sequence_id: sequence(&object)?,
+            },
+            9 => Self::Sequence {
+                sequence_id: sequence(&object)?,
+            },
+            other => return Err(bad(format!("unknown message type {other}"))),
+        })
+    }
+
+    /// Whether this message counts for stateful reconnect's sequence ids: everything except
+    /// `Ping`, `Close`, `Ack` and `Sequence`.
+    pub fn is_sequenced(&self) -> bool {
+        !matches!(
+            self,
+            Self::Ping | Self::Close { .. } | Self::Ack { .. } | Self::Sequence { .. }
+        )
+    }
+
+    /// The record for this message, with its separator.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut object = Map::new();
+        let mut put = |key: &str, value: Value| {
+            object.insert(key.to_owned(), value);
+        };
+        match self {
+            Self::Invocation {
+                invocation_id,
+                target,
+                arguments,
+                stream_ids,
+            } => {
+                put("type", 1.into());
+                if let Some(id) = invocation_id {
+                    put("invocationId", id.clone().into());
+                }
+                put("target", target.clone().into());
+                put("arguments", Value::Array(arguments.clone()));
+                if !stream_ids.is_empty() {
+                    put("streamIds", stream_ids.clone().into());
+                }
+            }
+            Self::StreamItem {
+                invocation_id,
+                item,
+            } => {
+                put("type", 2.into());
+                put("invocationId", invocation_id.clone().into());
+                put("item", item.clone());
+            }
+            Self::Completion {
+                invocation_id,
+                outcome,
+            } => {
+                put("type", 3.into());
+                put("invocationId", invocation_id.clone().into());
+                match outcome {
+                    Outcome::Void => {}
+                    Outcome::Result(value) => put("result", value.clone()),
+                    Outcome::Error(error) => put("error", error.clone().into()),
+                }
+            }
+            Self::StreamInvocation {
+                invocation_id,
+                target,
+                arguments,
+                stream_ids,
+            } => {
+                put("type", 4.into());
+                put("invocationId", invocation_id.clone().into());
+                put("target", target.clone().into());
+                put("arguments", Value::Array(arguments.clone()));
+                if !stream_ids.is_empty() {
+                    put("streamIds", stream_ids.clone().into());
+                }
+            }
+            Self::CancelInvocation { invocation_id } => {
+                put("type", 5.into());
+                put("invocationId", invocation_id.clone().into());
+            }
+            Self::Ping => put("type", 6.into()),
+            Self::Close {
+                error,
+                allow_reconnect,
+            } => {
+                put("type", 7.into());
+                if let Some(error) = error {
+                    put("error", error.clone().into());
+                }
+                if *allow_reconnect {
+                    put("allowReconnect", true.into());
+                }
+            }
+            Self::Ack { sequence_id } => {
+                put("type", 8.into());
+                put("sequenceId", (*sequence_id).into());
+            }
+            Self::Sequence { sequence_id } => {
+                put("type", 9.into());
+                put("sequenceId", (*sequence_id).into());
+            }
+        }
+        // A map of plain JSON values always serializes.
+        let mut out = serde_json::to_vec(&Value::Object(object)).unwrap_or_default();
+        out.push(RECORD_SEPARATOR);
+        out
+    }
+}
+
+/// An invocation of `target` with `arguments`, without an id, as a record: what a broadcast
+/// sends to every recipient.
+pub fn invocation(target: &str, arguments: &[Value]) -> Vec<u8> {
+    HubMessage::Invocation {
+        invocation_id: None,
+        target: target.to_owned(),
+        arguments: arguments.to_vec(),
+        stream_ids: Vec::new(),
+    }
+    .encode()
+}
+
+/// Splits incoming text into records, keeping an incomplete tail for the next frame.
+#[derive(Debug, Default)]
+pub struct RecordBuffer {
+    pending: Vec<u8>,
+}
+
+impl RecordBuffer {
+    /// Appends `data` and returns the complete records it finishes (without separators).
+    ///
+    /// # Errors
+    ///
+    /// An incomplete record longer than `max` bytes.
+    pub fn push(&mut self, data: &[u8], max: usize) -> Result<Vec<Vec<u8>>, ProtocolError> {
+        self.pending.extend_from_slice(data);
+        let mut records = Vec::new();
+        let mut start = 0;
+        while let Some(end) = self.pending[start..]
+            .iter()
+            .position(|b| *b == RECORD_SEPARATOR)
+        {
+            records.push(self.pending[start..start + end].to_vec());
+            start += end + 1;
+        }
+        self.pending.drain(..start);
+        if self.pending.len() > max {
+            return Err(bad(format!(
+                "a message exceeds the maximum size of {max} bytes"
+            )));
+        }
+        Ok(records)
+    }
+
+    /// Whether part of a record is waiting for its end.
+    pub fn is_empty(&self) -> bool {
+        self.pending.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn strip(mut record: Vec<u8>) -> Vec<u8> {
+        assert_eq!(record.pop(), Some(RECORD_SEPARATOR));
+        record
+    }
+
+    #[test]
+    fn parses_the_handshake() {
+        let h = Handshake::parse(br#"{"protocol":"json","version":1}"#).unwrap();
+        assert_eq!(h.protocol, "json");
+        assert_eq!(h.version, 1);
+        assert!(Handshake::parse(br#"{"protocol":"json"}"#).is_err());
+        assert!(Handshake::parse(b"nope").is_err());
+        assert_eq!(handshake_response(None), b"{}\x1e");
+        assert_eq!(
+            handshake_response(Some("bad")),
+            b"{\"error\":\"bad\"}\x1e".to_vec()
+        );
+    }
+
+    #[test]
+    fn round_trips_every_message_type() {
+        let messages = vec![
+            HubMessage::Invocation {
+                invocation_id: Some("1".into()),
+                target: "Send".into(),
+                arguments: vec![json!("a"), json!(2)],
+                stream_ids: vec![],
+            },
+            HubMessage::Invocation {
+                invocation_id: None,
+                target: "Send".into(),
+                arguments: vec![],
+                stream_ids: vec!["s".into()],
+            },
+            HubMessage::StreamItem {
+                invocation_id: "1".into(),
+                item: json!({"x": 1}),
+            },
+            HubMessage::Completion {
+                invocation_id: "1".into(),
+                outcome: Outcome::Result(json!(42)),
+            },
+            HubMessage::Completion {
+                invocation_id: "1".into(),
+                outcome: Outcome::Error("boom".into()),
+            },
+            HubMessage::Completion {
+                invocation_id: "1".into(),
+                outcome: Outcome::Void,
+            },
+            HubMessage::StreamInvocation {
+                invocation_id: "2".into(),
+                target: "Counter".into(),
+                arguments: vec![json!(3)],
+                stream_ids: vec![],
+            },
+            HubMessage::CancelInvocation {
+                invocation_id: "2".into(),
+            },
+            HubMessage::Ping,
+            HubMessage::Close {
+                error: Some("bye".into()),
+                allow_reconnect: true,
+            },
+            HubMessage::Close {
+                error: None,
+                allow_reconnect: false,
+            },
+            HubMessage::Ack { sequence_id: 7 },
+            HubMessage::Sequence { sequence_id: 8 },
+        ];
+        for message in messages {
+            let record = strip(message.encode());
+            assert_eq!(HubMessage::parse(&record).unwrap(), message);
+        }
+    }
+
+    #[test]
+    fn a_null_result_is_a_result() {
+        let m = HubMessage::parse(br#"{"type":3,"invocationId":"1","result":null}"#).unwrap();
+        assert_eq!(
+            m,
+            HubMessage::Completion {
+                invocation_id: "1".into(),
+                outcome: Outcome::Result(Value::Null)
+            }
+        );
+    }
+
+    #[test]
+    fn refuses_bad_records_with_a_reason() {
+        for (input, reason) in [
+            (&b"{"[..], "invalid JSON"),
+            (b"[]", "JSON object"),
+            (b"{}", "'type'"),
+            (br#"{"type":"1"}"#, "'type'"),
+            (br#"{"type":99}"#, "unknown message type 99"),
+            (br#"{"type":1,"arguments":[]}"#, "missing 'target'"),
+            (
+                br#"{"type":1,"target":5,"arguments":[]}"#,
+                "'target' must be",
+            ),
+            (
+                br#"{"type":1,"target":"a","arguments":{}}"#,
+                "'arguments' must",
+            ),
+            (br#"{"type":1,"target":"a"}"#, "missing 'arguments'"),
+            (br#"{"type":3,"invocationId":"1","error":5}"#, "'error'"),
+            (br#"{"type":8,"sequenceId":-1}"#, "'sequenceId'"),
+        ] {
+            let err = HubMessage::parse(input).unwrap_err();
+            assert!(err.0.contains(reason), "{input:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn splits_records_across_frames() {
+        let mut buffer = RecordBuffer::default();
+        let records = buffer.push(b"{\"type\":6}\x1e{\"ty", 100).unwrap();
+        assert_eq!(records, vec![b"{\"type\":6}".to_vec()]);
+        assert!(!buffer.is_empty());
+        let records = buffer.push(b"pe\":6}\x1e", 100).unwrap();
+        assert_eq!(records, vec![b"{\"type\":6}".to_vec()]);
+        assert!(buffer.is_empty());
+        assert!(buffer.push(&[b'x'; 101], 100).is_err());
+    }
+}

@@ -1,0 +1,524 @@
+//! The HTTP side: negotiate, the WebSocket upgrade, `/health`, and graceful shutdown.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use backplane_core::{ConnectionId, HubName, Node};
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::auth::Auth;
+use crate::connection::{self, Setup};
+use crate::hub::Hub;
+
+/// Timing and size limits of client connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// How often the server pings an idle connection. Defaults to 15 s.
+    pub keep_alive: Duration,
+    /// How long a connection may stay silent before the server closes it. Defaults to 30 s.
+    pub client_timeout: Duration,
+    /// How long a new connection has to send its handshake. Defaults to 15 s.
+    pub handshake_timeout: Duration,
+    /// The largest message a client may send, in bytes. Defaults to 1 MiB.
+    pub max_message_size: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            keep_alive: Duration::from_secs(15),
+            client_timeout: Duration::from_secs(30),
+            handshake_timeout: Duration::from_secs(15),
+            max_message_size: 1024 * 1024,
+        }
+    }
+}
+
+/// How the server authenticates clients.
+#[derive(Debug, Clone, Default)]
+pub struct Security {
+    /// The HS256 secret of user tokens (`sub` is the user id). Without it, only anonymous
+    /// clients can connect.
+    pub jwt_secret: Option<Vec<u8>>,
+    /// Signs the connection tokens negotiate hands out. Every node of a deployment needs the
+    /// same secret, so a client can negotiate with one node and connect to another. Defaults to
+    /// the JWT secret, else a random secret (single node only).
+    pub token_secret: Option<Vec<u8>>,
+    /// Development mode: clients without a token connect, as the user named by `?user=`.
+    pub allow_anonymous: bool,
+    /// Origins allowed to call the server from a browser; `*` allows any.
+    pub cors_origins: Vec<String>,
+}
+
+/// The reference server: hubs served over HTTP and WebSockets on a [`Node`].
+#[derive(Debug)]
+pub struct Server {
+    node: Node,
+    hubs: HashMap<HubName, Arc<Hub>>,
+    limits: Limits,
+    security: Security,
+}
+
+struct Shared {
+    node: Node,
+    hubs: HashMap<HubName, Arc<Hub>>,
+    limits: Limits,
+    auth: Auth,
+    cors: Vec<String>,
+    shutdown: watch::Receiver<bool>,
+    /// How many WebSocket connections are being served.
+    active: Arc<watch::Sender<usize>>,
+}
+
+impl Server {
+    /// A server on `node`, with no hubs yet.
+    pub fn new(node: Node) -> Self {
+        Self {
+            node,
+            hubs: HashMap::new(),
+            limits: Limits::default(),
+            security: Security::default(),
+        }
+    }
+
+    /// Serves `hub` at `/hubs/{name}`.
+    pub fn hub(mut self, hub: Hub) -> Self {
+        self.hubs.insert(hub.name().clone(), Arc::new(hub));
+        self
+    }
+
+    /// Sets the connection limits.
+    pub fn limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// Sets how clients authenticate.
+    pub fn security(mut self, security: Security) -> Self {
+        self.security = security;
+        self
+    }
+
+    /// Listens on `addr` and serves in the background until [`Running::shutdown`].
+    ///
+    /// # Errors
+    ///
+    /// The address could not be bound.
+    pub async fn bind(self, addr: SocketAddr) -> std::io::Result<Running> {
+        let listener = TcpListener::bind(addr).await?;
+        let local = listener.local_addr()?;
+        let token_secret = self
+            .security
+            .token_secret
+            .clone()
+            .or_else(|| self.security.jwt_secret.clone())
+            .unwrap_or_else(|| {
+                tracing::warn!("no token secret: connection tokens only work on this node");
+                ConnectionId::random().to_string().into_bytes()
+            });
+        let (shutdown_tx, shutdown) = watch::channel(false);
+        let active = Arc::new(watch::channel(0usize).0);
+        let shared = Arc::new(Shared {
+            node: self.node.clone(),
+            hubs: self.hubs,
+            limits: self.limits,
+            auth: Auth::new(
+                self.security.jwt_secret.as_deref(),
+                &token_secret,
+                self.security.allow_anonymous,
+                Duration::from_secs(300),
+            ),
+            cors: self.security.cors_origins,
+            shutdown: shutdown.clone(),
+            active: active.clone(),
+        });
+        let task = tokio::spawn(accept(listener, shared.clone(), shutdown));
+        Ok(Running {
+            addr: local,
+            node: self.node,
+            shutdown: shutdown_tx,
+            active,
+            task,
+        })
+    }
+}
+
+/// A server accepting connections.
+#[derive(Debug)]
+pub struct Running {
+    addr: SocketAddr,
+    node: Node,
+    shutdown: watch::Sender<bool>,
+    active: Arc<watch::Sender<usize>>,
+    task: JoinHandle<()>,
+}
+
+impl Running {
+    /// The address it listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The node it serves.
+    pub fn node(&self) -> &Node {
+        &self.node
+    }
+
+    /// Stops accepting, sends every client a close message (reconnect allowed), waits up to
+    /// `grace` for connections to end, then shuts the node down (unregisters its presence).
+    pub async fn shutdown(self, grace: Duration) {
+        let _ = self.shutdown.send(true);
+        self.task.abort();
+        let mut active = self.active.subscribe();
+        if tokio::time::timeout(grace, active.wait_for(|n| *n == 0))
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                connections = *active.borrow(),
+                "connections still open after the grace period"
+            );
+        }
+        self.node.shutdown().await;
+    }
+}
+
+/// Counts a served WebSocket connection until dropped.
+pub(crate) struct ActiveGuard(Arc<watch::Sender<usize>>);
+
+impl ActiveGuard {
+    fn new(active: &Arc<watch::Sender<usize>>) -> Self {
+        active.send_modify(|n| *n += 1);
+        Self(active.clone())
+    }
+}
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n = n.saturating_sub(1));
+    }
+}
+
+async fn accept(listener: TcpListener, shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+    let mut backoff = Duration::from_millis(10);
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = shutdown.changed() => return,
+        };
+        let (stream, _peer) = match accepted {
+            Ok(pair) => {
+                backoff = Duration::from_millis(10);
+                pair
+            }
+            Err(err) => {
+                // Out of file descriptors (or a transient network error): keep serving the
+                // connections we have and try again shortly, without spinning.
+                tracing::warn!(%err, "accept failed; backing off for {backoff:?}");
+                let _ = tokio::time::timeout(backoff, shutdown.changed()).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let shared = shared.clone();
+        let mut stop = shutdown.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let shared = shared.clone();
+                async move { Ok::<_, Infallible>(route(req, shared).await) }
+            });
+            let connection = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades();
+            tokio::pin!(connection);
+            let result = tokio::select! {
+                result = connection.as_mut() => result,
+                _ = stop.changed() => {
+                    // Finish the request in flight, then close: clients reconnect elsewhere.
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
+            if let Err(err) = result {
+                tracing::debug!(%err, "http connection ended with an error");
+            }
+        });
+    }
+}
+
+type Body = Full<Bytes>;
+
+fn text(status: StatusCode, body: impl Into<String>) -> Response<Body> {
+    let mut response = Response::new(Full::new(Bytes::from(body.into())));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
+    let mut response = Response::new(Full::new(Bytes::from(value.to_string())));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+fn query(req: &Request<Incoming>) -> HashMap<String, String> {
+    req.uri()
+        .query()
+        .map(|q| {
+            form_urlencoded::parse(q.as_bytes())
+                .into_owned()
+                .collect::<HashMap<_, _>>()
+        })
+        .unwrap_or_default()
+}
+
+fn bearer(req: &Request<Incoming>, query: &HashMap<String, String>) -> Option<String> {
+    req.headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::to_owned)
+        .or_else(|| query.get("access_token").cloned())
+}
+
+fn with_cors(
+    shared: &Shared,
+    origin: Option<&HeaderValue>,
+    mut response: Response<Body>,
+) -> Response<Body> {
+    let Some(origin) = origin else {
+        return response;
+    };
+    let allowed = shared
+        .cors
+        .iter()
+        .any(|o| o == "*" || origin.to_str().is_ok_and(|v| v == o));
+    if allowed {
+        let headers = response.headers_mut();
+        headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone());
+        headers.insert(
+            header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
+            HeaderValue::from_static("true"),
+        );
+        headers.insert(header::VARY, HeaderValue::from_static("Origin"));
+    }
+    response
+}
+
+async fn route(req: Request<Incoming>, shared: Arc<Shared>) -> Response<Body> {
+    let origin = req.headers().get(header::ORIGIN).cloned();
+    let path = req.uri().path().to_owned();
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let response = match (req.method(), segments.as_slice()) {
+        (&Method::OPTIONS, _) => {
+            let mut response = text(StatusCode::NO_CONTENT, "");
+            let headers = response.headers_mut();
+            headers.insert(
+                header::ACCESS_CONTROL_ALLOW_METHODS,
+                HeaderValue::from_static("GET, POST, PUT, DELETE, HEAD, OPTIONS"),
+            );
+            headers.insert(
+                header::ACCESS_CONTROL_ALLOW_HEADERS,
+                HeaderValue::from_static(
+                    "authorization, content-type, x-requested-with, x-signalr-user-agent",
+                ),
+            );
+            response
+        }
+        (&Method::GET, ["health"]) => health(&shared).await,
+        (&Method::POST, ["hubs", hub, "negotiate"]) => negotiate(&req, &shared, hub),
+        (&Method::GET, ["hubs", hub]) => upgrade(req, &shared, hub),
+        _ => text(StatusCode::NOT_FOUND, "not found"),
+    };
+    with_cors(&shared, origin.as_ref(), response)
+}
+
+fn find_hub(shared: &Shared, name: &str) -> Option<Arc<Hub>> {
+    let name = HubName::new(name).ok()?;
+    shared.hubs.get(&name).cloned()
+}
+
+fn negotiate(req: &Request<Incoming>, shared: &Shared, hub: &str) -> Response<Body> {
+    let Some(hub) = find_hub(shared, hub) else {
+        return text(StatusCode::NOT_FOUND, format!("no hub named '{hub}'"));
+    };
+    if *shared.shutdown.borrow() {
+        return text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the server is shutting down",
+        );
+    }
+    let max = shared.node.options().connection_limit();
+    if shared.node.local_connection_count() >= max {
+        return text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("the server is at its connection limit ({max})"),
+        );
+    }
+    let query = query(req);
+    let user = match shared.auth.authenticate(
+        bearer(req, &query).as_deref(),
+        query.get("user").map(String::as_str),
+    ) {
+        Ok(user) => user,
+        Err(err) => return text(StatusCode::UNAUTHORIZED, err.0),
+    };
+    let version: u32 = query
+        .get("negotiateVersion")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let id = ConnectionId::random();
+    let token = shared.auth.connection_token(hub.name(), &id, user.as_ref());
+    let transports = json!([{ "transport": "WebSockets", "transferFormats": ["Text"] }]);
+    let body = if version >= 1 {
+        json!({
+            "negotiateVersion": 1,
+            "connectionId": id.as_str(),
+            "connectionToken": token,
+            "availableTransports": transports,
+        })
+    } else {
+        // Version 0 clients send the connection id back as `id`.
+        json!({
+            "connectionId": token,
+            "availableTransports": transports,
+        })
+    };
+    json_response(StatusCode::OK, &body)
+}
+
+fn upgrade(mut req: Request<Incoming>, shared: &Arc<Shared>, hub: &str) -> Response<Body> {
+    let Some(hub) = find_hub(shared, hub) else {
+        return text(StatusCode::NOT_FOUND, format!("no hub named '{hub}'"));
+    };
+    if !fastwebsockets::upgrade::is_upgrade_request(&req) {
+        return text(
+            StatusCode::BAD_REQUEST,
+            "this endpoint speaks WebSockets only; negotiate first",
+        );
+    }
+    if *shared.shutdown.borrow() {
+        return text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the server is shutting down",
+        );
+    }
+    let query = query(&req);
+    let user = match shared.auth.authenticate(
+        bearer(&req, &query).as_deref(),
+        query.get("user").map(String::as_str),
+    ) {
+        Ok(user) => user,
+        Err(err) => return text(StatusCode::UNAUTHORIZED, err.0),
+    };
+    let id = match query.get("id") {
+        Some(token) => match shared.auth.check_connection_token(token, hub.name()) {
+            Ok((id, token_user)) if token_user == user => id,
+            Ok(_) => {
+                return text(
+                    StatusCode::UNAUTHORIZED,
+                    "the connection token belongs to another user",
+                );
+            }
+            Err(err) => return text(StatusCode::NOT_FOUND, err.0),
+        },
+        // skipNegotiation: the WebSocket is the whole connection.
+        None => ConnectionId::random(),
+    };
+    let (response, socket) = match fastwebsockets::upgrade::upgrade(&mut req) {
+        Ok(pair) => pair,
+        Err(err) => return text(StatusCode::BAD_REQUEST, format!("bad upgrade: {err}")),
+    };
+    let guard = ActiveGuard::new(&shared.active);
+    let setup = Setup {
+        hub,
+        node: shared.node.clone(),
+        id,
+        user,
+        limits: shared.limits,
+        shutdown: shared.shutdown.clone(),
+    };
+    tokio::spawn(async move {
+        let _guard = guard;
+        match socket.await {
+            Ok(ws) => connection::serve(ws, setup).await,
+            Err(err) => tracing::debug!(%err, "websocket upgrade failed"),
+        }
+    });
+    let (parts, _) = response.into_parts();
+    Response::from_parts(parts, Full::new(Bytes::new()))
+}
+
+fn unix(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+async fn health(shared: &Shared) -> Response<Body> {
+    let node = &shared.node;
+    let backplane = node.backplane();
+    let probe = tokio::time::timeout(Duration::from_secs(3), async {
+        let nodes = backplane.live_nodes().await?;
+        let pending = backplane.pending_count().await?;
+        Ok::<_, backplane_core::Error>((nodes, pending))
+    })
+    .await;
+    let jobs: Vec<serde_json::Value> = node
+        .jobs()
+        .into_iter()
+        .map(|j| {
+            json!({
+                "job": format!("{:?}", j.job).to_lowercase(),
+                "runs": j.runs,
+                "last_run": j.last_run.map(unix),
+                "last_error": j.last_error,
+            })
+        })
+        .collect();
+    let (status, backplane_json) = match probe {
+        Ok(Ok((nodes, pending))) => (
+            StatusCode::OK,
+            json!({
+                "driver": backplane.driver_name(),
+                "reachable": true,
+                "live_nodes": nodes.iter().map(|n| n.id.to_string()).collect::<Vec<_>>(),
+                "pending_durable_messages": pending,
+            }),
+        ),
+        Ok(Err(err)) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({ "driver": backplane.driver_name(), "reachable": false, "error": err.to_string() }),
+        ),
+        Err(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({ "driver": backplane.driver_name(), "reachable": false, "error": "timed out" }),
+        ),
+    };
+    let body = json!({
+        "status": if status == StatusCode::OK { "ok" } else { "unavailable" },
+        "node": node.id().to_string(),
+        "local_connections": node.local_connection_count(),
+        "backplane": backplane_json,
+        "jobs": jobs,
+    });
+    json_response(status, &body)
+}

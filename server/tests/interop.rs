@@ -1,0 +1,207 @@
+//! The official `@microsoft/signalr` client (pinned in `tests/interop/package-lock.json`)
+//! against two `backplane-server` processes sharing one PostgreSQL: broadcast, groups, users on
+//! two nodes, durable offline delivery, presence, completions and errors, token refusal, and
+//! automatic reconnect after a server restart.
+//!
+//! Needs Node.js; installs the client with `npm ci` when it is missing. Uses
+//! `BACKPLANE_TEST_PG_URL` when set, otherwise a throwaway cluster.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use backplane_conformance::Cluster;
+
+const SECRET: &str = "interop-secret-interop-secret-32";
+
+fn interop_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop")
+}
+
+/// A server process and where it listens.
+struct ServerProcess {
+    child: Child,
+    addr: String,
+    log: PathBuf,
+}
+
+impl ServerProcess {
+    fn start(backplane: &str, listen: &str, log: PathBuf) -> Self {
+        let log_file = std::fs::File::create(&log).expect("a log file");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_backplane-server"))
+            .args(["--listen", listen, "--backplane", backplane])
+            .env("BACKPLANE_JWT_SECRET", SECRET)
+            .env("BACKPLANE_TOKEN_SECRET", "interop-connection-tokens")
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log_file))
+            .spawn()
+            .expect("the server binary starts");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            if let Some(Ok(line)) = lines.next() {
+                let _ = tx.send(line);
+            }
+            // Keep draining so the server never blocks on a full pipe.
+            for _ in lines {}
+        });
+        let line = rx
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|_| {
+                panic!(
+                    "the server did not report its address; log:\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                )
+            });
+        let addr = line
+            .rsplit("http://")
+            .next()
+            .expect("an address in the first line")
+            .trim()
+            .to_owned();
+        Self { child, addr, log }
+    }
+
+    /// SIGTERM, then wait (up to 30 s) for a graceful exit.
+    fn stop(mut self) -> PathBuf {
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let (tx, rx) = mpsc::channel();
+        let mut child = std::mem::replace(
+            &mut self.child,
+            Command::new("true").spawn().expect("a placeholder process"),
+        );
+        std::thread::spawn(move || {
+            let _ = tx.send(child.wait());
+        });
+        match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(Ok(status)) => assert!(
+                status.success(),
+                "the server exited with {status} on SIGTERM"
+            ),
+            Ok(Err(err)) => panic!("waiting for the server: {err}"),
+            Err(_) => {
+                let _ = Command::new("kill").args(["-KILL", &pid]).status();
+                panic!("the server did not stop within 30 s of SIGTERM");
+            }
+        }
+        self.log.clone()
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn ensure_client_installed(dir: &Path) {
+    let node = Command::new("node").arg("--version").output();
+    assert!(
+        node.is_ok_and(|o| o.status.success()),
+        "Node.js is required for the interop tests (install nodejs; .ci/test does)"
+    );
+    if !dir.join("node_modules/@microsoft/signalr").exists() {
+        let status = Command::new("npm")
+            .args(["ci", "--no-audit", "--no-fund"])
+            .current_dir(dir)
+            .status()
+            .expect("npm runs");
+        assert!(status.success(), "npm ci failed in {}", dir.display());
+    }
+}
+
+#[test]
+fn official_client_against_two_nodes() {
+    let dir = interop_dir();
+    ensure_client_installed(&dir);
+
+    let cluster;
+    let base = match std::env::var("BACKPLANE_TEST_PG_URL") {
+        Ok(url) if !url.is_empty() => url,
+        _ => {
+            cluster = Cluster::start().expect("a throwaway PostgreSQL cluster");
+            cluster.url()
+        }
+    };
+    let separator = if base.contains('?') { '&' } else { '?' };
+    let backplane = format!("{base}{separator}schema=interop_{}", std::process::id());
+
+    let logs = std::env::temp_dir();
+    let a = ServerProcess::start(
+        &backplane,
+        "127.0.0.1:0",
+        logs.join(format!("interop-a-{}.log", std::process::id())),
+    );
+    let mut b = ServerProcess::start(
+        &backplane,
+        "127.0.0.1:0",
+        logs.join(format!("interop-b-{}.log", std::process::id())),
+    );
+
+    let mut script = Command::new("node")
+        .arg("interop.mjs")
+        .current_dir(&dir)
+        .env("NODE_A", format!("http://{}", a.addr))
+        .env("NODE_B", format!("http://{}", b.addr))
+        .env("JWT_SECRET", SECRET)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("node runs");
+    let mut stdin = script.stdin.take().expect("piped stdin");
+    let stdout = script.stdout.take().expect("piped stdout");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+
+    let deadline = Instant::now() + Duration::from_secs(240);
+    let mut output = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => {
+                println!("{line}");
+                if line == "RESTART B" {
+                    let addr = b.addr.clone();
+                    let log = b.stop();
+                    b = ServerProcess::start(&backplane, &addr, log);
+                    writeln!(stdin, "RESTARTED").expect("the script reads stdin");
+                }
+                output.push(line);
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                let _ = script.kill();
+                panic!("the interop script did not finish within 240 s");
+            }
+        }
+    }
+    let status = script.wait().expect("the script exits");
+    let summary = output.last().cloned().unwrap_or_default();
+    if !status.success() {
+        for server in [&a, &b] {
+            eprintln!(
+                "--- {} ---\n{}",
+                server.log.display(),
+                std::fs::read_to_string(&server.log).unwrap_or_default()
+            );
+        }
+    }
+    assert!(status.success(), "interop failed: {summary}");
+    assert!(
+        summary.contains(" 0 failed") && !output.iter().any(|l| l.starts_with("FAIL")),
+        "unexpected summary: {summary}"
+    );
+}

@@ -1,0 +1,246 @@
+// Interop scenarios of backplane-server with the official @microsoft/signalr client.
+//
+// Driven by server/tests/interop.rs, which starts two server processes on one PostgreSQL and
+// passes their URLs in NODE_A and NODE_B and the JWT secret in JWT_SECRET. To restart node B,
+// this script prints "RESTART B" and waits for "RESTARTED" on stdin.
+//
+// Every wait is bounded; any failure exits non-zero with the scenario's name.
+
+import * as signalR from "@microsoft/signalr";
+import { createHmac } from "node:crypto";
+import { createInterface } from "node:readline";
+
+const A = process.env.NODE_A;
+const B = process.env.NODE_B;
+const SECRET = process.env.JWT_SECRET;
+const WAIT_MS = 10_000;
+
+const lines = createInterface({ input: process.stdin });
+const stdinLines = [];
+const stdinWaiters = [];
+lines.on("line", (line) => {
+  const waiter = stdinWaiters.shift();
+  if (waiter) waiter(line);
+  else stdinLines.push(line);
+});
+function nextStdinLine() {
+  if (stdinLines.length) return Promise.resolve(stdinLines.shift());
+  return new Promise((resolve) => stdinWaiters.push(resolve));
+}
+
+function b64url(data) {
+  return Buffer.from(data).toString("base64url");
+}
+
+/** An HS256 JWT for `user`, valid for an hour. */
+function token(user) {
+  const header = b64url(JSON.stringify({ alg: "HS256", typ: "JWT" }));
+  const payload = b64url(JSON.stringify({ sub: user, exp: Math.floor(Date.now() / 1000) + 3600 }));
+  const signature = createHmac("sha256", SECRET).update(`${header}.${payload}`).digest("base64url");
+  return `${header}.${payload}.${signature}`;
+}
+
+function within(promise, what, ms = WAIT_MS) {
+  let timer;
+  return Promise.race([
+    promise,
+    new Promise((_, reject) => {
+      timer = setTimeout(() => reject(new Error(`timed out waiting for ${what}`)), ms);
+    }),
+  ]).finally(() => clearTimeout(timer));
+}
+
+/** A connection that records every invocation it receives, by method name. */
+class Client {
+  constructor(base, user, options = {}) {
+    this.user = user;
+    this.events = [];
+    this.waiters = [];
+    let builder = new signalR.HubConnectionBuilder()
+      .withUrl(`${base}/hubs/chat`, { accessTokenFactory: () => token(user) })
+      .configureLogging(signalR.LogLevel.Error);
+    if (options.reconnect) builder = builder.withAutomaticReconnect([0, 200, 500, 1000, 1000, 1000, 2000, 2000, 2000]);
+    this.connection = builder.build();
+    for (const method of ["ReceiveMessage", "UserJoined", "UserLeft", "ReceiveGroupMessage", "ReceiveNotification"]) {
+      this.connection.on(method, (...args) => this.record(method, args));
+    }
+  }
+
+  record(method, args) {
+    this.events.push({ method, args });
+    this.waiters = this.waiters.filter((w) => !w());
+  }
+
+  async start() {
+    await within(this.connection.start(), `${this.user} to connect`);
+    return this;
+  }
+
+  /** Waits for an event matching `test`, returning it. */
+  waitFor(what, test) {
+    const found = () => this.events.find(test);
+    const hit = found();
+    if (hit) return Promise.resolve(hit);
+    return within(
+      new Promise((resolve) => {
+        this.waiters.push(() => {
+          const e = found();
+          if (e) resolve(e);
+          return Boolean(e);
+        });
+      }),
+      `${this.user}: ${what}`,
+    );
+  }
+
+  count(test) {
+    return this.events.filter(test).length;
+  }
+
+  stop() {
+    return this.connection.stop();
+  }
+}
+
+function check(condition, message) {
+  if (!condition) throw new Error(message);
+}
+
+const unique = `${Date.now()}`;
+const scenarios = [];
+function scenario(name, body) {
+  scenarios.push({ name, body });
+}
+
+scenario("broadcast crosses nodes", async () => {
+  const alice = await new Client(A, `alice-${unique}`).start();
+  const bob = await new Client(B, `bob-${unique}`).start();
+  await alice.connection.invoke("SendMessage", "hello from A");
+  const got = await bob.waitFor("the broadcast", (e) => e.method === "ReceiveMessage" && e.args[1] === "hello from A");
+  check(got.args[0] === alice.user, `the sender is named ${got.args[0]}`);
+  await alice.waitFor("its own broadcast", (e) => e.method === "ReceiveMessage" && e.args[1] === "hello from A");
+  await Promise.all([alice.stop(), bob.stop()]);
+});
+
+scenario("groups: join on one node, message from the other", async () => {
+  const group = `room-${unique}`;
+  const alice = await new Client(A, `galice-${unique}`).start();
+  const bob = await new Client(B, `gbob-${unique}`).start();
+  await bob.connection.invoke("JoinGroup", group);
+  await bob.waitFor("its own join", (e) => e.method === "UserJoined" && e.args[0] === group);
+  await alice.connection.invoke("SendToGroup", group, "to the room");
+  const got = await bob.waitFor("the group message", (e) => e.method === "ReceiveGroupMessage");
+  check(got.args[0] === group && got.args[1] === alice.user && got.args[2] === "to the room", `group message ${JSON.stringify(got.args)}`);
+  // Alice is not in the group: a broadcast she sends after it reaches her, the group message did not.
+  await alice.connection.invoke("SendMessage", `marker-${group}`);
+  await alice.waitFor("the marker", (e) => e.method === "ReceiveMessage" && e.args[1] === `marker-${group}`);
+  check(alice.count((e) => e.method === "ReceiveGroupMessage") === 0, "a non-member received the group message");
+  await bob.connection.invoke("LeaveGroup", group);
+  await alice.connection.invoke("SendToGroup", group, "after leaving");
+  await bob.connection.invoke("SendMessage", `marker2-${group}`);
+  await bob.waitFor("the second marker", (e) => e.method === "ReceiveMessage" && e.args[1] === `marker2-${group}`);
+  check(bob.count((e) => e.method === "ReceiveGroupMessage") === 1, "a member that left still received group messages");
+  await Promise.all([alice.stop(), bob.stop()]);
+});
+
+scenario("a user's connections on two nodes all receive", async () => {
+  const user = `carol-${unique}`;
+  const onA = await new Client(A, user).start();
+  const onB = await new Client(B, user).start();
+  const sender = await new Client(A, `sender-${unique}`).start();
+  await sender.connection.invoke("SendToUser", user, "for both");
+  await onA.waitFor("the notification on A", (e) => e.method === "ReceiveNotification" && e.args[1] === "for both");
+  const got = await onB.waitFor("the notification on B", (e) => e.method === "ReceiveNotification" && e.args[1] === "for both");
+  check(got.args[0] === sender.user, `from ${got.args[0]}`);
+  await Promise.all([onA.stop(), onB.stop(), sender.stop()]);
+});
+
+scenario("a direct message waits for an offline user, and arrives once", async () => {
+  const user = `dave-${unique}`;
+  const sender = await new Client(A, `dsender-${unique}`).start();
+  await sender.connection.invoke("SendToUser", user, "while you were away");
+  const dave = await new Client(B, user).start();
+  await dave.waitFor("the stored message", (e) => e.method === "ReceiveNotification" && e.args[1] === "while you were away");
+  await dave.stop();
+  const again = await new Client(A, user).start();
+  await again.connection.invoke("SendToUser", user, "marker");
+  await again.waitFor("the marker", (e) => e.method === "ReceiveNotification" && e.args[1] === "marker");
+  check(again.count((e) => e.args[1] === "while you were away") === 0, "the stored message was delivered twice");
+  await Promise.all([sender.stop(), again.stop()]);
+});
+
+scenario("presence spans nodes", async () => {
+  const onA = await new Client(A, `pa-${unique}`).start();
+  const onB = await new Client(B, `pb-${unique}`).start();
+  const users = await within(onA.connection.invoke("GetOnlineUsers"), "GetOnlineUsers");
+  check(users.includes(onA.user) && users.includes(onB.user), `online users ${JSON.stringify(users)}`);
+  await onB.stop();
+  const after = await within(onA.connection.invoke("GetOnlineUsers"), "GetOnlineUsers");
+  check(!after.includes(onB.user), `a user who left is still online: ${JSON.stringify(after)}`);
+  await onA.stop();
+});
+
+scenario("completions carry results and errors", async () => {
+  const c = await new Client(A, `errors-${unique}`).start();
+  const none = await c.connection.invoke("SendMessage", "x");
+  check(none === null || none === undefined, `a void method returned ${JSON.stringify(none)}`);
+  await c.connection.invoke("NoSuchMethod").then(
+    () => check(false, "an unknown method succeeded"),
+    (e) => check(/Unknown hub method 'NoSuchMethod'/.test(e.message), e.message),
+  );
+  await c.connection.invoke("SendMessage").then(
+    () => check(false, "a call without its argument succeeded"),
+    (e) => check(/expects 1/.test(e.message), e.message),
+  );
+  await c.connection.invoke("SendMessage", 42).then(
+    () => check(false, "a number accepted as a string"),
+    (e) => check(/wrong type/.test(e.message), e.message),
+  );
+  await c.connection.invoke("JoinGroup", "x".repeat(300)).then(
+    () => check(false, "an overlong group name accepted"),
+    (e) => check(/group/i.test(e.message), e.message),
+  );
+  // The connection survives every error.
+  check(c.connection.state === signalR.HubConnectionState.Connected, `state ${c.connection.state}`);
+  await c.stop();
+});
+
+scenario("an invalid token is refused", async () => {
+  const bad = new signalR.HubConnectionBuilder()
+    .withUrl(`${A}/hubs/chat`, { accessTokenFactory: () => "not-a-token" })
+    .configureLogging(signalR.LogLevel.None)
+    .build();
+  await bad.start().then(
+    () => check(false, "connected with an invalid token"),
+    (e) => check(/401/.test(e.message) || /Unauthorized/i.test(e.message), e.message),
+  );
+});
+
+scenario("automatic reconnect after a server restart", async () => {
+  const watcher = await new Client(A, `watch-${unique}`).start();
+  const c = new Client(B, `phoenix-${unique}`, { reconnect: true });
+  const reconnected = new Promise((resolve) => c.connection.onreconnected(resolve));
+  await c.start();
+  console.log("RESTART B");
+  const reply = await within(nextStdinLine(), "the harness to restart node B", 60_000);
+  check(reply === "RESTARTED", `harness said ${reply}`);
+  await within(reconnected, "the client to reconnect", 30_000);
+  await watcher.connection.invoke("SendMessage", "after the restart");
+  await c.waitFor("a broadcast after reconnecting", (e) => e.method === "ReceiveMessage" && e.args[1] === "after the restart");
+  await Promise.all([watcher.stop(), c.stop()]);
+});
+
+let failed = 0;
+for (const { name, body } of scenarios) {
+  const started = Date.now();
+  try {
+    await body();
+    console.log(`PASS ${name} (${Date.now() - started} ms)`);
+  } catch (e) {
+    failed += 1;
+    console.log(`FAIL ${name}: ${e.stack ?? e}`);
+  }
+}
+console.log(`interop: ${scenarios.length - failed} passed, ${failed} failed`);
+lines.close();
+process.exit(failed ? 1 : 0);
