@@ -1,0 +1,495 @@
+//! The hub protocol on real sockets: the handshake, invocations and their errors, streams,
+//! client results, keep-alive and timeouts, and every kind of bad input, none of which may
+//! crash the server or disturb other connections.
+
+mod common;
+
+use std::time::Duration;
+
+use backplane_core::NodeOptions;
+use backplane_server::{Hub, HubError, Limits, Security, chat, user_token};
+use common::{RawClient, Received, http, server, server_with};
+use serde_json::{Value, json};
+
+fn test_hub() -> Hub {
+    Hub::builder("test")
+        .expect("a valid name")
+        .method("Echo", 1, |_ctx, args| async move { args.get::<Value>(0) })
+        .method("Fail", 0, |_ctx, _args| async move {
+            Err::<Value, _>(HubError::new("it failed"))
+        })
+        .method("Panic", 0, |_ctx, _args| async move {
+            panic!("a handler bug");
+        })
+        .method("AskCaller", 1, |ctx, args| async move {
+            let question: String = args.get(0)?;
+            ctx.clients()
+                .caller()
+                .invoke("Question", vec![json!(question)], Duration::from_secs(5))
+                .await
+        })
+        .stream("Counter", 1, |_ctx, args, items| async move {
+            let count: u64 = args.get(0)?;
+            for i in 0..count {
+                items.send(json!(i)).await?;
+            }
+            Ok(())
+        })
+        .build()
+}
+
+fn limits() -> Limits {
+    Limits::default()
+}
+
+#[tokio::test]
+async fn invocations_get_results_and_errors_and_the_connection_survives() {
+    let running = server(vec![test_hub()], limits()).await;
+    let addr = running.local_addr();
+    let mut c = RawClient::connect(addr, "test", "u1").await;
+
+    c.send(br#"{"type":1,"invocationId":"1","target":"Echo","arguments":[{"a":[1,2]}]}"#)
+        .await;
+    let m = c.next_message().await.expect("a completion");
+    assert_eq!(m, json!({"type":3,"invocationId":"1","result":{"a":[1,2]}}));
+
+    // Case-insensitive method names, as ASP.NET Core SignalR.
+    c.send(br#"{"type":1,"invocationId":"2","target":"echo","arguments":["x"]}"#)
+        .await;
+    assert_eq!(c.next_message().await.expect("a completion")["result"], "x");
+
+    for (request, error) in [
+        (
+            r#"{"type":1,"invocationId":"3","target":"Nope","arguments":[]}"#,
+            "Unknown hub method 'Nope'",
+        ),
+        (
+            r#"{"type":1,"invocationId":"4","target":"Echo","arguments":[]}"#,
+            "Invocation provides 0 argument(s) but target expects 1.",
+        ),
+        (
+            r#"{"type":1,"invocationId":"5","target":"Fail","arguments":[]}"#,
+            "it failed",
+        ),
+        (
+            r#"{"type":1,"invocationId":"6","target":"Panic","arguments":[]}"#,
+            "An unexpected error occurred invoking 'Panic' on the server.",
+        ),
+        (
+            r#"{"type":1,"invocationId":"7","target":"Counter","arguments":[1]}"#,
+            "'Counter' is a streaming method",
+        ),
+        (
+            r#"{"type":4,"invocationId":"8","target":"Echo","arguments":[1]}"#,
+            "'Echo' is not a streaming method",
+        ),
+        (
+            r#"{"type":1,"invocationId":"9","target":"Echo","arguments":[1],"streamIds":["s"]}"#,
+            "does not accept client-to-server streams",
+        ),
+    ] {
+        c.send(request.as_bytes()).await;
+        let m = c.next_message().await.expect("a completion");
+        assert_eq!(m["type"], 3, "{request}: {m}");
+        let got = m["error"].as_str().unwrap_or_default();
+        assert!(
+            got.contains(error),
+            "{request}: expected {error:?}, got {m}"
+        );
+    }
+
+    // Without an invocation id: no completion, even for an error. The next call answers.
+    c.send(br#"{"type":1,"target":"Nope","arguments":[]}"#)
+        .await;
+    c.send(br#"{"type":1,"invocationId":"10","target":"Echo","arguments":[10]}"#)
+        .await;
+    let m = c.next_message().await.expect("a completion");
+    assert_eq!(m["invocationId"], "10");
+    running.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn streams_send_items_then_a_completion() {
+    let running = server(vec![test_hub()], limits()).await;
+    let mut c = RawClient::connect(running.local_addr(), "test", "u1").await;
+    c.send(br#"{"type":4,"invocationId":"s1","target":"Counter","arguments":[3]}"#)
+        .await;
+    for i in 0..3 {
+        let m = c.next_message().await.expect("an item");
+        assert_eq!(m, json!({"type":2,"invocationId":"s1","item":i}));
+    }
+    let m = c.next_message().await.expect("a completion");
+    assert_eq!(m, json!({"type":3,"invocationId":"s1"}));
+
+    // A cancelled stream stops: after the cancel, a later call's completion arrives and the
+    // stream's does not.
+    c.send(br#"{"type":4,"invocationId":"s2","target":"Counter","arguments":[1000000000]}"#)
+        .await;
+    let first = c.next_message().await.expect("an item");
+    assert_eq!(first["invocationId"], "s2");
+    c.send(br#"{"type":5,"invocationId":"s2"}"#).await;
+    c.send(br#"{"type":1,"invocationId":"after","target":"Echo","arguments":[1]}"#)
+        .await;
+    loop {
+        let m = c.next_message().await.expect("a message");
+        if m["invocationId"] == "after" {
+            break;
+        }
+        assert_eq!(
+            m["type"], 2,
+            "the cancelled stream sent more than items: {m}"
+        );
+    }
+    running.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn a_hub_method_gets_a_client_result() {
+    let running = server(vec![test_hub()], limits()).await;
+    let mut c = RawClient::connect(running.local_addr(), "test", "u1").await;
+    c.send(
+        br#"{"type":1,"invocationId":"1","target":"AskCaller","arguments":["six times seven?"]}"#,
+    )
+    .await;
+    let question = c.next_message().await.expect("the server's invocation");
+    assert_eq!(question["type"], 1);
+    assert_eq!(question["target"], "Question");
+    assert_eq!(question["arguments"], json!(["six times seven?"]));
+    let id = question["invocationId"]
+        .as_str()
+        .expect("an invocation id")
+        .to_owned();
+    c.send(format!(r#"{{"type":3,"invocationId":"{id}","result":42}}"#).as_bytes())
+        .await;
+    let m = c.next_message().await.expect("the completion");
+    assert_eq!(m, json!({"type":3,"invocationId":"1","result":42}));
+
+    // An error from the client becomes the method's error.
+    c.send(br#"{"type":1,"invocationId":"2","target":"AskCaller","arguments":["?"]}"#)
+        .await;
+    let question = c.next_message().await.expect("the server's invocation");
+    let id = question["invocationId"].as_str().expect("an id").to_owned();
+    c.send(format!(r#"{{"type":3,"invocationId":"{id}","error":"no idea"}}"#).as_bytes())
+        .await;
+    let m = c.next_message().await.expect("the completion");
+    assert_eq!(m["invocationId"], "2");
+    assert!(
+        m["error"].as_str().unwrap_or_default().contains("no idea"),
+        "{m}"
+    );
+    running.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn handshake_errors_are_answered_then_closed() {
+    let running = server(vec![chat::hub()], limits()).await;
+    let addr = running.local_addr();
+    for (handshake, error) in [
+        (
+            &br#"{"protocol":"messagepack","version":1}"#[..],
+            "The protocol 'messagepack' is not supported.",
+        ),
+        (
+            br#"{"protocol":"json","version":9}"#,
+            "does not support version 9",
+        ),
+        (br#"{"protocol":"json"}"#, "'version'"),
+        (b"not json", "not valid JSON"),
+    ] {
+        let mut c = RawClient::open(addr, "/hubs/chat?user=x")
+            .await
+            .expect("upgrade");
+        c.send(handshake).await;
+        let answer = c.next_record().await.expect("a handshake answer");
+        let got = answer["error"].as_str().unwrap_or_default();
+        assert!(got.contains(error), "{answer} should contain {error:?}");
+        assert!(matches!(
+            c.receive().await,
+            Some(Received::Close(..)) | None
+        ));
+    }
+    running.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn a_missing_handshake_times_out() {
+    let running = server(
+        vec![chat::hub()],
+        Limits {
+            handshake_timeout: Duration::from_millis(200),
+            ..limits()
+        },
+    )
+    .await;
+    let mut c = RawClient::open(running.local_addr(), "/hubs/chat?user=x")
+        .await
+        .expect("upgrade");
+    let answer = c.next_record().await.expect("a handshake error");
+    assert!(
+        answer["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("handshake timeout"),
+        "{answer}"
+    );
+    running.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn bad_input_closes_only_that_connection_with_a_reason() {
+    let running = server(
+        vec![chat::hub()],
+        Limits {
+            max_message_size: 4096,
+            ..limits()
+        },
+    )
+    .await;
+    let addr = running.local_addr();
+    let mut bystander = RawClient::connect(addr, "chat", "bystander").await;
+
+    let cases: Vec<(Vec<u8>, &str, u16)> = vec![
+        (b"{not json\x1e".to_vec(), "invalid message", 1002),
+        (b"[1,2]\x1e".to_vec(), "JSON object", 1002),
+        (
+            b"{\"type\":42}\x1e".to_vec(),
+            "unknown message type 42",
+            1002,
+        ),
+        (
+            b"{\"type\":1,\"target\":7,\"arguments\":[]}\x1e".to_vec(),
+            "'target'",
+            1002,
+        ),
+        (
+            b"{\"type\":1,\"target\":\"x\",\"arguments\":\"no\"}\x1e".to_vec(),
+            "'arguments'",
+            1002,
+        ),
+        // No record separator, and more than the limit: never buffered without bound.
+        (vec![b' '; 5000], "maximum size", 1009),
+        // One frame over the limit.
+        (
+            {
+                let mut big = format!(
+                    r#"{{"type":1,"target":"SendMessage","arguments":["{}"]}}"#,
+                    "x".repeat(5000)
+                )
+                .into_bytes();
+                big.push(0x1e);
+                big
+            },
+            "maximum size",
+            1009,
+        ),
+    ];
+    for (data, reason, code) in cases {
+        let mut c = RawClient::connect(addr, "chat", "attacker").await;
+        c.send_raw(data.clone()).await;
+        let (close, frame_code) = c.until_closed().await;
+        let close = close.unwrap_or_else(|| {
+            panic!(
+                "a Close message for {:?}",
+                String::from_utf8_lossy(&data[..data.len().min(60)])
+            )
+        });
+        assert!(
+            close["error"].as_str().unwrap_or_default().contains(reason),
+            "{close} should contain {reason:?}"
+        );
+        assert_eq!(frame_code, Some(code), "close code for {reason}");
+    }
+
+    // The bystander never noticed.
+    bystander
+        .send(br#"{"type":1,"invocationId":"1","target":"SendMessage","arguments":["still here"]}"#)
+        .await;
+    let mut got_message = false;
+    let mut got_completion = false;
+    while !(got_message && got_completion) {
+        let m = bystander
+            .next_message()
+            .await
+            .expect("the bystander is served");
+        got_message |= m["target"] == "ReceiveMessage" && m["arguments"][1] == "still here";
+        got_completion |= m["type"] == 3 && m["invocationId"] == "1";
+    }
+    running.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn a_ping_flood_is_harmless() {
+    let running = server(vec![chat::hub()], limits()).await;
+    let mut c = RawClient::connect(running.local_addr(), "chat", "flooder").await;
+    for _ in 0..5000 {
+        c.send(br#"{"type":6}"#).await;
+    }
+    for _ in 0..500 {
+        c.ping().await;
+    }
+    c.send(br#"{"type":1,"invocationId":"1","target":"GetOnlineUsers","arguments":[]}"#)
+        .await;
+    let m = c.next_message().await.expect("still served");
+    assert_eq!(m, json!({"type":3,"invocationId":"1","result":["flooder"]}));
+    running.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn idle_connections_are_pinged_and_silent_ones_closed() {
+    let running = server(
+        vec![chat::hub()],
+        Limits {
+            keep_alive: Duration::from_millis(100),
+            client_timeout: Duration::from_millis(600),
+            ..limits()
+        },
+    )
+    .await;
+    let mut c = RawClient::connect(running.local_addr(), "chat", "quiet").await;
+    let ping = c.next_record().await.expect("a keep-alive ping");
+    assert_eq!(ping, json!({"type":6}));
+    let (close, _) = c.until_closed().await;
+    let close = close.expect("a Close message");
+    assert!(
+        close["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("Server timeout elapsed"),
+        "{close}"
+    );
+    running.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn negotiate_hands_out_tokens_that_the_upgrade_checks() {
+    let secret = b"0123456789abcdef0123456789abcdef".to_vec();
+    let running = server_with(
+        vec![chat::hub()],
+        limits(),
+        Security {
+            jwt_secret: Some(secret.clone()),
+            ..Security::default()
+        },
+        NodeOptions::new(),
+    )
+    .await;
+    let addr = running.local_addr();
+    let token = user_token(&secret, "alice", Duration::from_secs(60));
+    let auth = format!("Bearer {token}");
+
+    let (status, body) = http(
+        addr,
+        "POST",
+        "/hubs/chat/negotiate?negotiateVersion=1",
+        &[("authorization", &auth)],
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let negotiated: Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(negotiated["negotiateVersion"], 1);
+    assert_eq!(
+        negotiated["availableTransports"][0]["transport"],
+        "WebSockets"
+    );
+    let connection_token = negotiated["connectionToken"]
+        .as_str()
+        .expect("a token")
+        .to_owned();
+
+    for (path, headers, expected) in [
+        ("/hubs/chat/negotiate?negotiateVersion=1", vec![], 401),
+        (
+            "/hubs/chat/negotiate?negotiateVersion=1",
+            vec![("authorization", "Bearer nope")],
+            401,
+        ),
+        (
+            "/hubs/nothing/negotiate?negotiateVersion=1",
+            vec![("authorization", auth.as_str())],
+            404,
+        ),
+        (
+            "/hubs/chat/negotiate?negotiateVersion=1&access_token=x.y.z",
+            vec![],
+            401,
+        ),
+    ] {
+        let (status, body) = http(addr, "POST", path, &headers).await;
+        assert_eq!(status, expected, "{path}: {body}");
+    }
+
+    // The token from negotiate opens the socket, with the same user's access token.
+    let path = format!("/hubs/chat?id={connection_token}&access_token={token}");
+    let mut c = RawClient::open(addr, &path)
+        .await
+        .expect("the upgrade succeeds");
+    c.send(br#"{"protocol":"json","version":1}"#).await;
+    assert_eq!(c.next_record().await.expect("an answer"), json!({}));
+    c.send(br#"{"type":1,"invocationId":"1","target":"GetOnlineUsers","arguments":[]}"#)
+        .await;
+    assert_eq!(
+        c.next_message().await.expect("a completion")["result"],
+        json!(["alice"])
+    );
+
+    // Another user cannot use it, and a forged one is refused.
+    let mallory = user_token(&secret, "mallory", Duration::from_secs(60));
+    let stolen = format!("/hubs/chat?id={connection_token}&access_token={mallory}");
+    assert!(RawClient::open(addr, &stolen).await.is_err());
+    let forged = format!("/hubs/chat?id=abc.def.ghi&access_token={token}");
+    assert!(RawClient::open(addr, &forged).await.is_err());
+    running.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn negotiate_refuses_past_the_connection_limit() {
+    let running = server_with(
+        vec![chat::hub()],
+        limits(),
+        Security {
+            allow_anonymous: true,
+            ..Security::default()
+        },
+        NodeOptions::new().max_connections(1),
+    )
+    .await;
+    let addr = running.local_addr();
+    let _first = RawClient::connect(addr, "chat", "one").await;
+    let (status, body) = http(
+        addr,
+        "POST",
+        "/hubs/chat/negotiate?negotiateVersion=1&user=two",
+        &[],
+    )
+    .await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("connection limit"), "{body}");
+    running.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn health_reports_the_node() {
+    let running = server(vec![chat::hub()], limits()).await;
+    let _c = RawClient::connect(running.local_addr(), "chat", "h").await;
+    let (status, body) = http(running.local_addr(), "GET", "/health", &[]).await;
+    assert_eq!(status, 200, "{body}");
+    let health: Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(health["status"], "ok");
+    assert_eq!(health["local_connections"], 1);
+    assert_eq!(health["backplane"]["driver"], "memory");
+    assert_eq!(health["backplane"]["reachable"], true);
+    assert_eq!(health["node"], running.node().id().to_string());
+    running.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn shutdown_closes_clients_with_reconnect_allowed() {
+    let running = server(vec![chat::hub()], limits()).await;
+    let mut c = RawClient::connect(running.local_addr(), "chat", "s").await;
+    let stopping = tokio::spawn(running.shutdown(Duration::from_secs(5)));
+    let (close, code) = c.until_closed().await;
+    let close = close.expect("a Close message");
+    assert_eq!(close["allowReconnect"], true, "{close}");
+    assert_eq!(code, Some(1001));
+    stopping.await.expect("shutdown finishes");
+}
