@@ -40,23 +40,35 @@ pub type HubResult<T = Value> = Result<T, HubError>;
 
 /// An error a hub method reports to its caller.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HubError(String);
+pub struct HubError {
+    message: String,
+    invalid_input: bool,
+}
 
 impl HubError {
     /// An error with this message.
     pub fn new(message: impl Into<String>) -> Self {
-        Self(message.into())
+        Self {
+            message: message.into(),
+            invalid_input: false,
+        }
     }
 
     /// The message the caller receives.
     pub fn message(&self) -> &str {
-        &self.0
+        &self.message
+    }
+
+    /// Whether the caller's input was at fault (a bad name, an oversized payload, an unknown
+    /// connection), rather than the server or its backplane.
+    pub fn is_invalid_input(&self) -> bool {
+        self.invalid_input
     }
 }
 
 impl fmt::Display for HubError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(&self.message)
     }
 }
 
@@ -64,7 +76,17 @@ impl std::error::Error for HubError {}
 
 impl From<Error> for HubError {
     fn from(err: Error) -> Self {
-        Self(err.to_string())
+        let invalid_input = matches!(
+            err,
+            Error::InvalidName { .. }
+                | Error::PayloadTooLarge { .. }
+                | Error::InvalidMessage(_)
+                | Error::UnknownConnection(_)
+        );
+        Self {
+            message: err.to_string(),
+            invalid_input,
+        }
     }
 }
 

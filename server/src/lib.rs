@@ -18,6 +18,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod api;
 mod auth;
 pub mod chat;
 mod connection;
@@ -25,6 +26,7 @@ mod hub;
 pub mod protocol;
 mod server;
 
+pub use api::api_token;
 pub use auth::user_token;
 pub use hub::{
     Arguments, BoxFuture, Client, Clients, Context, Groups, Hub, HubBuilder, HubError, HubResult,

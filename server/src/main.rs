@@ -44,6 +44,10 @@ struct Args {
     /// Signs connection tokens; give every node the same one [default: the JWT secret].
     #[arg(long, env = "BACKPLANE_TOKEN_SECRET", hide_env_values = true)]
     token_secret: Option<String>,
+    /// Signs the tokens of the server API for back-end services (`/api/v1/...`); without it
+    /// the API is off.
+    #[arg(long, env = "BACKPLANE_SERVER_KEY", hide_env_values = true)]
+    server_key: Option<String>,
     /// Development mode: clients connect without a token, as the user in `?user=`.
     #[arg(long, env = "BACKPLANE_ALLOW_ANONYMOUS")]
     allow_anonymous: bool,
@@ -90,6 +94,7 @@ struct FileConfig {
     node_id: Option<String>,
     jwt_secret: Option<String>,
     token_secret: Option<String>,
+    server_key: Option<String>,
     allow_anonymous: Option<bool>,
     cors_origins: Option<Vec<String>>,
     keep_alive: Option<String>,
@@ -209,6 +214,7 @@ fn resolve(args: Args) -> Result<Config, String> {
                 .map(String::into_bytes),
             allow_anonymous,
             cors_origins,
+            server_key: args.server_key.or(file.server_key).map(String::into_bytes),
         },
     })
 }

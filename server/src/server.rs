@@ -18,6 +18,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::api::{self, ApiAuth};
 use crate::auth::Auth;
 use crate::connection::{self, Setup};
 use crate::hub::Hub;
@@ -60,6 +61,8 @@ pub struct Security {
     pub allow_anonymous: bool,
     /// Origins allowed to call the server from a browser; `*` allows any.
     pub cors_origins: Vec<String>,
+    /// Signs the tokens of the server API (`/api/v1`); without it the API is off.
+    pub server_key: Option<Vec<u8>>,
 }
 
 /// The reference server: hubs served over HTTP and WebSockets on a [`Node`].
@@ -77,6 +80,8 @@ struct Shared {
     limits: Limits,
     auth: Auth,
     cors: Vec<String>,
+    api: Option<ApiAuth>,
+    hub_names: Vec<HubName>,
     shutdown: watch::Receiver<bool>,
     /// How many WebSocket connections are being served.
     active: Arc<watch::Sender<usize>>,
@@ -130,8 +135,11 @@ impl Server {
             });
         let (shutdown_tx, shutdown) = watch::channel(false);
         let active = Arc::new(watch::channel(0usize).0);
+        let hub_names = self.hubs.keys().cloned().collect();
         let shared = Arc::new(Shared {
             node: self.node.clone(),
+            hub_names,
+            api: self.security.server_key.as_deref().map(ApiAuth::new),
             hubs: self.hubs,
             limits: self.limits,
             auth: Auth::new(
@@ -346,6 +354,19 @@ async fn route(req: Request<Incoming>, shared: Arc<Shared>) -> Response<Body> {
             response
         }
         (&Method::GET, ["health"]) => health(&shared).await,
+        (_, ["api", "v1", "hubs", rest @ ..]) => {
+            let rest: Vec<String> = rest.iter().map(|s| (*s).to_owned()).collect();
+            let rest: Vec<&str> = rest.iter().map(String::as_str).collect();
+            api::serve(
+                req,
+                &shared.node,
+                shared.api.as_ref(),
+                &shared.hub_names,
+                &rest,
+                shared.limits.max_message_size,
+            )
+            .await
+        }
         (&Method::POST, ["hubs", hub, "negotiate"]) => negotiate(&req, &shared, hub),
         (&Method::GET, ["hubs", hub]) => upgrade(req, &shared, hub),
         _ => text(StatusCode::NOT_FOUND, "not found"),

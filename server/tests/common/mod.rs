@@ -13,7 +13,7 @@ use backplane_core::{MemoryBackplane, Node, NodeOptions};
 use backplane_server::{Hub, Limits, Running, Security, Server};
 use bytes::Bytes;
 use fastwebsockets::{FragmentCollector, Frame, OpCode, Payload};
-use http_body_util::Empty;
+use http_body_util::{Empty, Full};
 use hyper::Request;
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
@@ -81,12 +81,23 @@ pub struct RawClient {
     pending: Vec<Value>,
 }
 
-/// An HTTP request to the server; returns the status and body.
+/// An HTTP request to the server without a body; returns the status and body.
 pub async fn http(
     addr: SocketAddr,
     method: &str,
     path: &str,
     headers: &[(&str, &str)],
+) -> (u16, String) {
+    http_with_body(addr, method, path, headers, "").await
+}
+
+/// An HTTP request to the server with `body`; returns the status and body.
+pub async fn http_with_body(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
 ) -> (u16, String) {
     let stream = TcpStream::connect(addr).await.expect("connect");
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
@@ -101,7 +112,11 @@ pub async fn http(
         request = request.header(*k, *v);
     }
     let response = sender
-        .send_request(request.body(Empty::<Bytes>::new()).expect("a request"))
+        .send_request(
+            request
+                .body(Full::new(Bytes::from(body.to_owned())))
+                .expect("a request"),
+        )
         .await
         .expect("a response");
     let status = response.status().as_u16();
