@@ -20,6 +20,7 @@
 //! reason; an unreachable backplane 503.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use backplane_core::{ConnectionId, Error, GroupName, HubName, Node, UserId};
@@ -32,6 +33,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::hub::Clients;
+use crate::metrics::Metrics;
 
 type Body = Full<Bytes>;
 
@@ -100,6 +102,7 @@ fn error_response(err: &Error) -> Response<Body> {
 pub(crate) async fn serve(
     req: Request<Incoming>,
     node: &Node,
+    metrics: &Arc<Metrics>,
     auth: Option<&ApiAuth>,
     hubs: &[HubName],
     segments: &[&str],
@@ -135,7 +138,8 @@ pub(crate) async fn serve(
         .unwrap_or_default();
     let method = req.method().clone();
     let rest = rest.to_vec();
-    match run(req, node, hub, &method, &rest, &query, max_body).await {
+    let clients = Clients::new(node.clone(), hub.clone()).with_metrics(metrics.clone());
+    match run(req, node, clients, hub, &method, &rest, &query, max_body).await {
         Ok(response) => response,
         Err(err) => error_response(&err),
     }
@@ -169,16 +173,17 @@ fn excluded(query: &HashMap<String, Vec<String>>) -> Result<Vec<ConnectionId>, E
         .collect()
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn run(
     req: Request<Incoming>,
     node: &Node,
+    clients: Clients,
     hub: HubName,
     method: &Method,
     rest: &[&str],
     query: &HashMap<String, Vec<String>>,
     max_body: usize,
 ) -> Result<Response<Body>, Error> {
-    let clients = Clients::new(node.clone(), hub.clone());
     let accepted = || respond(StatusCode::ACCEPTED, "");
     let send_error = |e: crate::hub::HubError| {
         let status = if e.is_invalid_input() {

@@ -17,6 +17,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::AbortHandle;
 
 use crate::hub::{Arguments, Context, Handler, Hub, StreamSender};
+use crate::metrics::Metrics;
 use crate::protocol::{self, Handshake, HubMessage, Outcome, RecordBuffer};
 use crate::server::Limits;
 
@@ -50,6 +51,7 @@ pub(crate) struct Setup {
     pub(crate) user: Option<UserId>,
     pub(crate) limits: Limits,
     pub(crate) shutdown: watch::Receiver<bool>,
+    pub(crate) metrics: Arc<Metrics>,
 }
 
 /// A noop for the read half's obligated sends: auto pong and auto close are off, and the
@@ -93,12 +95,14 @@ pub(crate) async fn serve(mut ws: WebSocket<Socket>, setup: Setup) {
     let mut records = match first {
         Ok(Ok(records)) => records.into_iter(),
         Ok(Err(reason)) => {
+            setup.metrics.refused("handshake");
             tracing::debug!(connection = %setup.id, %reason, "handshake failed");
             return;
         }
         Err(_) => {
+            setup.metrics.refused("handshake");
             let reason = "no handshake within the handshake timeout";
-            reject(&mut write, reason).await;
+            reject(&mut write, reason, setup.limits.handshake_timeout).await;
             tracing::debug!(connection = %setup.id, reason, "handshake failed");
             return;
         }
@@ -107,10 +111,14 @@ pub(crate) async fn serve(mut ws: WebSocket<Socket>, setup: Setup) {
         .next()
         .map(|r| Handshake::parse(&r))
         .unwrap_or_else(|| Err(protocol::ProtocolError("empty handshake".into())));
+    if !matches!(&handshake, Ok(h) if h.protocol == "json" && h.version >= 1 && h.version <= protocol::MAX_VERSION)
+    {
+        setup.metrics.refused("handshake");
+    }
     let handshake = match handshake {
         Ok(h) if h.protocol != "json" => {
             let reason = format!("The protocol '{}' is not supported.", h.protocol);
-            reject(&mut write, &reason).await;
+            reject(&mut write, &reason, setup.limits.handshake_timeout).await;
             return;
         }
         Ok(h) if h.version == 0 || h.version > protocol::MAX_VERSION => {
@@ -118,12 +126,12 @@ pub(crate) async fn serve(mut ws: WebSocket<Socket>, setup: Setup) {
                 "The server does not support version {} of the 'json' protocol.",
                 h.version
             );
-            reject(&mut write, &reason).await;
+            reject(&mut write, &reason, setup.limits.handshake_timeout).await;
             return;
         }
         Ok(h) => h,
         Err(err) => {
-            reject(&mut write, &err.0).await;
+            reject(&mut write, &err.0, setup.limits.handshake_timeout).await;
             return;
         }
     };
@@ -137,19 +145,21 @@ pub(crate) async fn serve(mut ws: WebSocket<Socket>, setup: Setup) {
     {
         Ok(c) => c,
         Err(err) => {
+            setup.metrics.refused(match &err {
+                Error::TooManyConnections { .. } => "limit",
+                _ => "register",
+            });
             let reason = match &err {
                 Error::TooManyConnections { .. } => "The server is at its connection limit.".into(),
                 Error::DuplicateConnection(_) => "This connection id is already connected.".into(),
                 other => format!("The connection could not be registered: {other}"),
             };
-            reject(&mut write, &reason).await;
+            reject(&mut write, &reason, setup.limits.handshake_timeout).await;
             return;
         }
     };
-    if write_record(&mut write, protocol::handshake_response(None))
-        .await
-        .is_err()
-    {
+    let accepted = Frame::text(Payload::Owned(protocol::handshake_response(None)));
+    if !put(&mut write, accepted, setup.limits.handshake_timeout).await {
         let _ = setup.node.disconnect(&hub_name, &setup.id).await;
         return;
     }
@@ -159,9 +169,14 @@ pub(crate) async fn serve(mut ws: WebSocket<Socket>, setup: Setup) {
         hub_name.clone(),
         setup.id.clone(),
         setup.user.clone(),
+        Some(setup.metrics.clone()),
     );
+    let metrics = setup.metrics.clone();
+    metrics.connects.inc();
+    metrics.connections.inc();
     let (out_tx, out_rx) = mpsc::channel::<Out>(256);
     let (writer_done_tx, mut writer_done) = watch::channel(false);
+    let (ending_tx, ending) = watch::channel(false);
     let writer = tokio::spawn(writer(
         write,
         connection,
@@ -171,6 +186,8 @@ pub(crate) async fn serve(mut ws: WebSocket<Socket>, setup: Setup) {
         setup.limits,
         setup.shutdown.clone(),
         writer_done_tx,
+        ending,
+        metrics.clone(),
     ));
 
     if let Err(err) = setup.hub.connected(ctx.clone()).await {
@@ -192,6 +209,7 @@ pub(crate) async fn serve(mut ws: WebSocket<Socket>, setup: Setup) {
         streams.clone(),
     ));
     let mut dispatch = Dispatch {
+        metrics: metrics.clone(),
         hub: setup.hub.clone(),
         ctx: ctx.clone(),
         out: out_tx.clone(),
@@ -289,32 +307,44 @@ pub(crate) async fn serve(mut ws: WebSocket<Socket>, setup: Setup) {
         }),
         None => None,
     };
+    // Unregister before the last frame goes out: a client whose close was answered is gone
+    // from presence and groups on every node. The writer is told first, so the end of its
+    // delivery channel is not mistaken for a slow consumer.
+    let _ = ending_tx.send(true);
+    if let Err(err) = setup.node.disconnect(&hub_name, &setup.id).await {
+        tracing::warn!(connection = %setup.id, %err, "could not unregister a connection");
+    }
     if let Some(close) = close {
         let _ = out_tx.send(close).await;
     }
     drop(out_tx);
     let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
-    if let Err(err) = setup.node.disconnect(&hub_name, &setup.id).await {
-        tracing::warn!(connection = %setup.id, %err, "could not unregister a connection");
-    }
+    metrics.disconnects.inc();
+    metrics.connections.dec();
     if let Err(err) = setup.hub.disconnected(ctx).await {
         tracing::warn!(connection = %setup.id, %err, "the hub's disconnect hook failed");
     }
 }
 
 /// Sends a handshake error and closes.
-async fn reject(write: &mut WebSocketWrite<WriteHalf<Socket>>, reason: &str) {
-    let _ = write_record(write, protocol::handshake_response(Some(reason))).await;
-    let _ = write
-        .write_frame(Frame::close(1002, reason.as_bytes()))
-        .await;
+async fn reject(write: &mut WebSocketWrite<WriteHalf<Socket>>, reason: &str, limit: Duration) {
+    let response = protocol::handshake_response(Some(reason));
+    if put(write, Frame::text(Payload::Owned(response)), limit).await {
+        let _ = put(write, Frame::close(1002, reason.as_bytes()), limit).await;
+    }
 }
 
-async fn write_record(
+/// Writes one frame, giving up after `limit`: a client that stops reading must not hold its
+/// writer (and the deliveries queued behind it) forever.
+async fn put(
     write: &mut WebSocketWrite<WriteHalf<Socket>>,
-    record: Vec<u8>,
-) -> Result<(), fastwebsockets::WebSocketError> {
-    write.write_frame(Frame::text(Payload::Owned(record))).await
+    frame: Frame<'_>,
+    limit: Duration,
+) -> bool {
+    matches!(
+        tokio::time::timeout(limit, write.write_frame(frame)).await,
+        Ok(Ok(()))
+    )
 }
 
 /// Why the reader stopped.
@@ -339,6 +369,7 @@ struct Work {
 }
 
 struct Dispatch {
+    metrics: Arc<Metrics>,
     hub: Arc<Hub>,
     ctx: Context,
     out: mpsc::Sender<Out>,
@@ -360,6 +391,7 @@ impl Dispatch {
 
     /// Handles one record; `Some` ends the connection.
     async fn record(&mut self, record: &[u8]) -> Option<End> {
+        self.metrics.messages_in.inc();
         let message = match HubMessage::parse(record) {
             Ok(m) => m,
             Err(err) => {
@@ -607,7 +639,10 @@ async fn writer(
     limits: Limits,
     mut shutdown: watch::Receiver<bool>,
     done: watch::Sender<bool>,
+    ending: watch::Receiver<bool>,
+    metrics: Arc<Metrics>,
 ) {
+    let mut connection_open = true;
     let mut ping = tokio::time::interval(limits.keep_alive);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ping.tick().await;
@@ -619,6 +654,7 @@ async fn writer(
     loop {
         frame.clear();
         acks.clear();
+        let mut deliveries = 0u64;
         tokio::select! {
             biased;
             _ = shutdown.changed(), if closing.is_none() => {
@@ -632,7 +668,7 @@ async fn writer(
             item = out.recv(), if out_open => match item {
                 Some(Out::Record(record)) => frame.extend_from_slice(&record),
                 Some(Out::Pong(payload)) => {
-                    if write.write_frame(Frame::pong(Payload::Owned(payload))).await.is_err() {
+                    if !put(&mut write, Frame::pong(Payload::Owned(payload)), limits.client_timeout).await {
                         break;
                     }
                     continue;
@@ -643,15 +679,17 @@ async fn writer(
                 }
                 None => out_open = false,
             },
-            delivery = connection.recv() => match delivery {
+            delivery = connection.recv(), if connection_open => match delivery {
                 Some(delivery) => {
                     if let Some(record) = delivery_record(&delivery) {
                         frame.extend_from_slice(&record);
+                        deliveries += 1;
                     }
                     if let DeliveryKind::Durable(id) = delivery.kind {
                         acks.push(id);
                     }
                 }
+                None if *ending.borrow() => connection_open = false,
                 None => {
                     // The node dropped the connection: it fell behind, or the node stops.
                     let record = HubMessage::Close {
@@ -672,9 +710,10 @@ async fn writer(
         if closing.is_none() {
             // Everything else already queued goes in the same frame.
             while frame.len() < FRAME_BYTES {
-                if let Some(delivery) = connection.try_recv() {
+                if let Some(delivery) = connection.try_recv().filter(|_| connection_open) {
                     if let Some(record) = delivery_record(&delivery) {
                         frame.extend_from_slice(&record);
+                        deliveries += 1;
                     }
                     if let DeliveryKind::Durable(id) = delivery.kind {
                         acks.push(id);
@@ -684,9 +723,12 @@ async fn writer(
                 match out.try_recv() {
                     Ok(Out::Record(record)) => frame.extend_from_slice(&record),
                     Ok(Out::Pong(payload)) => {
-                        let _ = write
-                            .write_frame(Frame::pong(Payload::Owned(payload)))
-                            .await;
+                        let _ = put(
+                            &mut write,
+                            Frame::pong(Payload::Owned(payload)),
+                            limits.client_timeout,
+                        )
+                        .await;
                     }
                     Ok(Out::Close {
                         error,
@@ -706,14 +748,21 @@ async fn writer(
             }
         }
         if !frame.is_empty() {
-            let payload = std::mem::take(&mut frame);
-            if write
-                .write_frame(Frame::text(Payload::Owned(payload)))
-                .await
-                .is_err()
+            let started = std::time::Instant::now();
+            if !put(
+                &mut write,
+                Frame::text(Payload::Borrowed(&frame)),
+                limits.client_timeout,
+            )
+            .await
             {
+                metrics.delivered(deliveries, false);
                 break;
             }
+            metrics.delivered(deliveries, true);
+            metrics
+                .delivery_seconds
+                .observe(started.elapsed().as_secs_f64());
             wrote_since_tick = true;
             for id in acks.drain(..) {
                 if let Err(err) = node.acknowledge(ctx.hub(), ctx.connection_id(), id).await {
@@ -723,14 +772,19 @@ async fn writer(
         }
         if let Some((code, record)) = closing.take() {
             if let Some(record) = record {
-                let _ = write.write_frame(Frame::text(Payload::Owned(record))).await;
+                let _ = put(
+                    &mut write,
+                    Frame::text(Payload::Owned(record)),
+                    limits.client_timeout,
+                )
+                .await;
             }
-            let _ = write.write_frame(Frame::close(code, b"")).await;
+            let _ = put(&mut write, Frame::close(code, b""), limits.client_timeout).await;
             break;
         }
-        if !out_open && frame.is_empty() {
+        if !out_open {
             // The reader is gone and said nothing more: close quietly.
-            let _ = write.write_frame(Frame::close(1000, b"")).await;
+            let _ = put(&mut write, Frame::close(1000, b""), limits.client_timeout).await;
             break;
         }
     }

@@ -29,6 +29,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 use tokio::sync::mpsc;
 
+use crate::metrics::Metrics;
 use crate::protocol;
 
 /// A boxed, sendable future.
@@ -330,6 +331,7 @@ pub struct Context {
     hub: HubName,
     connection: ConnectionId,
     user: Option<UserId>,
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl fmt::Debug for Context {
@@ -348,12 +350,14 @@ impl Context {
         hub: HubName,
         connection: ConnectionId,
         user: Option<UserId>,
+        metrics: Option<Arc<Metrics>>,
     ) -> Self {
         Self {
             node,
             hub,
             connection,
             user,
+            metrics,
         }
     }
 
@@ -383,6 +387,7 @@ impl Context {
             node: self.node.clone(),
             hub: self.hub.clone(),
             caller: Some(self.connection.clone()),
+            metrics: self.metrics.clone(),
         }
     }
 
@@ -410,6 +415,7 @@ pub struct Clients {
     node: Node,
     hub: HubName,
     caller: Option<ConnectionId>,
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl Clients {
@@ -420,7 +426,13 @@ impl Clients {
             node,
             hub,
             caller: None,
+            metrics: None,
         }
+    }
+
+    pub(crate) fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     fn to(&self, target: Target) -> Recipients {
@@ -431,6 +443,7 @@ impl Clients {
             except: Vec::new(),
             sender: self.caller.clone(),
             durable: None,
+            metrics: self.metrics.clone(),
         }
     }
 
@@ -513,6 +526,7 @@ pub struct Recipients {
     except: Vec<ConnectionId>,
     sender: Option<ConnectionId>,
     durable: Option<Duration>,
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl Recipients {
@@ -537,6 +551,7 @@ impl Recipients {
     /// The message could not be stored: it was not sent.
     pub async fn send(self, method: &str, arguments: Vec<Value>) -> HubResult<Published> {
         let payload = protocol::invocation(method, &arguments);
+        let kind = self.target.kind();
         let mut message = Message::new(self.hub, self.target, payload).except(self.except);
         if let Some(sender) = self.sender {
             message = message.sender(sender);
@@ -544,7 +559,12 @@ impl Recipients {
         if let Some(ttl) = self.durable {
             message = message.durable(ttl);
         }
-        Ok(self.node.publish(message).await?)
+        let started = std::time::Instant::now();
+        let published = self.node.publish(message).await?;
+        if let Some(metrics) = &self.metrics {
+            metrics.sent(kind, started.elapsed());
+        }
+        Ok(published)
     }
 }
 

@@ -23,6 +23,7 @@ mod auth;
 pub mod chat;
 mod connection;
 mod hub;
+mod metrics;
 pub mod protocol;
 mod server;
 

@@ -22,6 +22,7 @@ use crate::api::{self, ApiAuth};
 use crate::auth::Auth;
 use crate::connection::{self, Setup};
 use crate::hub::Hub;
+use crate::metrics::Metrics;
 
 /// Timing and size limits of client connections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,6 +83,7 @@ struct Shared {
     cors: Vec<String>,
     api: Option<ApiAuth>,
     hub_names: Vec<HubName>,
+    metrics: Arc<Metrics>,
     shutdown: watch::Receiver<bool>,
     /// How many WebSocket connections are being served.
     active: Arc<watch::Sender<usize>>,
@@ -139,6 +141,7 @@ impl Server {
         let shared = Arc::new(Shared {
             node: self.node.clone(),
             hub_names,
+            metrics: Arc::new(Metrics::new()),
             api: self.security.server_key.as_deref().map(ApiAuth::new),
             hubs: self.hubs,
             limits: self.limits,
@@ -151,6 +154,19 @@ impl Server {
             cors: self.security.cors_origins,
             shutdown: shutdown.clone(),
             active: active.clone(),
+        });
+        let metrics = shared.metrics.clone();
+        let mut events = self.node.events();
+        tokio::spawn(async move {
+            loop {
+                match events.recv().await {
+                    Ok(backplane_core::NodeEvent::SlowConsumer { .. }) => {
+                        metrics.slow_consumers.inc();
+                    }
+                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                }
+            }
         });
         let task = tokio::spawn(accept(listener, shared.clone(), shutdown));
         Ok(Running {
@@ -354,12 +370,24 @@ async fn route(req: Request<Incoming>, shared: Arc<Shared>) -> Response<Body> {
             response
         }
         (&Method::GET, ["health"]) => health(&shared).await,
+        (&Method::GET, ["metrics"]) => {
+            let body = shared.metrics.render(&shared.node).await;
+            let mut response = text(StatusCode::OK, body);
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static(
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                ),
+            );
+            response
+        }
         (_, ["api", "v1", "hubs", rest @ ..]) => {
             let rest: Vec<String> = rest.iter().map(|s| (*s).to_owned()).collect();
             let rest: Vec<&str> = rest.iter().map(String::as_str).collect();
             api::serve(
                 req,
                 &shared.node,
+                &shared.metrics,
                 shared.api.as_ref(),
                 &shared.hub_names,
                 &rest,
@@ -391,6 +419,7 @@ fn negotiate(req: &Request<Incoming>, shared: &Shared, hub: &str) -> Response<Bo
     }
     let max = shared.node.options().connection_limit();
     if shared.node.local_connection_count() >= max {
+        shared.metrics.refused("limit");
         return text(
             StatusCode::SERVICE_UNAVAILABLE,
             format!("the server is at its connection limit ({max})"),
@@ -402,7 +431,10 @@ fn negotiate(req: &Request<Incoming>, shared: &Shared, hub: &str) -> Response<Bo
         query.get("user").map(String::as_str),
     ) {
         Ok(user) => user,
-        Err(err) => return text(StatusCode::UNAUTHORIZED, err.0),
+        Err(err) => {
+            shared.metrics.refused("auth");
+            return text(StatusCode::UNAUTHORIZED, err.0);
+        }
     };
     let version: u32 = query
         .get("negotiateVersion")
@@ -450,18 +482,25 @@ fn upgrade(mut req: Request<Incoming>, shared: &Arc<Shared>, hub: &str) -> Respo
         query.get("user").map(String::as_str),
     ) {
         Ok(user) => user,
-        Err(err) => return text(StatusCode::UNAUTHORIZED, err.0),
+        Err(err) => {
+            shared.metrics.refused("auth");
+            return text(StatusCode::UNAUTHORIZED, err.0);
+        }
     };
     let id = match query.get("id") {
         Some(token) => match shared.auth.check_connection_token(token, hub.name()) {
             Ok((id, token_user)) if token_user == user => id,
             Ok(_) => {
+                shared.metrics.refused("auth");
                 return text(
                     StatusCode::UNAUTHORIZED,
                     "the connection token belongs to another user",
                 );
             }
-            Err(err) => return text(StatusCode::NOT_FOUND, err.0),
+            Err(err) => {
+                shared.metrics.refused("token");
+                return text(StatusCode::NOT_FOUND, err.0);
+            }
         },
         // skipNegotiation: the WebSocket is the whole connection.
         None => ConnectionId::random(),
@@ -478,6 +517,7 @@ fn upgrade(mut req: Request<Incoming>, shared: &Arc<Shared>, hub: &str) -> Respo
         user,
         limits: shared.limits,
         shutdown: shared.shutdown.clone(),
+        metrics: shared.metrics.clone(),
     };
     tokio::spawn(async move {
         let _guard = guard;

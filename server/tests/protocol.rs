@@ -493,3 +493,104 @@ async fn shutdown_closes_clients_with_reconnect_allowed() {
     assert_eq!(code, Some(1001));
     stopping.await.expect("shutdown finishes");
 }
+
+#[tokio::test]
+async fn metrics_count_connections_and_messages() {
+    let running = server(vec![chat::hub()], limits()).await;
+    let addr = running.local_addr();
+    let mut c = RawClient::connect(addr, "chat", "m").await;
+    c.send(br#"{"type":1,"invocationId":"1","target":"SendMessage","arguments":["x"]}"#)
+        .await;
+    while c.next_message().await.expect("a message")["type"] != 3 {}
+    let long_user = "u".repeat(300);
+    let path = format!("/hubs/chat/negotiate?negotiateVersion=1&user={long_user}");
+    let (status, _) = http(addr, "POST", &path, &[]).await;
+    assert_eq!(status, 401, "an overlong user name is refused");
+    let (status, body) = http(addr, "GET", "/metrics", &[]).await;
+    assert_eq!(status, 200);
+    for line in [
+        "backplane_connections 1",
+        "backplane_connects_total 1",
+        "backplane_messages_in_total 1",
+        "backplane_messages_out_total{target=\"all\"} 1",
+        "backplane_connection_failures_total{reason=\"auth\"} 1",
+        "backplane_deliveries_total{outcome=\"written\"}",
+        "backplane_publish_seconds_count 1",
+        "backplane_pending_durable_messages 0",
+        "# EOF",
+    ] {
+        assert!(body.contains(line), "missing {line:?} in:\n{body}");
+    }
+    running.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_closed_with_a_reason() {
+    let running = server_with(
+        vec![chat::hub()],
+        Limits {
+            // Long enough that the blocked write is still waiting when the client reads again.
+            client_timeout: Duration::from_secs(20),
+            keep_alive: Duration::from_secs(1),
+            ..limits()
+        },
+        Security {
+            allow_anonymous: true,
+            ..Security::default()
+        },
+        NodeOptions::new().connection_buffer(64),
+    )
+    .await;
+    let addr = running.local_addr();
+    let mut events = running.node().events();
+    let mut stuck = RawClient::connect(addr, "chat", "stuck").await;
+    let mut sender = RawClient::connect(addr, "chat", "sender").await;
+    let text = "y".repeat(8000);
+    // Far more than the socket buffers and the connection's queue hold.
+    let mut sent = 0;
+    let slow = loop {
+        let call = format!(r#"{{"type":1,"target":"SendMessage","arguments":["{text}"]}}"#);
+        sender.send(call.as_bytes()).await;
+        sent += 1;
+        match events.try_recv() {
+            Ok(backplane_core::NodeEvent::SlowConsumer { connection, .. }) => break connection,
+            _ if sent < 20_000 => {}
+            other => panic!("no slow consumer after {sent} messages: {other:?}"),
+        }
+        // The sender reads its own copies, so only the stuck client falls behind.
+        while let Ok(Some(_)) =
+            tokio::time::timeout(Duration::from_millis(1), sender.next_record()).await
+        {}
+    };
+    let (status, metrics) = http(addr, "GET", "/metrics", &[]).await;
+    assert_eq!(status, 200);
+    assert!(
+        metrics.contains("backplane_slow_consumer_closes_total 1"),
+        "{metrics}"
+    );
+    // Reading again, the stuck client finds the reason after whatever was queued for it.
+    let (close, _) = stuck.until_closed().await;
+    if let Some(close) = close {
+        assert!(
+            close["error"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("could not keep up"),
+            "{close}"
+        );
+        assert_eq!(close["allowReconnect"], true);
+    }
+    let _ = slow;
+    // The sender is still served.
+    sender
+        .send(br#"{"type":1,"invocationId":"z","target":"GetOnlineUsers","arguments":[]}"#)
+        .await;
+    loop {
+        let m = sender.next_message().await.expect("still served");
+        if m["invocationId"] == "z" {
+            assert_eq!(m["result"], json!(["sender"]));
+            break;
+        }
+    }
+    running.shutdown(Duration::from_secs(5)).await;
+}
