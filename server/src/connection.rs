@@ -9,6 +9,7 @@ use std::time::Duration;
 use backplane_core::{ConnectionId, Delivery, DeliveryKind, Error, InvocationId, Node, UserId};
 use bytes::Bytes;
 use fastwebsockets::{FragmentCollectorRead, Frame, OpCode, Payload, WebSocket, WebSocketWrite};
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
@@ -170,6 +171,7 @@ pub(crate) async fn serve(mut ws: WebSocket<Socket>, setup: Setup) {
         setup.id.clone(),
         setup.user.clone(),
         Some(setup.metrics.clone()),
+        setup.limits.max_groups_per_connection,
     );
     let metrics = setup.metrics.clone();
     metrics.connects.inc();
@@ -208,7 +210,12 @@ pub(crate) async fn serve(mut ws: WebSocket<Socket>, setup: Setup) {
         out_tx.clone(),
         streams.clone(),
     ));
+    let limiter = std::num::NonZeroU32::new(setup.limits.invocations_per_second).map(|rate| {
+        let burst = rate.saturating_mul(std::num::NonZeroU32::MIN.saturating_add(1));
+        RateLimiter::direct(Quota::per_second(rate).allow_burst(burst))
+    });
     let mut dispatch = Dispatch {
+        limiter,
         metrics: metrics.clone(),
         hub: setup.hub.clone(),
         ctx: ctx.clone(),
@@ -369,6 +376,8 @@ struct Work {
 }
 
 struct Dispatch {
+    /// Paces invocations: a client over its rate waits, and stops being read meanwhile.
+    limiter: Option<DefaultDirectRateLimiter>,
     metrics: Arc<Metrics>,
     hub: Arc<Hub>,
     ctx: Context,
@@ -400,6 +409,13 @@ impl Dispatch {
                 )));
             }
         };
+        if let (
+            Some(limiter),
+            HubMessage::Invocation { .. } | HubMessage::StreamInvocation { .. },
+        ) = (&self.limiter, &message)
+        {
+            limiter.until_ready().await;
+        }
         match message {
             HubMessage::Invocation {
                 invocation_id,

@@ -332,6 +332,7 @@ pub struct Context {
     connection: ConnectionId,
     user: Option<UserId>,
     metrics: Option<Arc<Metrics>>,
+    max_groups: usize,
 }
 
 impl fmt::Debug for Context {
@@ -351,6 +352,7 @@ impl Context {
         connection: ConnectionId,
         user: Option<UserId>,
         metrics: Option<Arc<Metrics>>,
+        max_groups: usize,
     ) -> Self {
         Self {
             node,
@@ -358,6 +360,7 @@ impl Context {
             connection,
             user,
             metrics,
+            max_groups,
         }
     }
 
@@ -396,6 +399,7 @@ impl Context {
         Groups {
             node: self.node.clone(),
             hub: self.hub.clone(),
+            max_groups: self.max_groups,
         }
     }
 
@@ -623,6 +627,7 @@ impl Client {
 pub struct Groups {
     node: Node,
     hub: HubName,
+    max_groups: usize,
 }
 
 impl Groups {
@@ -630,8 +635,22 @@ impl Groups {
     ///
     /// # Errors
     ///
-    /// The backplane could not record it, or the connection does not exist.
+    /// The connection is already in the most groups allowed, the backplane could not record
+    /// it, or the connection does not exist.
     pub async fn add(&self, connection: &ConnectionId, group: &GroupName) -> HubResult<()> {
+        let current = self
+            .node
+            .backplane()
+            .connection_groups(&self.hub, connection)
+            .await?;
+        if current.len() >= self.max_groups && !current.contains(group) {
+            let mut err = HubError::new(format!(
+                "a connection can be in at most {} groups",
+                self.max_groups
+            ));
+            err.invalid_input = true;
+            return Err(err);
+        }
         self.node
             .add_to_group(&self.hub, group, connection)
             .await

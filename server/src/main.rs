@@ -70,6 +70,13 @@ struct Args {
     /// The largest message a client may send, in bytes [default: 1048576].
     #[arg(long, env = "BACKPLANE_MAX_MESSAGE_SIZE")]
     max_message_size: Option<usize>,
+    /// Invocations per second per connection; faster clients are slowed (0: no limit)
+    /// [default: 100].
+    #[arg(long, env = "BACKPLANE_INVOCATIONS_PER_SECOND")]
+    invocations_per_second: Option<u32>,
+    /// The most groups one connection may join [default: 1000].
+    #[arg(long, env = "BACKPLANE_MAX_GROUPS_PER_CONNECTION")]
+    max_groups_per_connection: Option<usize>,
     /// The most connections this node accepts [default: 100000].
     #[arg(long, env = "BACKPLANE_MAX_CONNECTIONS")]
     max_connections: Option<usize>,
@@ -101,6 +108,8 @@ struct FileConfig {
     client_timeout: Option<String>,
     handshake_timeout: Option<String>,
     max_message_size: Option<usize>,
+    invocations_per_second: Option<u32>,
+    max_groups_per_connection: Option<usize>,
     max_connections: Option<usize>,
     heartbeat_interval: Option<String>,
     node_timeout: Option<String>,
@@ -151,6 +160,14 @@ fn resolve(args: Args) -> Result<Config, String> {
             .max_message_size
             .or(file.max_message_size)
             .unwrap_or(defaults.max_message_size),
+        invocations_per_second: args
+            .invocations_per_second
+            .or(file.invocations_per_second)
+            .unwrap_or(defaults.invocations_per_second),
+        max_groups_per_connection: args
+            .max_groups_per_connection
+            .or(file.max_groups_per_connection)
+            .unwrap_or(defaults.max_groups_per_connection),
     };
     if limits.keep_alive.is_zero() || limits.client_timeout <= limits.keep_alive {
         return Err(format!(

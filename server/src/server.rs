@@ -35,6 +35,12 @@ pub struct Limits {
     pub handshake_timeout: Duration,
     /// The largest message a client may send, in bytes. Defaults to 1 MiB.
     pub max_message_size: usize,
+    /// Invocations a connection may make per second, with bursts of twice as many; a faster
+    /// client is slowed down (its messages are read later), not refused. 0 turns the limit
+    /// off. Defaults to 100.
+    pub invocations_per_second: u32,
+    /// The most groups one connection may be in. Defaults to 1 000.
+    pub max_groups_per_connection: usize,
 }
 
 impl Default for Limits {
@@ -44,6 +50,8 @@ impl Default for Limits {
             client_timeout: Duration::from_secs(30),
             handshake_timeout: Duration::from_secs(15),
             max_message_size: 1024 * 1024,
+            invocations_per_second: 100,
+            max_groups_per_connection: 1000,
         }
     }
 }

@@ -532,6 +532,7 @@ async fn a_client_that_stops_reading_is_closed_with_a_reason() {
             // Long enough that the blocked write is still waiting when the client reads again.
             client_timeout: Duration::from_secs(20),
             keep_alive: Duration::from_secs(1),
+            invocations_per_second: 0,
             ..limits()
         },
         Security {
@@ -592,5 +593,73 @@ async fn a_client_that_stops_reading_is_closed_with_a_reason() {
             break;
         }
     }
+    running.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn a_connection_joins_a_bounded_number_of_groups() {
+    let running = server(
+        vec![chat::hub()],
+        Limits {
+            max_groups_per_connection: 2,
+            ..limits()
+        },
+    )
+    .await;
+    let mut c = RawClient::connect(running.local_addr(), "chat", "joiner").await;
+    for (i, group) in ["a", "b", "a", "c"].iter().enumerate() {
+        let call = format!(
+            r#"{{"type":1,"invocationId":"{i}","target":"JoinGroup","arguments":["{group}"]}}"#
+        );
+        c.send(call.as_bytes()).await;
+        let completion = loop {
+            let m = c.next_message().await.expect("a message");
+            if m["type"] == 3 {
+                break m;
+            }
+        };
+        if *group == "c" {
+            assert!(
+                completion["error"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .contains("at most 2 groups"),
+                "{completion}"
+            );
+        } else {
+            assert!(completion.get("error").is_none(), "{group}: {completion}");
+        }
+    }
+    running.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn a_flood_of_invocations_is_paced_not_dropped() {
+    let running = server(
+        vec![test_hub()],
+        Limits {
+            invocations_per_second: 50,
+            ..limits()
+        },
+    )
+    .await;
+    let mut c = RawClient::connect(running.local_addr(), "test", "flood").await;
+    let started = std::time::Instant::now();
+    // A burst of 100 passes at once; the next 50 take about a second.
+    for i in 0..150 {
+        let call =
+            format!(r#"{{"type":1,"invocationId":"{i}","target":"Echo","arguments":[{i}]}}"#);
+        c.send(call.as_bytes()).await;
+    }
+    for i in 0..150 {
+        let m = c.next_message().await.expect("a completion");
+        assert_eq!(m["invocationId"], i.to_string(), "in order, none lost");
+        assert_eq!(m["result"], i);
+    }
+    assert!(
+        started.elapsed() >= Duration::from_millis(800),
+        "150 invocations at 50/s (burst 100) took only {:?}",
+        started.elapsed()
+    );
     running.shutdown(Duration::from_secs(5)).await;
 }
