@@ -8,6 +8,7 @@
 //! | `SendToGroup(group, message)` | the group receives `ReceiveGroupMessage(group, user, message)` |
 //! | `SendToUser(user, message)` | every connection of that user receives `ReceiveNotification(fromUser, message)`, durably: an offline user receives it once, on their next connect |
 //! | `GetOnlineUsers()` | returns the ids of the users connected to the hub, on any node |
+//! | `Ask(user, question)` | one connection of that user is asked `Ask(fromUser, question)` and the value its handler returns is the caller's result (a SignalR client result, on any node) |
 
 use std::time::Duration;
 
@@ -18,6 +19,9 @@ use crate::hub::{Context, Hub, HubError};
 
 /// How long a direct message waits for an offline user.
 pub const DIRECT_MESSAGE_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// How long `Ask` waits for the asked client's answer.
+pub const ASK_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The caller's display name: its user id, or its connection id when anonymous.
 fn who(ctx: &Context) -> String {
@@ -97,6 +101,23 @@ pub fn hub() -> Hub {
                 .map(|u| u.to_string())
                 .collect();
             Ok(json!(users))
+        })
+        .method("Ask", 2, |ctx, args| async move {
+            let user = UserId::new(args.get::<String>(0)?).map_err(HubError::from)?;
+            let question: String = args.get(1)?;
+            let connections = ctx
+                .node()
+                .backplane()
+                .user_connections(ctx.hub(), &user)
+                .await
+                .map_err(HubError::from)?;
+            let Some(first) = connections.into_iter().next() else {
+                return Err(HubError::new(format!("{user} is not connected")));
+            };
+            ctx.clients()
+                .client(first.id)
+                .invoke("Ask", vec![json!(who(&ctx)), json!(question)], ASK_TIMEOUT)
+                .await
         })
         .build()
 }

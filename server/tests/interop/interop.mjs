@@ -222,6 +222,26 @@ scenario("completions carry results and errors", async () => {
   await c.stop();
 });
 
+scenario("client results: a hub method gets the value an .on handler returns, across nodes", async () => {
+  const asker = await new Client(A, `asker-${unique}`).start();
+  const oracle = await new Client(B, `oracle-${unique}`).start();
+  oracle.connection.on("Ask", (from, question) => {
+    if (question === "fail") throw new Error("cannot answer");
+    return `${from} asked: ${question}`;
+  });
+  const answer = await within(asker.connection.invoke("Ask", oracle.user, "meaning?"), "an answer");
+  check(answer === `${asker.user} asked: meaning?`, `answer ${JSON.stringify(answer)}`);
+  await asker.connection.invoke("Ask", oracle.user, "fail").then(
+    () => check(false, "a failing handler produced a result"),
+    (e) => check(/cannot answer/.test(e.message), e.message),
+  );
+  await asker.connection.invoke("Ask", `nobody-${unique}`, "?").then(
+    () => check(false, "asked a user who is not connected"),
+    (e) => check(/not connected/.test(e.message), e.message),
+  );
+  await Promise.all([asker.stop(), oracle.stop()]);
+});
+
 scenario("an invalid token is refused", async () => {
   const bad = new signalR.HubConnectionBuilder()
     .withUrl(`${A}/hubs/chat`, { accessTokenFactory: () => "not-a-token" })
