@@ -2,7 +2,7 @@
 //! writer that sends everything queued for the client, coalesced into as few frames as
 //! possible.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -32,8 +32,14 @@ const INVOCATION_QUEUE: usize = 64;
 
 /// What the writer sends.
 enum Out {
-    /// One encoded hub message.
+    /// One encoded hub message that counts for stateful reconnect (a completion, a stream item).
     Record(Vec<u8>),
+    /// One encoded hub message that does not (an `Ack`).
+    Control(Vec<u8>),
+    /// The client received every message up to this sequence id.
+    Acked(u64),
+    /// The socket is gone; keep what is sent until another attaches.
+    Detach,
     /// The answer to a WebSocket ping.
     Pong(Vec<u8>),
     /// A hub `Close` message, then the WebSocket close frame; the writer ends.
@@ -53,6 +59,47 @@ pub(crate) struct Setup {
     pub(crate) limits: Limits,
     pub(crate) shutdown: watch::Receiver<bool>,
     pub(crate) metrics: Arc<Metrics>,
+    pub(crate) sessions: Sessions,
+}
+
+type Reader = FragmentCollectorRead<tokio::io::ReadHalf<Socket>>;
+type Writer = WebSocketWrite<WriteHalf<Socket>>;
+
+/// The logical connections that may resume on a new socket (stateful reconnect), by id.
+pub(crate) type Sessions = Arc<Mutex<HashMap<ConnectionId, mpsc::Sender<(Reader, Writer)>>>>;
+
+/// How many bytes of unacknowledged messages a stateful connection keeps for a resume; past
+/// that, it stops taking deliveries until the client acknowledges (and falls behind, if it
+/// never does).
+const RESUME_BUFFER_BYTES: usize = 1024 * 1024;
+
+fn configure(ws: &mut WebSocket<Socket>, limits: &Limits) {
+    ws.set_auto_close(false);
+    ws.set_auto_pong(false);
+    ws.set_max_message_size(limits.max_message_size);
+}
+
+/// Hands a new socket to the stateful connection it resumes. There is no handshake: the
+/// client sends `Sequence` and resends what it has not seen acknowledged. When that
+/// connection has just ended, the socket is closed.
+pub(crate) async fn resume(
+    mut ws: WebSocket<Socket>,
+    limits: Limits,
+    session: mpsc::Sender<(Reader, Writer)>,
+) {
+    configure(&mut ws, &limits);
+    let (read, write) = ws.split(tokio::io::split);
+    if let Err(mpsc::error::SendError((_, mut write))) = session
+        .send((FragmentCollectorRead::new(read), write))
+        .await
+    {
+        let _ = put(
+            &mut write,
+            Frame::close(1000, b"the connection ended"),
+            limits.handshake_timeout,
+        )
+        .await;
+    }
 }
 
 /// A noop for the read half's obligated sends: auto pong and auto close are off, and the
@@ -63,9 +110,7 @@ async fn no_obligations(_: Frame<'_>) -> Result<(), std::io::Error> {
 
 /// Serves one upgraded WebSocket until it closes.
 pub(crate) async fn serve(mut ws: WebSocket<Socket>, setup: Setup) {
-    ws.set_auto_close(false);
-    ws.set_auto_pong(false);
-    ws.set_max_message_size(setup.limits.max_message_size);
+    configure(&mut ws, &setup.limits);
     let (read, mut write) = ws.split(tokio::io::split);
     let mut obligations = no_obligations;
     let mut read = FragmentCollectorRead::new(read);
@@ -179,6 +224,16 @@ pub(crate) async fn serve(mut ws: WebSocket<Socket>, setup: Setup) {
     let (out_tx, out_rx) = mpsc::channel::<Out>(256);
     let (writer_done_tx, mut writer_done) = watch::channel(false);
     let (ending_tx, ending) = watch::channel(false);
+    let stateful = handshake.version >= 2;
+    let (swap_tx, swap_rx) = mpsc::channel::<Writer>(1);
+    let (attach_tx, mut attach_rx) = mpsc::channel::<(Reader, Writer)>(1);
+    if stateful {
+        setup
+            .sessions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(setup.id.clone(), attach_tx);
+    }
     let writer = tokio::spawn(writer(
         write,
         connection,
@@ -190,6 +245,7 @@ pub(crate) async fn serve(mut ws: WebSocket<Socket>, setup: Setup) {
         writer_done_tx,
         ending,
         metrics.clone(),
+        stateful.then_some(swap_rx),
     ));
 
     if let Err(err) = setup.hub.connected(ctx.clone()).await {
@@ -215,6 +271,10 @@ pub(crate) async fn serve(mut ws: WebSocket<Socket>, setup: Setup) {
         RateLimiter::direct(Quota::per_second(rate).allow_burst(burst))
     });
     let mut dispatch = Dispatch {
+        stateful,
+        incoming: 1,
+        received: 0,
+        ack_due: false,
         limiter,
         metrics: metrics.clone(),
         hub: setup.hub.clone(),
@@ -232,50 +292,90 @@ pub(crate) async fn serve(mut ws: WebSocket<Socket>, setup: Setup) {
             break;
         }
     }
-    while end.is_none() {
-        let frame = tokio::select! {
-            frame = tokio::time::timeout(setup.limits.client_timeout, read.read_frame(&mut obligations)) => frame,
-            _ = writer_done.changed() => break,
-        };
-        let frame = match frame {
-            Err(_) => {
-                end = Some(End::Close(
-                    "Server timeout elapsed without receiving a message from the client.".into(),
-                ));
-                break;
+    'socket: loop {
+        let mut dropped = false;
+        while end.is_none() {
+            if dispatch.ack_due {
+                dispatch.ack_due = false;
+                let ack = HubMessage::Ack {
+                    sequence_id: dispatch.received,
+                }
+                .encode();
+                let _ = out_tx.send(Out::Control(ack)).await;
             }
-            Ok(Err(fastwebsockets::WebSocketError::FrameTooLarge)) => {
-                end = Some(End::TooLarge);
-                break;
-            }
-            Ok(Err(err)) => {
-                tracing::debug!(connection = %setup.id, %err, "socket read ended");
-                break;
-            }
-            Ok(Ok(frame)) => frame,
-        };
-        match frame.opcode {
-            OpCode::Text | OpCode::Binary => {
-                match buffer.push(&frame.payload, setup.limits.max_message_size) {
-                    Ok(records) => {
-                        for record in records {
-                            if let Some(reason) = dispatch.record(&record).await {
-                                end = Some(reason);
-                                break;
+            let frame = tokio::select! {
+                frame = tokio::time::timeout(setup.limits.client_timeout, read.read_frame(&mut obligations)) => frame,
+                _ = writer_done.changed() => break 'socket,
+            };
+            let frame = match frame {
+                Err(_) => {
+                    end = Some(End::Close(
+                        "Server timeout elapsed without receiving a message from the client."
+                            .into(),
+                    ));
+                    break;
+                }
+                Ok(Err(fastwebsockets::WebSocketError::FrameTooLarge)) => {
+                    end = Some(End::TooLarge);
+                    break;
+                }
+                Ok(Err(err)) => {
+                    tracing::debug!(connection = %setup.id, %err, "socket read ended");
+                    dropped = true;
+                    break;
+                }
+                Ok(Ok(frame)) => frame,
+            };
+            match frame.opcode {
+                OpCode::Text | OpCode::Binary => {
+                    match buffer.push(&frame.payload, setup.limits.max_message_size) {
+                        Ok(records) => {
+                            for record in records {
+                                if let Some(reason) = dispatch.record(&record).await {
+                                    end = Some(reason);
+                                    break;
+                                }
                             }
                         }
+                        Err(_) => end = Some(End::TooLarge),
                     }
-                    Err(_) => end = Some(End::TooLarge),
+                }
+                OpCode::Ping => {
+                    let _ = out_tx.send(Out::Pong(frame.payload.to_vec())).await;
+                }
+                OpCode::Close => {
+                    end = Some(End::ClientClosed);
+                }
+                _ => {}
+            }
+        }
+        if end.is_some() || !dropped || !stateful {
+            break;
+        }
+        // Stateful reconnect: keep the connection, and what is sent to it, for a new socket.
+        let _ = out_tx.send(Out::Detach).await;
+        let resumed = tokio::select! {
+            resumed = tokio::time::timeout(setup.limits.client_timeout, attach_rx.recv()) => resumed,
+            _ = writer_done.changed() => break,
+        };
+        match resumed {
+            Ok(Some((new_read, new_write))) => {
+                tracing::debug!(connection = %setup.id, "connection resumed on a new socket");
+                read = new_read;
+                buffer = RecordBuffer::default();
+                if swap_tx.send(new_write).await.is_err() {
+                    break;
                 }
             }
-            OpCode::Ping => {
-                let _ = out_tx.send(Out::Pong(frame.payload.to_vec())).await;
-            }
-            OpCode::Close => {
-                end = Some(End::ClientClosed);
-            }
-            _ => {}
+            _ => break,
         }
+    }
+    if stateful {
+        setup
+            .sessions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&setup.id);
     }
 
     // Stop the work in flight, then close.
@@ -376,6 +476,14 @@ struct Work {
 }
 
 struct Dispatch {
+    /// Whether the client speaks stateful reconnect (protocol version 2).
+    stateful: bool,
+    /// The sequence id of the next sequenced message from the client.
+    incoming: u64,
+    /// The highest sequence id handled; resent messages at or below it are skipped.
+    received: u64,
+    /// Whether an `Ack` should go out.
+    ack_due: bool,
     /// Paces invocations: a client over its rate waits, and stops being read meanwhile.
     limiter: Option<DefaultDirectRateLimiter>,
     metrics: Arc<Metrics>,
@@ -409,6 +517,29 @@ impl Dispatch {
                 )));
             }
         };
+        if self.stateful {
+            match &message {
+                HubMessage::Ack { sequence_id } => {
+                    let _ = self.out.send(Out::Acked(*sequence_id)).await;
+                    return None;
+                }
+                HubMessage::Sequence { sequence_id } => {
+                    self.incoming = *sequence_id;
+                    return None;
+                }
+                m if m.is_sequenced() => {
+                    let id = self.incoming;
+                    self.incoming += 1;
+                    if id <= self.received {
+                        // Resent after a reconnect, and already handled.
+                        return None;
+                    }
+                    self.received = id;
+                    self.ack_due = true;
+                }
+                _ => {}
+            }
+        }
         if let (
             Some(limiter),
             HubMessage::Invocation { .. } | HubMessage::StreamInvocation { .. },
@@ -643,11 +774,51 @@ fn delivery_record(delivery: &Delivery) -> Option<Vec<u8>> {
     }
 }
 
+/// What the writer has sent and not yet seen acknowledged, for a resume (stateful reconnect).
+#[derive(Default)]
+struct Unacked {
+    next: u64,
+    records: VecDeque<(u64, Vec<u8>)>,
+    bytes: usize,
+}
+
+impl Unacked {
+    fn push(&mut self, record: &[u8]) {
+        self.next += 1;
+        self.bytes += record.len();
+        self.records.push_back((self.next, record.to_vec()));
+    }
+
+    fn acked(&mut self, up_to: u64) {
+        while let Some((id, record)) = self.records.front() {
+            if *id > up_to {
+                break;
+            }
+            self.bytes -= record.len();
+            self.records.pop_front();
+        }
+    }
+
+    /// The sequence id of the first message a resumed socket gets.
+    fn first(&self) -> u64 {
+        self.records.front().map_or(self.next + 1, |(id, _)| *id)
+    }
+}
+
+/// The frame being assembled: its bytes, how many deliveries it carries, and their durable ids.
+struct Pending {
+    bytes: Vec<u8>,
+    deliveries: u64,
+    acks: Vec<backplane_core::MessageId>,
+}
+
 /// Sends everything queued for the client: what the node delivers and what the reader and
-/// worker queue, coalesced into frames of up to [`FRAME_BYTES`], plus keep-alive pings.
+/// worker queue, coalesced into frames of up to [`FRAME_BYTES`], plus keep-alive pings. With
+/// stateful reconnect (`resume` is set), sequenced messages are kept until the client
+/// acknowledges them, and a new socket from `resume` gets them again after a `Sequence`.
 #[allow(clippy::too_many_arguments)]
 async fn writer(
-    mut write: WebSocketWrite<WriteHalf<Socket>>,
+    write: Writer,
     mut connection: backplane_core::Connection,
     mut out: mpsc::Receiver<Out>,
     node: Node,
@@ -657,20 +828,39 @@ async fn writer(
     done: watch::Sender<bool>,
     ending: watch::Receiver<bool>,
     metrics: Arc<Metrics>,
+    mut resume: Option<mpsc::Receiver<Writer>>,
 ) {
+    let stateful = resume.is_some();
+    let mut write = Some(write);
+    let mut unacked = Unacked::default();
     let mut connection_open = true;
     let mut ping = tokio::time::interval(limits.keep_alive);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ping.tick().await;
     let mut wrote_since_tick = false;
-    let mut frame = Vec::with_capacity(FRAME_BYTES);
-    let mut acks = Vec::new();
+    let mut frame = Pending {
+        bytes: Vec::with_capacity(FRAME_BYTES),
+        deliveries: 0,
+        acks: Vec::new(),
+    };
     let mut closing: Option<(u16, Option<Vec<u8>>)> = None;
     let mut out_open = true;
+    let mut unwritten_acks = Vec::new();
+    // A sequenced record: kept for a resume, and written when a socket is attached.
+    let sequenced = |frame: &mut Pending, unacked: &mut Unacked, record: &[u8], attached: bool| {
+        if stateful {
+            unacked.push(record);
+        }
+        if attached {
+            frame.bytes.extend_from_slice(record);
+        }
+    };
     loop {
-        frame.clear();
-        acks.clear();
-        let mut deliveries = 0u64;
+        frame.bytes.clear();
+        frame.acks.clear();
+        frame.deliveries = 0;
+        let attached = write.is_some();
+        let room = !stateful || unacked.bytes < RESUME_BUFFER_BYTES;
         tokio::select! {
             biased;
             _ = shutdown.changed(), if closing.is_none() => {
@@ -681,11 +871,34 @@ async fn writer(
                 .encode();
                 closing = Some((1001, Some(record)));
             }
+            new = async { resume.as_mut()?.recv().await }, if stateful => match new {
+                Some(new) => {
+                    write = Some(new);
+                    // Everything not acknowledged, after the id it starts at.
+                    frame.bytes.extend_from_slice(&HubMessage::Sequence { sequence_id: unacked.first() }.encode());
+                    for (_, record) in &unacked.records {
+                        frame.bytes.extend_from_slice(record);
+                    }
+                }
+                None => resume = None,
+            },
             item = out.recv(), if out_open => match item {
-                Some(Out::Record(record)) => frame.extend_from_slice(&record),
+                Some(Out::Record(record)) => sequenced(&mut frame, &mut unacked, &record, attached),
+                Some(Out::Control(record)) => {
+                    if attached {
+                        frame.bytes.extend_from_slice(&record);
+                    }
+                }
+                Some(Out::Acked(id)) => unacked.acked(id),
+                Some(Out::Detach) => write = None,
                 Some(Out::Pong(payload)) => {
-                    if !put(&mut write, Frame::pong(Payload::Owned(payload)), limits.client_timeout).await {
-                        break;
+                    if let Some(w) = write.as_mut() {
+                        if !put(w, Frame::pong(Payload::Owned(payload)), limits.client_timeout).await {
+                            write = None;
+                            if !stateful {
+                                break;
+                            }
+                        }
                     }
                     continue;
                 }
@@ -695,14 +908,14 @@ async fn writer(
                 }
                 None => out_open = false,
             },
-            delivery = connection.recv(), if connection_open => match delivery {
+            delivery = connection.recv(), if connection_open && room => match delivery {
                 Some(delivery) => {
                     if let Some(record) = delivery_record(&delivery) {
-                        frame.extend_from_slice(&record);
-                        deliveries += 1;
+                        sequenced(&mut frame, &mut unacked, &record, attached);
+                        frame.deliveries += 1;
                     }
                     if let DeliveryKind::Durable(id) = delivery.kind {
-                        acks.push(id);
+                        frame.acks.push(id);
                     }
                 }
                 None if *ending.borrow() => connection_open = false,
@@ -717,34 +930,51 @@ async fn writer(
                 }
             },
             _ = ping.tick() => {
-                if !wrote_since_tick {
-                    frame.extend_from_slice(&HubMessage::Ping.encode());
+                if !wrote_since_tick && attached {
+                    frame.bytes.extend_from_slice(&HubMessage::Ping.encode());
                 }
                 wrote_since_tick = false;
             }
         }
+        let attached = write.is_some();
         if closing.is_none() {
             // Everything else already queued goes in the same frame.
-            while frame.len() < FRAME_BYTES {
-                if let Some(delivery) = connection.try_recv().filter(|_| connection_open) {
-                    if let Some(record) = delivery_record(&delivery) {
-                        frame.extend_from_slice(&record);
-                        deliveries += 1;
+            while frame.bytes.len() < FRAME_BYTES {
+                if connection_open && (!stateful || unacked.bytes < RESUME_BUFFER_BYTES) {
+                    if let Some(delivery) = connection.try_recv() {
+                        if let Some(record) = delivery_record(&delivery) {
+                            sequenced(&mut frame, &mut unacked, &record, attached);
+                            frame.deliveries += 1;
+                        }
+                        if let DeliveryKind::Durable(id) = delivery.kind {
+                            frame.acks.push(id);
+                        }
+                        continue;
                     }
-                    if let DeliveryKind::Durable(id) = delivery.kind {
-                        acks.push(id);
-                    }
-                    continue;
                 }
                 match out.try_recv() {
-                    Ok(Out::Record(record)) => frame.extend_from_slice(&record),
+                    Ok(Out::Record(record)) => {
+                        sequenced(&mut frame, &mut unacked, &record, attached)
+                    }
+                    Ok(Out::Control(record)) => {
+                        if attached {
+                            frame.bytes.extend_from_slice(&record);
+                        }
+                    }
+                    Ok(Out::Acked(id)) => unacked.acked(id),
+                    Ok(Out::Detach) => {
+                        write = None;
+                        break;
+                    }
                     Ok(Out::Pong(payload)) => {
-                        let _ = put(
-                            &mut write,
-                            Frame::pong(Payload::Owned(payload)),
-                            limits.client_timeout,
-                        )
-                        .await;
+                        if let Some(w) = write.as_mut() {
+                            let _ = put(
+                                w,
+                                Frame::pong(Payload::Owned(payload)),
+                                limits.client_timeout,
+                            )
+                            .await;
+                        }
                     }
                     Ok(Out::Close {
                         error,
@@ -763,44 +993,59 @@ async fn writer(
                 }
             }
         }
-        if !frame.is_empty() {
-            let started = std::time::Instant::now();
-            if !put(
-                &mut write,
-                Frame::text(Payload::Borrowed(&frame)),
-                limits.client_timeout,
-            )
-            .await
-            {
-                metrics.delivered(deliveries, false);
-                break;
+        if !frame.bytes.is_empty() {
+            if let Some(w) = write.as_mut() {
+                let started = std::time::Instant::now();
+                if put(
+                    w,
+                    Frame::text(Payload::Borrowed(&frame.bytes)),
+                    limits.client_timeout,
+                )
+                .await
+                {
+                    metrics.delivered(frame.deliveries, true);
+                    metrics
+                        .delivery_seconds
+                        .observe(started.elapsed().as_secs_f64());
+                    wrote_since_tick = true;
+                } else {
+                    write = None;
+                    if !stateful {
+                        metrics.delivered(frame.deliveries, false);
+                        break;
+                    }
+                }
             }
-            metrics.delivered(deliveries, true);
-            metrics
-                .delivery_seconds
-                .observe(started.elapsed().as_secs_f64());
-            wrote_since_tick = true;
-            for id in acks.drain(..) {
+        }
+        // A durable message is acknowledged once written to a socket; one kept for a resume
+        // waits for that. If the connection ends first, the user's next connection gets it.
+        unwritten_acks.append(&mut frame.acks);
+        if write.is_some() && !frame.bytes.is_empty() {
+            for id in unwritten_acks.drain(..) {
                 if let Err(err) = node.acknowledge(ctx.hub(), ctx.connection_id(), id).await {
                     tracing::warn!(connection = %ctx.connection_id(), %err, "could not acknowledge a durable message");
                 }
             }
         }
         if let Some((code, record)) = closing.take() {
-            if let Some(record) = record {
-                let _ = put(
-                    &mut write,
-                    Frame::text(Payload::Owned(record)),
-                    limits.client_timeout,
-                )
-                .await;
+            if let Some(w) = write.as_mut() {
+                if let Some(record) = record {
+                    let _ = put(
+                        w,
+                        Frame::text(Payload::Owned(record)),
+                        limits.client_timeout,
+                    )
+                    .await;
+                }
+                let _ = put(w, Frame::close(code, b""), limits.client_timeout).await;
             }
-            let _ = put(&mut write, Frame::close(code, b""), limits.client_timeout).await;
             break;
         }
         if !out_open {
             // The reader is gone and said nothing more: close quietly.
-            let _ = put(&mut write, Frame::close(1000, b""), limits.client_timeout).await;
+            if let Some(w) = write.as_mut() {
+                let _ = put(w, Frame::close(1000, b""), limits.client_timeout).await;
+            }
             break;
         }
     }

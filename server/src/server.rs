@@ -20,7 +20,7 @@ use tokio::task::JoinHandle;
 
 use crate::api::{self, ApiAuth};
 use crate::auth::Auth;
-use crate::connection::{self, Setup};
+use crate::connection::{self, Sessions, Setup};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 
@@ -95,6 +95,8 @@ struct Shared {
     shutdown: watch::Receiver<bool>,
     /// How many WebSocket connections are being served.
     active: Arc<watch::Sender<usize>>,
+    /// Stateful connections that can resume on a new socket.
+    sessions: Sessions,
 }
 
 impl Server {
@@ -162,6 +164,7 @@ impl Server {
             cors: self.security.cors_origins,
             shutdown: shutdown.clone(),
             active: active.clone(),
+            sessions: Sessions::default(),
         });
         let metrics = shared.metrics.clone();
         let mut events = self.node.events();
@@ -451,13 +454,20 @@ fn negotiate(req: &Request<Incoming>, shared: &Shared, hub: &str) -> Response<Bo
     let id = ConnectionId::random();
     let token = shared.auth.connection_token(hub.name(), &id, user.as_ref());
     let transports = json!([{ "transport": "WebSockets", "transferFormats": ["Text"] }]);
+    let stateful = query
+        .get("useStatefulReconnect")
+        .is_some_and(|v| v == "true");
     let body = if version >= 1 {
-        json!({
+        let mut body = json!({
             "negotiateVersion": 1,
             "connectionId": id.as_str(),
             "connectionToken": token,
             "availableTransports": transports,
-        })
+        });
+        if stateful {
+            body["useStatefulReconnect"] = json!(true);
+        }
+        body
     } else {
         // Version 0 clients send the connection id back as `id`.
         json!({
@@ -513,10 +523,28 @@ fn upgrade(mut req: Request<Incoming>, shared: &Arc<Shared>, hub: &str) -> Respo
         // skipNegotiation: the WebSocket is the whole connection.
         None => ConnectionId::random(),
     };
+    // The same id again: a stateful connection resuming on a new socket.
+    let resuming = shared
+        .sessions
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .get(&id)
+        .cloned();
     let (response, socket) = match fastwebsockets::upgrade::upgrade(&mut req) {
         Ok(pair) => pair,
         Err(err) => return text(StatusCode::BAD_REQUEST, format!("bad upgrade: {err}")),
     };
+    if let Some(session) = resuming {
+        let limits = shared.limits;
+        tokio::spawn(async move {
+            match socket.await {
+                Ok(ws) => connection::resume(ws, limits, session).await,
+                Err(err) => tracing::debug!(%err, "websocket upgrade failed"),
+            }
+        });
+        let (parts, _) = response.into_parts();
+        return Response::from_parts(parts, Full::new(Bytes::new()));
+    }
     let guard = ActiveGuard::new(&shared.active);
     let setup = Setup {
         hub,
@@ -526,6 +554,7 @@ fn upgrade(mut req: Request<Incoming>, shared: &Arc<Shared>, hub: &str) -> Respo
         limits: shared.limits,
         shutdown: shared.shutdown.clone(),
         metrics: shared.metrics.clone(),
+        sessions: shared.sessions.clone(),
     };
     tokio::spawn(async move {
         let _guard = guard;

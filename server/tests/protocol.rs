@@ -663,3 +663,103 @@ async fn a_flood_of_invocations_is_paced_not_dropped() {
     );
     running.shutdown(Duration::from_secs(5)).await;
 }
+
+/// The next record that is not a ping.
+async fn next_non_ping(c: &mut RawClient) -> Value {
+    loop {
+        let m = c.next_record().await.expect("a record");
+        if m["type"] != 6 {
+            return m;
+        }
+    }
+}
+
+#[tokio::test]
+async fn stateful_reconnect_resumes_without_loss_or_duplicates() {
+    let running = server(vec![chat::hub()], limits()).await;
+    let addr = running.local_addr();
+    let (status, body) = http(
+        addr,
+        "POST",
+        "/hubs/chat/negotiate?negotiateVersion=1&useStatefulReconnect=true&user=sr",
+        &[],
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let negotiated: Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(negotiated["useStatefulReconnect"], true);
+    let token = negotiated["connectionToken"].as_str().expect("a token");
+    let path = format!("/hubs/chat?id={token}&user=sr");
+
+    let mut first = RawClient::open(addr, &path).await.expect("upgrade");
+    first.send(br#"{"protocol":"json","version":2}"#).await;
+    assert_eq!(first.next_record().await.expect("an answer"), json!({}));
+    let mut sender = RawClient::connect(addr, "chat", "other").await;
+
+    // Client message 1 is handled and answered (server message 1), and the client
+    // acknowledges that answer.
+    first
+        .send(br#"{"type":1,"invocationId":"a","target":"GetOnlineUsers","arguments":[]}"#)
+        .await;
+    // The answer and the server's acknowledgement of client message 1, in either order.
+    let got = [
+        next_non_ping(&mut first).await,
+        next_non_ping(&mut first).await,
+    ];
+    assert!(
+        got.iter()
+            .any(|m| m["type"] == 3 && m["invocationId"] == "a"),
+        "{got:?}"
+    );
+    assert!(got.contains(&json!({"type":8,"sequenceId":1})), "{got:?}");
+    first.send(br#"{"type":8,"sequenceId":1}"#).await;
+
+    // Server message 2 arrives but is not acknowledged; then the socket drops.
+    sender
+        .send(br#"{"type":1,"target":"SendMessage","arguments":["two"]}"#)
+        .await;
+    let two = next_non_ping(&mut first).await;
+    assert_eq!(two["arguments"][1], "two");
+    drop(first);
+    sender
+        .send(br#"{"type":1,"target":"SendMessage","arguments":["three"]}"#)
+        .await;
+
+    // The same id on a new socket resumes: no handshake, the client says where its messages
+    // start and resends the one it has no acknowledgement for... which was acknowledged.
+    let mut second = RawClient::open(addr, &path).await.expect("upgrade");
+    second.send(br#"{"type":9,"sequenceId":1}"#).await;
+    second
+        .send(br#"{"type":1,"invocationId":"a","target":"GetOnlineUsers","arguments":[]}"#)
+        .await;
+    second
+        .send(br#"{"type":1,"invocationId":"b","target":"GetOnlineUsers","arguments":[]}"#)
+        .await;
+    let sequence = next_non_ping(&mut second).await;
+    assert_eq!(
+        sequence,
+        json!({"type":9,"sequenceId":2}),
+        "resent from the first unacknowledged"
+    );
+    let mut seen = Vec::new();
+    while !(seen.contains(&"three".to_owned()) && seen.contains(&"b".to_owned())) {
+        let m = next_non_ping(&mut second).await;
+        match m["type"].as_u64() {
+            Some(1) => seen.push(m["arguments"][1].as_str().unwrap_or_default().to_owned()),
+            Some(3) => seen.push(m["invocationId"].as_str().unwrap_or_default().to_owned()),
+            _ => {}
+        }
+    }
+    assert!(
+        !seen.contains(&"a".to_owned()),
+        "a resent message was handled twice: {seen:?}"
+    );
+    assert_eq!(
+        seen.iter()
+            .filter(|s| *s == "two" || *s == "three")
+            .collect::<Vec<_>>(),
+        vec!["two", "three"],
+        "what was missed arrives once, in order: {seen:?}"
+    );
+    running.shutdown(Duration::from_secs(5)).await;
+}

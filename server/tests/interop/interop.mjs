@@ -60,6 +60,7 @@ class Client {
       .withUrl(`${base}/hubs/chat`, { accessTokenFactory: () => token(user) })
       .configureLogging(signalR.LogLevel.Error);
     if (options.reconnect) builder = builder.withAutomaticReconnect([0, 200, 500, 1000, 1000, 1000, 2000, 2000, 2000]);
+    if (options.stateful) builder = builder.withStatefulReconnect();
     this.connection = builder.build();
     for (const method of ["ReceiveMessage", "UserJoined", "UserLeft", "ReceiveGroupMessage", "ReceiveNotification"]) {
       this.connection.on(method, (...args) => this.record(method, args));
@@ -240,6 +241,30 @@ scenario("client results: a hub method gets the value an .on handler returns, ac
     (e) => check(/not connected/.test(e.message), e.message),
   );
   await Promise.all([asker.stop(), oracle.stop()]);
+});
+
+scenario("stateful reconnect: a dropped socket resumes and misses nothing", async () => {
+  const sender = await new Client(A, `sr-sender-${unique}`).start();
+  const c = new Client(B, `sr-${unique}`, { stateful: true });
+  let closed = false;
+  c.connection.onclose(() => { closed = true; });
+  await c.start();
+  const id = c.connection.connectionId;
+  await sender.connection.invoke("SendMessage", "before the drop");
+  await c.waitFor("the first message", (e) => e.method === "ReceiveMessage" && e.args[1] === "before the drop");
+  // Cut the TCP connection under the client (the ws library's socket), as a network failure would.
+  c.connection.connection.transport._webSocket._socket.destroy();
+  for (let i = 0; i < 20; i++) await sender.connection.invoke("SendMessage", `during ${i}`);
+  await c.waitFor("the last message sent while away", (e) => e.method === "ReceiveMessage" && e.args[1] === "during 19");
+  for (let i = 0; i < 20; i++) {
+    const n = c.count((e) => e.method === "ReceiveMessage" && e.args[1] === `during ${i}`);
+    check(n === 1, `message ${i} arrived ${n} times`);
+  }
+  check(c.count((e) => e.args[1] === "before the drop") === 1, "a message before the drop arrived twice");
+  check(!closed && c.connection.connectionId === id, "the client saw a new connection instead of a resume");
+  const users = await within(c.connection.invoke("GetOnlineUsers"), "an invocation after the resume");
+  check(users.includes(c.user), `online users ${JSON.stringify(users)}`);
+  await Promise.all([sender.stop(), c.stop()]);
 });
 
 scenario("an invalid token is refused", async () => {
