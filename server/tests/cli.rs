@@ -1,0 +1,139 @@
+//! The `backplane-server` binary refuses bad configuration at start with one clear line and
+//! exit code 2, and reads settings from a TOML file.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+fn run(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_backplane-server"));
+    command
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    for var in [
+        "BACKPLANE_URL",
+        "BACKPLANE_JWT_SECRET",
+        "BACKPLANE_ALLOW_ANONYMOUS",
+        "BACKPLANE_CONFIG",
+        "BACKPLANE_LISTEN",
+    ] {
+        command.env_remove(var);
+    }
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    command.env("RUST_LOG", "off");
+    let output = command.output().expect("the binary runs");
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+    )
+}
+
+#[test]
+fn bad_configuration_fails_with_one_line_and_exit_code_2() {
+    let cases: Vec<(Vec<&str>, Vec<(&str, &str)>, &str)> = vec![
+        (
+            vec!["--allow-anonymous", "--backplane", "nope://x"],
+            vec![],
+            "unknown backplane scheme 'nope'",
+        ),
+        (
+            vec!["--allow-anonymous", "--backplane", "not a url"],
+            vec![],
+            "malformed backplane URL",
+        ),
+        (
+            vec![
+                "--allow-anonymous",
+                "--backplane",
+                "mssql://sa@localhost/db",
+            ],
+            vec![],
+            "cargo feature `mssql`",
+        ),
+        (
+            vec![
+                "--allow-anonymous",
+                "--backplane",
+                "postgres://postgres@127.0.0.1:1/db?connect_timeout=2",
+            ],
+            vec![],
+            "cannot start the PostgreSQL backplane",
+        ),
+        (vec![], vec![], "no way to authenticate clients"),
+        (
+            vec![
+                "--allow-anonymous",
+                "--keep-alive",
+                "30s",
+                "--client-timeout",
+                "10s",
+            ],
+            vec![],
+            "must be longer than keep-alive",
+        ),
+        (
+            vec!["--allow-anonymous", "--node-id", "bad id!"],
+            vec![],
+            "invalid node-id",
+        ),
+        (
+            vec![],
+            vec![
+                ("BACKPLANE_ALLOW_ANONYMOUS", "true"),
+                ("BACKPLANE_URL", "nope://"),
+            ],
+            "unknown backplane scheme",
+        ),
+    ];
+    for (args, env, expected) in cases {
+        let (code, stderr) = run(&args, &env);
+        assert_eq!(code, Some(2), "{args:?}: {stderr}");
+        assert_eq!(
+            stderr.lines().count(),
+            1,
+            "{args:?}: one line, got:\n{stderr}"
+        );
+        assert!(
+            stderr.contains(expected),
+            "{args:?}: {stderr:?} should contain {expected:?}"
+        );
+    }
+}
+
+#[test]
+fn a_config_file_is_read_and_checked() {
+    let dir = std::env::temp_dir().join(format!("backplane-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("a temp dir");
+    let bad = dir.join("bad.toml");
+    let mut file = std::fs::File::create(&bad).expect("a file");
+    writeln!(
+        file,
+        "allow-anonymous = true\nlisten = \"127.0.0.1:0\"\nno-such-setting = 1"
+    )
+    .expect("written");
+    let (code, stderr) = run(&["--config", bad.to_str().expect("utf-8")], &[]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("no-such-setting"), "{stderr}");
+
+    let good = dir.join("good.toml");
+    std::fs::write(&good, "allow-anonymous = true\nbackplane = \"nope://\"\n").expect("written");
+    let (code, stderr) = run(&["--config", good.to_str().expect("utf-8")], &[]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("unknown backplane scheme 'nope'"),
+        "the file's backplane is used: {stderr}"
+    );
+
+    let (code, stderr) = run(
+        &[
+            "--config",
+            dir.join("missing.toml").to_str().expect("utf-8"),
+        ],
+        &[],
+    );
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("cannot read the config file"), "{stderr}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
