@@ -4,6 +4,13 @@
 use std::io::Write;
 use std::process::{Command, Stdio};
 
+/// Arguments, environment, and what the error line must contain.
+type Case = (
+    Vec<&'static str>,
+    Vec<(&'static str, &'static str)>,
+    &'static str,
+);
+
 fn run(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
     let mut command = Command::new(env!("CARGO_BIN_EXE_backplane-server"));
     command
@@ -32,7 +39,7 @@ fn run(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
 
 #[test]
 fn bad_configuration_fails_with_one_line_and_exit_code_2() {
-    let cases: Vec<(Vec<&str>, Vec<(&str, &str)>, &str)> = vec![
+    let cases: Vec<Case> = vec![
         (
             vec!["--allow-anonymous", "--backplane", "nope://x"],
             vec![],
