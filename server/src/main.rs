@@ -86,6 +86,10 @@ struct Args {
     /// How long a node may miss heartbeats before others reap it [default: 5m].
     #[arg(long, env = "BACKPLANE_NODE_TIMEOUT", value_parser = duration)]
     node_timeout: Option<Duration>,
+    /// Print the SQL that creates the backplane's schema (for a DBA, with
+    /// `create_schema=false` in the URL) and exit.
+    #[arg(long)]
+    print_ddl: bool,
     /// How often dead nodes, expired messages and old log entries are cleaned up
     /// [default: 15m].
     #[arg(long, env = "BACKPLANE_CLEANUP_INTERVAL", value_parser = duration)]
@@ -343,8 +347,38 @@ fn raise_fd_limit() {
     }
 }
 
+/// The DDL of the backplane named by `url`.
+fn ddl(url: &str) -> Result<String, String> {
+    match url.split_once("://").map(|(scheme, _)| scheme) {
+        #[cfg(feature = "postgres")]
+        Some("postgres" | "postgresql") => {
+            let options = url
+                .parse::<backplane_postgres::PgOptions>()
+                .map_err(|e| format!("invalid backplane URL: {e}"))?;
+            Ok(backplane_postgres::PgBackplane::ddl(&options))
+        }
+        Some("memory") => Err("the memory backplane has no schema".into()),
+        _ => Err(format!(
+            "no DDL for the backplane '{url}': expected a postgres:// URL"
+        )),
+    }
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
+    if args.print_ddl {
+        let url = args.backplane.clone().unwrap_or_else(|| "memory://".into());
+        return match ddl(&url) {
+            Ok(sql) => {
+                println!("{sql}");
+                ExitCode::SUCCESS
+            }
+            Err(err) => {
+                eprintln!("error: {err}");
+                ExitCode::from(2)
+            }
+        };
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

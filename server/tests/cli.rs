@@ -144,3 +144,20 @@ fn a_config_file_is_read_and_checked() {
     assert!(stderr.contains("cannot read the config file"), "{stderr}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn prints_the_ddl_for_a_dba() {
+    let output = Command::new(env!("CARGO_BIN_EXE_backplane-server"))
+        .args([
+            "--print-ddl",
+            "--backplane",
+            "postgres://app@db.example/prod?schema=rt&create_schema=false",
+        ])
+        .output()
+        .expect("the binary runs");
+    assert!(output.status.success());
+    let sql = String::from_utf8_lossy(&output.stdout);
+    assert!(sql.contains("CREATE TABLE \"rt\".\"log\""), "{sql}");
+    let (code, stderr) = run(&["--print-ddl", "--backplane", "memory://"], &[]);
+    assert_eq!(code, Some(2), "{stderr}");
+}
