@@ -38,8 +38,6 @@ enum Out {
     Control(Vec<u8>),
     /// The client received every message up to this sequence id.
     Acked(u64),
-    /// The socket is gone; keep what is sent until another attaches.
-    Detach,
     /// The answer to a WebSocket ping.
     Pong(Vec<u8>),
     /// A hub `Close` message, then the WebSocket close frame; the writer ends.
@@ -353,7 +351,8 @@ pub(crate) async fn serve(mut ws: WebSocket<Socket>, setup: Setup) {
             break;
         }
         // Stateful reconnect: keep the connection, and what is sent to it, for a new socket.
-        let _ = out_tx.send(Out::Detach).await;
+        // The writer keeps every unacknowledged message whether or not its writes to the dead
+        // socket fail, and sends them again on the new one.
         let resumed = tokio::select! {
             resumed = tokio::time::timeout(setup.limits.client_timeout, attach_rx.recv()) => resumed,
             _ = writer_done.changed() => break,
@@ -890,7 +889,6 @@ async fn writer(
                     }
                 }
                 Some(Out::Acked(id)) => unacked.acked(id),
-                Some(Out::Detach) => write = None,
                 Some(Out::Pong(payload)) => {
                     if let Some(w) = write.as_mut() {
                         if !put(w, Frame::pong(Payload::Owned(payload)), limits.client_timeout).await {
@@ -962,10 +960,6 @@ async fn writer(
                         }
                     }
                     Ok(Out::Acked(id)) => unacked.acked(id),
-                    Ok(Out::Detach) => {
-                        write = None;
-                        break;
-                    }
                     Ok(Out::Pong(payload)) => {
                         if let Some(w) = write.as_mut() {
                             let _ = put(
