@@ -2,6 +2,7 @@
 //! writer that sends everything queued for the client, coalesced into as few frames as
 //! possible.
 
+use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -750,7 +751,7 @@ async fn worker(
 }
 
 /// Turns a delivery into the record the client receives.
-fn delivery_record(delivery: &Delivery) -> Option<Vec<u8>> {
+fn delivery_record(delivery: &Delivery) -> Option<Cow<'_, [u8]>> {
     match &delivery.kind {
         DeliveryKind::Invocation(id) => {
             #[derive(serde::Deserialize)]
@@ -759,7 +760,7 @@ fn delivery_record(delivery: &Delivery) -> Option<Vec<u8>> {
                 arguments: Vec<Value>,
             }
             let call: Call = serde_json::from_slice(&delivery.payload).ok()?;
-            Some(
+            Some(Cow::Owned(
                 HubMessage::Invocation {
                     invocation_id: Some(id.as_str().to_owned()),
                     target: call.target,
@@ -767,9 +768,10 @@ fn delivery_record(delivery: &Delivery) -> Option<Vec<u8>> {
                     stream_ids: Vec::new(),
                 }
                 .encode(),
-            )
+            ))
         }
-        _ => Some(delivery.payload.to_vec()),
+        // Messages are published as finished records: copied once, into the frame.
+        _ => Some(Cow::Borrowed(&delivery.payload)),
     }
 }
 

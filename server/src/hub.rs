@@ -262,40 +262,36 @@ impl fmt::Debug for HubBuilder {
 impl HubBuilder {
     /// Adds a method taking `arity` arguments. A call with another number of arguments gets an
     /// error completion without reaching the handler.
-    pub fn method<F, Fut>(mut self, name: &str, arity: usize, handler: F) -> Self
+    pub fn method<F, Fut>(self, name: &str, arity: usize, handler: F) -> Self
     where
         F: Fn(Context, Arguments) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = HubResult> + Send + 'static,
     {
         let handler: Unary = Arc::new(move |ctx, args| Box::pin(handler(ctx, args)));
+        self.add(name, arity, Handler::Unary(handler))
+    }
+
+    fn add(mut self, name: &str, arity: usize, handler: Handler) -> Self {
         self.hub.methods.insert(
             name.to_ascii_lowercase(),
             Method {
                 name: name.to_owned(),
                 arity,
-                handler: Handler::Unary(handler),
+                handler,
             },
         );
         self
     }
 
     /// Adds a streaming method: the caller receives what the handler sends, then a completion.
-    pub fn stream<F, Fut>(mut self, name: &str, arity: usize, handler: F) -> Self
+    pub fn stream<F, Fut>(self, name: &str, arity: usize, handler: F) -> Self
     where
         F: Fn(Context, Arguments, StreamSender) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = HubResult<()>> + Send + 'static,
     {
         let handler: Streaming =
             Arc::new(move |ctx, args, items| Box::pin(handler(ctx, args, items)));
-        self.hub.methods.insert(
-            name.to_ascii_lowercase(),
-            Method {
-                name: name.to_owned(),
-                arity,
-                handler: Handler::Streaming(handler),
-            },
-        );
-        self
+        self.add(name, arity, Handler::Streaming(handler))
     }
 
     /// Runs after a connection's handshake, before its first invocation.

@@ -362,13 +362,22 @@ impl HubMessage {
 /// An invocation of `target` with `arguments`, without an id, as a record: what a broadcast
 /// sends to every recipient.
 pub fn invocation(target: &str, arguments: &[Value]) -> Vec<u8> {
-    HubMessage::Invocation {
-        invocation_id: None,
-        target: target.to_owned(),
-        arguments: arguments.to_vec(),
-        stream_ids: Vec::new(),
+    /// Serialized straight from the borrowed arguments: this runs for every send.
+    #[derive(serde::Serialize)]
+    struct Invocation<'a> {
+        #[serde(rename = "type")]
+        kind: u8,
+        target: &'a str,
+        arguments: &'a [Value],
     }
-    .encode()
+    let mut out = serde_json::to_vec(&Invocation {
+        kind: 1,
+        target,
+        arguments,
+    })
+    .unwrap_or_default();
+    out.push(RECORD_SEPARATOR);
+    out
 }
 
 /// Splits incoming text into records, keeping an incomplete tail for the next frame.
