@@ -10,6 +10,8 @@ mod name;
 mod position;
 mod record;
 mod router;
+#[cfg(feature = "signalr")]
+pub mod signalr;
 
 pub use backplane::{
     Backplane, ConnectionInfo, DEFAULT_STREAMS, DeliveryAttempt, DurableMessage, DynBackplane,

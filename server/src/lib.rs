@@ -24,8 +24,10 @@ pub mod chat;
 mod connection;
 mod hub;
 mod metrics;
-pub mod protocol;
 mod server;
+
+/// The SignalR JSON hub protocol codec the server speaks.
+pub use backplane_core::signalr as protocol;
 
 pub use api::api_token;
 pub use auth::user_token;

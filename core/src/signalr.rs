@@ -8,11 +8,11 @@ use serde_json::{Map, Value};
 /// Ends every JSON record.
 pub const RECORD_SEPARATOR: u8 = 0x1e;
 
-/// The highest hub protocol version the server speaks: 2 adds `Ack` and `Sequence` for
+/// The highest hub protocol version spoken here: 2 adds `Ack` and `Sequence` for
 /// stateful reconnect.
 pub const MAX_VERSION: u32 = 2;
 
-/// Why bytes from a client are not a valid hub protocol record.
+/// Why bytes from the peer are not a valid hub protocol record.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
 pub struct ProtocolError(pub String);
@@ -54,6 +54,42 @@ impl Handshake {
         let version =
             u32::try_from(version).map_err(|_| bad("the handshake version is too large"))?;
         Ok(Self { protocol, version })
+    }
+
+    /// The handshake record a client sends, with its separator.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = serde_json::to_vec(&serde_json::json!({
+            "protocol": self.protocol,
+            "version": self.version,
+        }))
+        .unwrap_or_default();
+        out.push(RECORD_SEPARATOR);
+        out
+    }
+}
+
+/// The server's answer to a handshake, as a client reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HandshakeResponse {
+    /// Why the server refused the handshake; `None` when it accepted it.
+    pub error: Option<String>,
+}
+
+impl HandshakeResponse {
+    /// Parses the server's handshake record (without its separator): `{}` or `{"error": …}`.
+    ///
+    /// # Errors
+    ///
+    /// A record that is not a JSON object, or an `error` that is not a string.
+    pub fn parse(record: &[u8]) -> Result<Self, ProtocolError> {
+        let value: Value = serde_json::from_slice(record)
+            .map_err(|e| bad(format!("the handshake response is not valid JSON: {e}")))?;
+        let object = value
+            .as_object()
+            .ok_or_else(|| bad("the handshake response must be a JSON object"))?;
+        Ok(Self {
+            error: optional_string(object, "error")?,
+        })
     }
 }
 
@@ -435,6 +471,24 @@ mod tests {
         assert_eq!(h.version, 1);
         assert!(Handshake::parse(br#"{"protocol":"json"}"#).is_err());
         assert!(Handshake::parse(b"nope").is_err());
+        let request = Handshake {
+            protocol: "json".into(),
+            version: 1,
+        };
+        assert_eq!(Handshake::parse(&strip(request.encode())).unwrap(), request);
+        assert_eq!(
+            HandshakeResponse::parse(&strip(handshake_response(None))).unwrap(),
+            HandshakeResponse { error: None }
+        );
+        assert_eq!(
+            HandshakeResponse::parse(&strip(handshake_response(Some("no"))))
+                .unwrap()
+                .error
+                .as_deref(),
+            Some("no")
+        );
+        assert!(HandshakeResponse::parse(b"[]").is_err());
+        assert!(HandshakeResponse::parse(br#"{"error":1}"#).is_err());
         assert_eq!(handshake_response(None), b"{}\x1e");
         assert_eq!(
             handshake_response(Some("bad")),
