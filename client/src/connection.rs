@@ -749,9 +749,11 @@ fn invoke_handlers(
         match handler {
             Some(handler) => {
                 tokio::spawn(async move {
-                    let outcome = match handler(arguments).await {
-                        Ok(value) => Outcome::Result(value),
-                        Err(error) => Outcome::Error(error),
+                    // Its own task, so that a panicking handler still gets an answer sent.
+                    let outcome = match tokio::spawn(handler(arguments)).await {
+                        Ok(Ok(value)) => Outcome::Result(value),
+                        Ok(Err(error)) => Outcome::Error(error),
+                        Err(_) => Outcome::Error("the client's handler failed".into()),
                     };
                     let completion = HubMessage::Completion {
                         invocation_id: id,
@@ -786,7 +788,11 @@ fn run_handlers(shared: &Arc<Shared>, key: &str, target: &str, arguments: &[Valu
         tracing::warn!(target, "no client method with this name");
     }
     for handler in handlers {
-        handler(arguments);
+        // A panicking handler must not take the connection's reader down with it.
+        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handler(arguments)));
+        if ran.is_err() {
+            tracing::error!(target, "a handler panicked");
+        }
     }
 }
 

@@ -171,6 +171,7 @@ async fn handlers_receive_invocations_and_answer_client_results() {
         }
     });
 
+    connection.on("Heard", |_| panic!("a handler that panics"));
     connection
         .send("Shout", vec![json!("hello")])
         .await
@@ -192,6 +193,18 @@ async fn handlers_receive_invocations_and_answer_client_results() {
         .unwrap_err();
     assert!(
         matches!(&err, Error::Hub(m) if m.contains("I do not know")),
+        "{err}"
+    );
+
+    connection.on_invoke("Question", |_| async {
+        panic!("a result handler that panics")
+    });
+    let err = connection
+        .invoke("AskMe", vec![json!("ok?")])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::Hub(m) if m.contains("handler failed")),
         "{err}"
     );
 
