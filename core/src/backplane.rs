@@ -268,6 +268,11 @@ pub trait Backplane: Send + Sync + fmt::Debug + 'static {
     /// How many streams each hub's log has. All nodes sharing a namespace must agree.
     fn stream_count(&self) -> u32;
 
+    /// The state of the driver's connection pool, for metrics; `None` when it has none.
+    fn pool_status(&self) -> Option<crate::PoolStatus> {
+        None
+    }
+
     /// Appends `records` to `stream` of `hub` in one atomic step.
     ///
     /// Returns the position of the first record; the others follow it without gaps.

@@ -7,6 +7,7 @@ mod error;
 mod memory;
 mod message;
 mod name;
+mod observe;
 mod position;
 mod record;
 mod router;
@@ -23,6 +24,7 @@ pub use error::{BoxError, Error, InvocationError, Result};
 pub use memory::MemoryBackplane;
 pub use message::{DEFAULT_MAX_PAYLOAD, Durability, InvocationId, Message, MessageId, Target};
 pub use name::{ConnectionId, GroupName, HubName, NameKind, NodeId, UserId};
+pub use observe::{NodeObserver, PoolStatus};
 pub use position::Position;
 pub use router::{
     Connection, Delivery, DeliveryKind, Job, JobStatus, Node, NodeEvent, NodeOptions, NodeStats,

@@ -1,6 +1,7 @@
 //! The binary encoding of log records. Drivers store these bytes without looking inside.
 //!
-//! Layout: a version byte, a tag byte, then the record's fields. Integers are little-endian;
+//! Layout: a version byte, when the record was encoded (version 2: a `u64` of milliseconds
+//! since the Unix epoch, by the writer's clock), a tag byte, then the record's fields. Integers are little-endian;
 //! strings and byte strings carry a `u32` length; lists carry a `u32` count. Names are validated
 //! again when decoded, so a corrupted or forged record can never smuggle in an invalid name.
 
@@ -10,7 +11,10 @@ use crate::error::{Error, Result};
 use crate::message::{InvocationId, MessageId, Target};
 use crate::name::{ConnectionId, GroupName, NodeId, UserId};
 
-const VERSION: u8 = 1;
+const VERSION: u8 = 2;
+
+/// Records without the encoding time, still read.
+const VERSION_1: u8 = 1;
 
 const TAG_MESSAGE: u8 = 1;
 const TAG_GROUPS_CHANGED: u8 = 2;
@@ -73,6 +77,7 @@ impl Record {
     pub(crate) fn encode(&self) -> Bytes {
         let mut w = Writer(BytesMut::with_capacity(64 + self.payload_len()));
         w.0.put_u8(VERSION);
+        w.0.put_u64_le(crate::router::unix_ms(std::time::SystemTime::now()));
         match self {
             Self::Message(env) => {
                 w.0.put_u8(TAG_MESSAGE);
@@ -152,11 +157,27 @@ impl Record {
         }
     }
 
+    /// When the record was encoded (milliseconds since the Unix epoch, by the writer's clock),
+    /// if it says.
+    pub(crate) fn encoded_at(data: &[u8]) -> Option<u64> {
+        match data {
+            [VERSION, a, b, c, d, e, f, g, h, ..] => {
+                Some(u64::from_le_bytes([*a, *b, *c, *d, *e, *f, *g, *h]))
+            }
+            _ => None,
+        }
+    }
+
     pub(crate) fn decode(data: &Bytes) -> Result<Self> {
         let mut r = Reader { data, at: 0 };
-        let version = r.u8()?;
-        if version != VERSION {
-            return Err(Error::Corrupt(format!("unknown record version {version}")));
+        match r.u8()? {
+            VERSION => {
+                r.u64()?;
+            }
+            VERSION_1 => {}
+            version => {
+                return Err(Error::Corrupt(format!("unknown record version {version}")));
+            }
         }
         let record = match r.u8()? {
             TAG_MESSAGE => {
@@ -366,5 +387,22 @@ mod tests {
         assert!(Record::decode(&Bytes::from_static(&[1, 99])).is_err());
         let huge_count = [1u8, 1, 2, 0, 0, 0, b'n', 1, 0xff, 0xff, 0xff, 0xff];
         assert!(Record::decode(&Bytes::copy_from_slice(&huge_count)).is_err());
+    }
+
+    #[test]
+    fn records_say_when_they_were_encoded_and_old_ones_still_read() {
+        let before = crate::router::unix_ms(std::time::SystemTime::now());
+        let record = Record::GroupsChanged {
+            change: 1,
+            connection: ConnectionId::new("c").unwrap(),
+        };
+        let bytes = record.encode();
+        let at = Record::encoded_at(&bytes).expect("a time");
+        assert!(at >= before && at <= before + 60_000, "{at} vs {before}");
+        // Version 1: no time, same fields.
+        let mut old = vec![VERSION_1];
+        old.extend_from_slice(&bytes[9..]);
+        assert_eq!(Record::encoded_at(&old), None);
+        assert_eq!(Record::decode(&Bytes::from(old)).unwrap(), record);
     }
 }

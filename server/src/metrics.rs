@@ -4,7 +4,7 @@
 use std::sync::Mutex;
 use std::time::Duration;
 
-use backplane_core::{Node, NodeStats};
+use backplane_core::{Node, NodeObserver, NodeStats};
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -42,6 +42,11 @@ pub(crate) struct Metrics {
     node_delivered: Counter,
     node_failed: Counter,
     node_entries_read: Counter,
+    backplane_seconds: Family<Labels, Histogram, fn() -> Histogram>,
+    log_lag_seconds: Histogram,
+    pool_connections: Family<Labels, Gauge>,
+    pool_max: Gauge,
+    pool_waiting: Gauge,
     last: Mutex<NodeStats>,
 }
 
@@ -54,6 +59,15 @@ impl std::fmt::Debug for Metrics {
 fn latency() -> Histogram {
     // 50 µs to about 3 s.
     Histogram::new(exponential_buckets(0.000_05, 2.0, 16))
+}
+
+fn lag() -> Histogram {
+    // 500 µs to about 65 s.
+    Histogram::new(exponential_buckets(0.000_5, 2.0, 18))
+}
+
+fn gauge(value: usize) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
 }
 
 impl Metrics {
@@ -145,6 +159,37 @@ impl Metrics {
             "Log entries this node read from the backplane",
             node_entries_read.clone(),
         );
+        let backplane_seconds =
+            Family::<Labels, Histogram, fn() -> Histogram>::new_with_constructor(latency);
+        registry.register(
+            "backplane_call_seconds",
+            "Time of each backplane (database) call, by operation and outcome",
+            backplane_seconds.clone(),
+        );
+        let log_lag_seconds = lag();
+        registry.register(
+            "log_lag_seconds",
+            "Time from another node's append to this node's read of the entry (by the two nodes' clocks)",
+            log_lag_seconds.clone(),
+        );
+        let pool_connections = Family::<Labels, Gauge>::default();
+        registry.register(
+            "pool_connections",
+            "The backplane's pooled database connections, by state (in_use, idle)",
+            pool_connections.clone(),
+        );
+        let pool_max = Gauge::default();
+        registry.register(
+            "pool_max_connections",
+            "The most database connections the backplane's pool opens",
+            pool_max.clone(),
+        );
+        let pool_waiting = Gauge::default();
+        registry.register(
+            "pool_waiting",
+            "Calls waiting for a pooled database connection",
+            pool_waiting.clone(),
+        );
         Self {
             registry,
             connections,
@@ -162,6 +207,11 @@ impl Metrics {
             node_delivered,
             node_failed,
             node_entries_read,
+            backplane_seconds,
+            log_lag_seconds,
+            pool_connections,
+            pool_max,
+            pool_waiting,
             last: Mutex::new(NodeStats::default()),
         }
     }
@@ -197,6 +247,16 @@ impl Metrics {
             self.pending_durable
                 .set(i64::try_from(pending).unwrap_or(i64::MAX));
         }
+        if let Some(pool) = node.backplane().pool_status() {
+            self.pool_connections
+                .get_or_create(&vec![("state", "in_use")])
+                .set(gauge(pool.size.saturating_sub(pool.available)));
+            self.pool_connections
+                .get_or_create(&vec![("state", "idle")])
+                .set(gauge(pool.available));
+            self.pool_max.set(gauge(pool.max_size));
+            self.pool_waiting.set(gauge(pool.waiting));
+        }
         let stats = node.stats();
         {
             let mut last = self
@@ -217,5 +277,18 @@ impl Metrics {
         // Writing to a String cannot fail.
         let _ = encode(&mut out, &self.registry);
         out
+    }
+}
+
+impl NodeObserver for Metrics {
+    fn backplane_call(&self, operation: &'static str, elapsed: Duration, ok: bool) {
+        let outcome = if ok { "ok" } else { "error" };
+        self.backplane_seconds
+            .get_or_create(&vec![("operation", operation), ("outcome", outcome)])
+            .observe(elapsed.as_secs_f64());
+    }
+
+    fn log_lag(&self, lag: Duration) {
+        self.log_lag_seconds.observe(lag.as_secs_f64());
     }
 }

@@ -148,10 +148,16 @@ impl Server {
         let (shutdown_tx, shutdown) = watch::channel(false);
         let active = Arc::new(watch::channel(0usize).0);
         let hub_names = self.hubs.keys().cloned().collect();
+        let metrics = Arc::new(Metrics::new());
+        if !self.node.observe(metrics.clone()) {
+            tracing::debug!(
+                "the node already has an observer: backplane timings and log lag are not exported"
+            );
+        }
         let shared = Arc::new(Shared {
             node: self.node.clone(),
             hub_names,
-            metrics: Arc::new(Metrics::new()),
+            metrics,
             api: self.security.server_key.as_deref().map(ApiAuth::new),
             hubs: self.hubs,
             limits: self.limits,

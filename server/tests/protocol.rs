@@ -517,6 +517,8 @@ async fn metrics_count_connections_and_messages() {
         "backplane_deliveries_total{outcome=\"written\"}",
         "backplane_publish_seconds_count 1",
         "backplane_pending_durable_messages 0",
+        "backplane_backplane_call_seconds_count{operation=\"add_connection\",outcome=\"ok\"} 1",
+        "backplane_backplane_call_seconds_count{operation=\"append\",outcome=\"ok\"}",
         "# EOF",
     ] {
         assert!(body.contains(line), "missing {line:?} in:\n{body}");

@@ -157,6 +157,8 @@ pub(crate) struct Inner {
     /// Connections removed from this node whose removal the backplane did not record; the
     /// heartbeat job retries them.
     orphans: Mutex<Vec<(HubName, ConnectionId)>>,
+    /// Receives measurements once [`Node::observe`] sets it.
+    observer: crate::observe::ObserverSlot,
 }
 
 /// One server process's membership in the backplane.
@@ -220,10 +222,14 @@ impl Node {
     /// The driver's error when the node cannot register.
     pub async fn start(backplane: SharedBackplane, options: NodeOptions) -> Result<Self> {
         let id = options.id.clone().unwrap_or_else(NodeId::random);
+        let observer = crate::observe::ObserverSlot::default();
+        let backplane: SharedBackplane =
+            Arc::new(crate::observe::Observed::new(backplane, observer.clone()));
         backplane.register_node(&id).await?;
         let inner = Arc::new(Inner {
             id,
             backplane,
+            observer,
             options,
             hubs: Mutex::default(),
             invocations: Invocations::default(),
@@ -256,7 +262,20 @@ impl Node {
         &self.inner.id
     }
 
-    /// The backplane this node shares state through.
+    /// Reports this node's measurements to `observer` from now on: the duration of every
+    /// backplane call, and the lag of every log entry read from another node. A node has one
+    /// observer; returns `false` (and changes nothing) when it already has one.
+    pub fn observe(&self, observer: Arc<dyn crate::NodeObserver>) -> bool {
+        self.inner.observer.set(observer).is_ok()
+    }
+
+    /// The observer set by [`observe`](Self::observe), if any.
+    pub(crate) fn observer(&self) -> Option<&Arc<dyn crate::NodeObserver>> {
+        self.inner.observer.get()
+    }
+
+    /// The backplane this node shares state through (every call through it is measured for
+    /// the node's observer).
     pub fn backplane(&self) -> &SharedBackplane {
         &self.inner.backplane
     }

@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::PoisonError;
 use std::sync::atomic::Ordering;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use tokio::time::MissedTickBehavior;
@@ -207,6 +207,12 @@ impl Reader {
             for entry in entries {
                 if entry.offset != self.cursors[stream].offset {
                     tracing::error!(hub = %self.state.name, stream, expected = self.cursors[stream].offset, got = entry.offset, "driver returned an entry out of order");
+                }
+                if let Some(observer) = self.node.observer() {
+                    if let Some(at) = Record::encoded_at(&entry.data) {
+                        let now = super::unix_ms(SystemTime::now());
+                        observer.log_lag(Duration::from_millis(now.saturating_sub(at)));
+                    }
                 }
                 self.process(&entry.data).await?;
                 self.cursors[stream].offset = entry.offset + 1;

@@ -7,8 +7,8 @@ use std::time::{Duration, SystemTime};
 use async_trait::async_trait;
 use backplane_core::{
     Backplane, ConnectionId, ConnectionInfo, DeliveryAttempt, DurableMessage, Error, GroupName,
-    HubName, LogEntry, MessageId, NewDurableMessage, NodeId, NodeInfo, Position, Result, Retention,
-    UserId, UserSession, WakeupHub, Wakeups,
+    HubName, LogEntry, MessageId, NewDurableMessage, NodeId, NodeInfo, PoolStatus, Position,
+    Result, Retention, UserId, UserSession, WakeupHub, Wakeups,
 };
 use bytes::Bytes;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
@@ -386,6 +386,16 @@ impl Backplane for PgBackplane {
 
     fn stream_count(&self) -> u32 {
         self.inner.options.streams
+    }
+
+    fn pool_status(&self) -> Option<PoolStatus> {
+        let status = self.inner.pool.status();
+        Some(PoolStatus {
+            max_size: status.max_size,
+            size: status.size,
+            available: status.available,
+            waiting: status.waiting,
+        })
     }
 
     async fn append(&self, hub: &HubName, stream: u32, records: &[Bytes]) -> Result<Position> {
