@@ -20,7 +20,7 @@ use tokio::task::AbortHandle;
 
 use crate::hub::{Arguments, Context, Handler, Hub, StreamSender};
 use crate::metrics::Metrics;
-use crate::protocol::{self, Handshake, HubMessage, Outcome, RecordBuffer};
+use crate::protocol::{self, Handshake, HubMessage, Outcome, Protocol, RecordBuffer};
 use crate::server::Limits;
 
 type Socket = TokioIo<Upgraded>;
@@ -124,11 +124,11 @@ pub(crate) async fn serve(mut ws: WebSocket<Socket>, setup: Setup) {
                 .map_err(|e| e.to_string())?;
             match frame.opcode {
                 OpCode::Text | OpCode::Binary => {
-                    let records = buffer
-                        .push(&frame.payload, setup.limits.max_message_size)
+                    let handshake = buffer
+                        .push_handshake(&frame.payload, setup.limits.max_message_size)
                         .map_err(|e| e.to_string())?;
-                    if !records.is_empty() {
-                        return Ok::<_, String>(records);
+                    if let Some(handshake) = handshake {
+                        return Ok::<_, String>(handshake);
                     }
                 }
                 OpCode::Close => return Err("the client closed before its handshake".into()),
@@ -137,8 +137,8 @@ pub(crate) async fn serve(mut ws: WebSocket<Socket>, setup: Setup) {
         }
     })
     .await;
-    let mut records = match first {
-        Ok(Ok(records)) => records.into_iter(),
+    let handshake = match first {
+        Ok(Ok(record)) => Handshake::parse(&record),
         Ok(Err(reason)) => {
             setup.metrics.refused("handshake");
             tracing::debug!(connection = %setup.id, %reason, "handshake failed");
@@ -152,24 +152,20 @@ pub(crate) async fn serve(mut ws: WebSocket<Socket>, setup: Setup) {
             return;
         }
     };
-    let handshake = records
-        .next()
-        .map(|r| Handshake::parse(&r))
-        .unwrap_or_else(|| Err(protocol::ProtocolError("empty handshake".into())));
-    if !matches!(&handshake, Ok(h) if h.protocol == "json" && h.version >= 1 && h.version <= protocol::MAX_VERSION)
+    if !matches!(&handshake, Ok(h) if Protocol::from_name(&h.protocol).is_some() && h.version >= 1 && h.version <= protocol::MAX_VERSION)
     {
         setup.metrics.refused("handshake");
     }
     let handshake = match handshake {
-        Ok(h) if h.protocol != "json" => {
+        Ok(h) if Protocol::from_name(&h.protocol).is_none() => {
             let reason = format!("The protocol '{}' is not supported.", h.protocol);
             reject(&mut write, &reason, setup.limits.handshake_timeout).await;
             return;
         }
         Ok(h) if h.version == 0 || h.version > protocol::MAX_VERSION => {
             let reason = format!(
-                "The server does not support version {} of the 'json' protocol.",
-                h.version
+                "The server does not support version {} of the '{}' protocol.",
+                h.version, h.protocol
             );
             reject(&mut write, &reason, setup.limits.handshake_timeout).await;
             return;
@@ -180,7 +176,17 @@ pub(crate) async fn serve(mut ws: WebSocket<Socket>, setup: Setup) {
             return;
         }
     };
-    tracing::trace!(connection = %setup.id, version = handshake.version, "handshake");
+    tracing::trace!(connection = %setup.id, protocol = %handshake.protocol, version = handshake.version, "handshake");
+    let wire = Protocol::from_name(&handshake.protocol).unwrap_or(Protocol::Json);
+    buffer.switch_to(wire);
+    let records = match buffer.drain(setup.limits.max_message_size) {
+        Ok(records) => records,
+        Err(err) => {
+            setup.metrics.refused("handshake");
+            reject(&mut write, &err.0, setup.limits.handshake_timeout).await;
+            return;
+        }
+    };
 
     let hub_name = setup.hub.name().clone();
     let connection = match setup
@@ -245,6 +251,7 @@ pub(crate) async fn serve(mut ws: WebSocket<Socket>, setup: Setup) {
         ending,
         metrics.clone(),
         stateful.then_some(swap_rx),
+        wire,
     ));
 
     if let Err(err) = setup.hub.connected(ctx.clone()).await {
@@ -264,12 +271,14 @@ pub(crate) async fn serve(mut ws: WebSocket<Socket>, setup: Setup) {
         ctx.clone(),
         out_tx.clone(),
         streams.clone(),
+        wire,
     ));
     let limiter = std::num::NonZeroU32::new(setup.limits.invocations_per_second).map(|rate| {
         let burst = rate.saturating_mul(std::num::NonZeroU32::MIN.saturating_add(1));
         RateLimiter::direct(Quota::per_second(rate).allow_burst(burst))
     });
     let mut dispatch = Dispatch {
+        wire,
         stateful,
         incoming: 1,
         received: 0,
@@ -296,10 +305,9 @@ pub(crate) async fn serve(mut ws: WebSocket<Socket>, setup: Setup) {
         while end.is_none() {
             if dispatch.ack_due {
                 dispatch.ack_due = false;
-                let ack = HubMessage::Ack {
+                let ack = wire.encode(&HubMessage::Ack {
                     sequence_id: dispatch.received,
-                }
-                .encode();
+                });
                 let _ = out_tx.send(Out::Control(ack)).await;
             }
             let frame = tokio::select! {
@@ -362,7 +370,7 @@ pub(crate) async fn serve(mut ws: WebSocket<Socket>, setup: Setup) {
             Ok(Some((new_read, new_write))) => {
                 tracing::debug!(connection = %setup.id, "connection resumed on a new socket");
                 read = new_read;
-                buffer = RecordBuffer::default();
+                buffer = RecordBuffer::new(wire);
                 if swap_tx.send(new_write).await.is_err() {
                     break;
                 }
@@ -433,6 +441,15 @@ pub(crate) async fn serve(mut ws: WebSocket<Socket>, setup: Setup) {
     }
 }
 
+/// A frame of records: binary for MessagePack, text for JSON.
+fn frame_of(wire: Protocol, payload: Payload<'_>) -> Frame<'_> {
+    if wire.is_binary() {
+        Frame::binary(payload)
+    } else {
+        Frame::text(payload)
+    }
+}
+
 /// Sends a handshake error and closes.
 async fn reject(write: &mut WebSocketWrite<WriteHalf<Socket>>, reason: &str, limit: Duration) {
     let response = protocol::handshake_response(Some(reason));
@@ -476,6 +493,8 @@ struct Work {
 }
 
 struct Dispatch {
+    /// The hub protocol the client chose.
+    wire: Protocol,
     /// Whether the client speaks stateful reconnect (protocol version 2).
     stateful: bool,
     /// The sequence id of the next sequenced message from the client.
@@ -497,11 +516,10 @@ struct Dispatch {
 impl Dispatch {
     async fn complete(&self, invocation_id: Option<String>, outcome: Outcome) {
         if let Some(invocation_id) = invocation_id {
-            let record = HubMessage::Completion {
+            let record = self.wire.encode(&HubMessage::Completion {
                 invocation_id,
                 outcome,
-            }
-            .encode();
+            });
             let _ = self.out.send(Out::Record(record)).await;
         }
     }
@@ -509,7 +527,7 @@ impl Dispatch {
     /// Handles one record; `Some` ends the connection.
     async fn record(&mut self, record: &[u8]) -> Option<End> {
         self.metrics.messages_in.inc();
-        let message = match HubMessage::parse(record) {
+        let message = match self.wire.parse(record) {
             Ok(m) => m,
             Err(err) => {
                 return Some(End::Protocol(format!(
@@ -675,6 +693,7 @@ async fn worker(
     ctx: Context,
     out: mpsc::Sender<Out>,
     streams: Streams,
+    wire: Protocol,
 ) {
     while let Some(item) = work.recv().await {
         let args = Arguments::new(&item.method.name, item.arguments);
@@ -694,11 +713,10 @@ async fn worker(
                     }
                 };
                 if let Some(invocation_id) = item.invocation_id {
-                    let record = HubMessage::Completion {
+                    let record = wire.encode(&HubMessage::Completion {
                         invocation_id,
                         outcome,
-                    }
-                    .encode();
+                    });
                     if out.send(Out::Record(record)).await.is_err() {
                         return;
                     }
@@ -715,11 +733,10 @@ async fn worker(
                 let name = item.method.name.clone();
                 let forward = tokio::spawn(async move {
                     while let Some(item) = rx.recv().await {
-                        let record = HubMessage::StreamItem {
+                        let record = wire.encode(&HubMessage::StreamItem {
                             invocation_id: id.clone(),
                             item,
-                        }
-                        .encode();
+                        });
                         if out.send(Out::Record(record)).await.is_err() {
                             return;
                         }
@@ -734,11 +751,10 @@ async fn worker(
                             ))
                         }
                     };
-                    let record = HubMessage::Completion {
+                    let record = wire.encode(&HubMessage::Completion {
                         invocation_id: id,
                         outcome,
-                    }
-                    .encode();
+                    });
                     let _ = out.send(Out::Record(record)).await;
                 });
                 streams
@@ -750,8 +766,8 @@ async fn worker(
     }
 }
 
-/// Turns a delivery into the record the client receives.
-fn delivery_record(delivery: &Delivery) -> Option<Cow<'_, [u8]>> {
+/// Turns a delivery into the record the client receives, in its protocol.
+fn delivery_record(delivery: &Delivery, wire: Protocol) -> Option<Cow<'_, [u8]>> {
     match &delivery.kind {
         DeliveryKind::Invocation(id) => {
             #[derive(serde::Deserialize)]
@@ -760,18 +776,22 @@ fn delivery_record(delivery: &Delivery) -> Option<Cow<'_, [u8]>> {
                 arguments: Vec<Value>,
             }
             let call: Call = serde_json::from_slice(&delivery.payload).ok()?;
-            Some(Cow::Owned(
-                HubMessage::Invocation {
-                    invocation_id: Some(id.as_str().to_owned()),
-                    target: call.target,
-                    arguments: call.arguments,
-                    stream_ids: Vec::new(),
-                }
-                .encode(),
-            ))
+            Some(Cow::Owned(wire.encode(&HubMessage::Invocation {
+                invocation_id: Some(id.as_str().to_owned()),
+                target: call.target,
+                arguments: call.arguments,
+                stream_ids: Vec::new(),
+            })))
         }
-        // Messages are published as finished records: copied once, into the frame.
-        _ => Some(Cow::Borrowed(&delivery.payload)),
+        // Messages are published as finished JSON records: copied once, into the frame, or
+        // re-encoded for a MessagePack client.
+        _ => match wire.transcode(&delivery.payload) {
+            Ok(record) => Some(record),
+            Err(err) => {
+                tracing::warn!(%err, "a delivery is not a valid hub message; skipped");
+                None
+            }
+        },
     }
 }
 
@@ -830,8 +850,10 @@ async fn writer(
     ending: watch::Receiver<bool>,
     metrics: Arc<Metrics>,
     mut resume: Option<mpsc::Receiver<Writer>>,
+    wire: Protocol,
 ) {
     let stateful = resume.is_some();
+    let ping_record = wire.encode(&HubMessage::Ping);
     let mut write = Some(write);
     let mut unacked = Unacked::default();
     let mut connection_open = true;
@@ -865,18 +887,17 @@ async fn writer(
         tokio::select! {
             biased;
             _ = shutdown.changed(), if closing.is_none() => {
-                let record = HubMessage::Close {
+                let record = wire.encode(&HubMessage::Close {
                     error: Some("Server is shutting down.".into()),
                     allow_reconnect: true,
-                }
-                .encode();
+                });
                 closing = Some((1001, Some(record)));
             }
             new = async { resume.as_mut()?.recv().await }, if stateful => match new {
                 Some(new) => {
                     write = Some(new);
                     // Everything not acknowledged, after the id it starts at.
-                    frame.bytes.extend_from_slice(&HubMessage::Sequence { sequence_id: unacked.first() }.encode());
+                    frame.bytes.extend_from_slice(&wire.encode(&HubMessage::Sequence { sequence_id: unacked.first() }));
                     for (_, record) in &unacked.records {
                         frame.bytes.extend_from_slice(record);
                     }
@@ -903,14 +924,14 @@ async fn writer(
                     continue;
                 }
                 Some(Out::Close { error, allow_reconnect, code }) => {
-                    let record = HubMessage::Close { error, allow_reconnect }.encode();
+                    let record = wire.encode(&HubMessage::Close { error, allow_reconnect });
                     closing = Some((code, Some(record)));
                 }
                 None => out_open = false,
             },
             delivery = connection.recv(), if connection_open && room => match delivery {
                 Some(delivery) => {
-                    if let Some(record) = delivery_record(&delivery) {
+                    if let Some(record) = delivery_record(&delivery, wire) {
                         sequenced(&mut frame, &mut unacked, &record, attached);
                         frame.deliveries += 1;
                     }
@@ -921,17 +942,16 @@ async fn writer(
                 None if *ending.borrow() => connection_open = false,
                 None => {
                     // The node dropped the connection: it fell behind, or the node stops.
-                    let record = HubMessage::Close {
+                    let record = wire.encode(&HubMessage::Close {
                         error: Some("The server closed the connection: it could not keep up with the messages sent to it.".into()),
                         allow_reconnect: true,
-                    }
-                    .encode();
+                    });
                     closing = Some((1008, Some(record)));
                 }
             },
             _ = ping.tick() => {
                 if !wrote_since_tick && attached {
-                    frame.bytes.extend_from_slice(&HubMessage::Ping.encode());
+                    frame.bytes.extend_from_slice(&ping_record);
                 }
                 wrote_since_tick = false;
             }
@@ -942,7 +962,7 @@ async fn writer(
             while frame.bytes.len() < FRAME_BYTES {
                 if connection_open && (!stateful || unacked.bytes < RESUME_BUFFER_BYTES) {
                     if let Some(delivery) = connection.try_recv() {
-                        if let Some(record) = delivery_record(&delivery) {
+                        if let Some(record) = delivery_record(&delivery, wire) {
                             sequenced(&mut frame, &mut unacked, &record, attached);
                             frame.deliveries += 1;
                         }
@@ -977,11 +997,10 @@ async fn writer(
                         allow_reconnect,
                         code,
                     }) => {
-                        let record = HubMessage::Close {
+                        let record = wire.encode(&HubMessage::Close {
                             error,
                             allow_reconnect,
-                        }
-                        .encode();
+                        });
                         closing = Some((code, Some(record)));
                         break;
                     }
@@ -994,7 +1013,7 @@ async fn writer(
                 let started = std::time::Instant::now();
                 if put(
                     w,
-                    Frame::text(Payload::Borrowed(&frame.bytes)),
+                    frame_of(wire, Payload::Borrowed(&frame.bytes)),
                     limits.client_timeout,
                 )
                 .await
@@ -1028,7 +1047,7 @@ async fn writer(
                 if let Some(record) = record {
                     let _ = put(
                         w,
-                        Frame::text(Payload::Owned(record)),
+                        frame_of(wire, Payload::Owned(record)),
                         limits.client_timeout,
                     )
                     .await;

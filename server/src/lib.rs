@@ -1,6 +1,6 @@
-//! The backplane reference server: hubs spoken to with the SignalR JSON hub protocol over
-//! WebSockets (hyper and fastwebsockets), so the official SignalR clients connect unchanged,
-//! scaled out over any backplane driver.
+//! The backplane reference server: hubs spoken to with the SignalR hub protocols (JSON and
+//! MessagePack) over WebSockets (hyper and fastwebsockets), so the official SignalR clients
+//! connect unchanged, scaled out over any backplane driver.
 //!
 //! ```no_run
 //! use std::sync::Arc;
@@ -26,7 +26,7 @@ mod hub;
 mod metrics;
 mod server;
 
-/// The SignalR JSON hub protocol codec the server speaks.
+/// The SignalR hub protocol codecs the server speaks.
 pub use backplane_core::signalr as protocol;
 
 pub use api::api_token;

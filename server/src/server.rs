@@ -459,7 +459,7 @@ fn negotiate(req: &Request<Incoming>, shared: &Shared, hub: &str) -> Response<Bo
         .unwrap_or(0);
     let id = ConnectionId::random();
     let token = shared.auth.connection_token(hub.name(), &id, user.as_ref());
-    let transports = json!([{ "transport": "WebSockets", "transferFormats": ["Text"] }]);
+    let transports = json!([{ "transport": "WebSockets", "transferFormats": ["Text", "Binary"] }]);
     let stateful = query
         .get("useStatefulReconnect")
         .is_some_and(|v| v == "true");

@@ -1,4 +1,5 @@
-//! The official `@microsoft/signalr` client (pinned in `tests/interop/package-lock.json`)
+//! The official `@microsoft/signalr` client, with JSON and with
+//! `@microsoft/signalr-protocol-msgpack` (pinned in `tests/interop/package-lock.json`),
 //! against two `backplane-server` processes sharing one PostgreSQL: broadcast, groups, users on
 //! two nodes, durable offline delivery, presence, completions and errors, token refusal, and
 //! automatic reconnect after a server restart.

@@ -7,6 +7,7 @@ mod common;
 use std::time::Duration;
 
 use backplane_core::NodeOptions;
+use backplane_server::protocol::{HubMessage, Outcome, Protocol, RecordBuffer};
 use backplane_server::{Hub, HubError, Limits, Security, chat, user_token};
 use common::{RawClient, Received, http, server, server_with};
 use serde_json::{Value, json};
@@ -186,8 +187,8 @@ async fn handshake_errors_are_answered_then_closed() {
     let addr = running.local_addr();
     for (handshake, error) in [
         (
-            &br#"{"protocol":"messagepack","version":1}"#[..],
-            "The protocol 'messagepack' is not supported.",
+            &br#"{"protocol":"xml","version":1}"#[..],
+            "The protocol 'xml' is not supported.",
         ),
         (
             br#"{"protocol":"json","version":9}"#,
@@ -763,5 +764,114 @@ async fn stateful_reconnect_resumes_without_loss_or_duplicates() {
         vec!["two", "three"],
         "what was missed arrives once, in order: {seen:?}"
     );
+    running.shutdown(Duration::from_secs(5)).await;
+}
+
+/// Reads MessagePack messages (binary frames) until `done` says it has what it waits for.
+async fn packed_messages(
+    client: &mut RawClient,
+    mut done: impl FnMut(&[HubMessage]) -> bool,
+) -> Vec<HubMessage> {
+    let mut buffer = RecordBuffer::new(Protocol::MessagePack);
+    let mut messages = Vec::new();
+    while !done(&messages) {
+        let (binary, data) = client.receive_frame().await.expect("a frame");
+        assert!(binary, "MessagePack travels in binary frames: {data:?}");
+        for record in buffer.push(&data, 1 << 20).expect("framed") {
+            messages.push(Protocol::MessagePack.parse(&record).expect("MessagePack"));
+        }
+    }
+    messages
+}
+
+#[tokio::test]
+async fn messagepack_and_json_clients_share_a_hub() {
+    let running = server(vec![chat::hub()], limits()).await;
+    let addr = running.local_addr();
+    let mut jay = RawClient::connect(addr, "chat", "jay").await;
+    let mut pam = RawClient::open(addr, "/hubs/chat?user=pam")
+        .await
+        .expect("the upgrade succeeds");
+
+    // The handshake and the first message in one (binary: MessagePack is not UTF-8) frame.
+    let mut first = br#"{"protocol":"messagepack","version":1}"#.to_vec();
+    first.push(0x1e);
+    first.extend(Protocol::MessagePack.encode(&HubMessage::Invocation {
+        invocation_id: Some("1".into()),
+        target: "SendMessage".into(),
+        arguments: vec![json!("packed \u{1e} hello")],
+        stream_ids: vec![],
+    }));
+    pam.send_binary(first).await;
+    assert_eq!(
+        pam.receive_frame().await,
+        Some((false, b"{}\x1e".to_vec())),
+        "the handshake answer is JSON text"
+    );
+    let messages = packed_messages(&mut pam, |m| m.len() >= 2).await;
+    assert!(messages.contains(&HubMessage::Invocation {
+        invocation_id: None,
+        target: "ReceiveMessage".into(),
+        arguments: vec![json!("pam"), json!("packed \u{1e} hello")],
+        stream_ids: vec![],
+    }));
+    assert!(messages.contains(&HubMessage::Completion {
+        invocation_id: "1".into(),
+        outcome: Outcome::Void,
+    }));
+    let heard = jay.next_message().await.expect("a message");
+    assert_eq!(heard["arguments"], json!(["pam", "packed \u{1e} hello"]));
+
+    // JSON to MessagePack, and a result in MessagePack.
+    jay.send(br#"{"type":1,"target":"SendMessage","arguments":["from json"]}"#)
+        .await;
+    let messages = packed_messages(&mut pam, |m| !m.is_empty()).await;
+    assert_eq!(
+        messages[0],
+        HubMessage::Invocation {
+            invocation_id: None,
+            target: "ReceiveMessage".into(),
+            arguments: vec![json!("jay"), json!("from json")],
+            stream_ids: vec![],
+        }
+    );
+    pam.send_binary(Protocol::MessagePack.encode(&HubMessage::Invocation {
+        invocation_id: Some("2".into()),
+        target: "GetOnlineUsers".into(),
+        arguments: vec![],
+        stream_ids: vec![],
+    }))
+    .await;
+    let messages = packed_messages(&mut pam, |m| {
+        m.iter().any(
+            |m| matches!(m, HubMessage::Completion { invocation_id, .. } if invocation_id == "2"),
+        )
+    })
+    .await;
+    assert!(messages.contains(&HubMessage::Completion {
+        invocation_id: "2".into(),
+        outcome: Outcome::Result(json!(["jay", "pam"])),
+    }));
+
+    // Binary data has no JSON form: a clear protocol error, and the connection closes.
+    let bin = vec![
+        0x0b, 0x95, 0x01, 0x80, 0xc0, 0xa1, b'T', 0x91, 0xc4, 0x02, b'a', b'b',
+    ];
+    pam.send_binary(bin).await;
+    let mut buffer = RecordBuffer::new(Protocol::MessagePack);
+    let mut close = None;
+    while let Some((_, data)) = pam.receive_frame().await {
+        for record in buffer.push(&data, 1 << 20).expect("framed") {
+            if let Ok(m @ HubMessage::Close { .. }) = Protocol::MessagePack.parse(&record) {
+                close = Some(m);
+            }
+        }
+    }
+    match close {
+        Some(HubMessage::Close {
+            error: Some(error), ..
+        }) => assert!(error.contains("no JSON form"), "{error}"),
+        other => panic!("expected a close with an error, got {other:?}"),
+    }
     running.shutdown(Duration::from_secs(5)).await;
 }

@@ -179,6 +179,30 @@ impl RawClient {
             .expect("the frame is written");
     }
 
+    /// Sends a binary frame as is.
+    pub async fn send_binary(&mut self, data: Vec<u8>) {
+        self.ws
+            .write_frame(Frame::binary(Payload::Owned(data)))
+            .await
+            .expect("the frame is written");
+    }
+
+    /// The next data frame as (is it binary, payload); `None` once closed.
+    pub async fn receive_frame(&mut self) -> Option<(bool, Vec<u8>)> {
+        loop {
+            let frame = tokio::time::timeout(WAIT, self.ws.read_frame())
+                .await
+                .expect("the server answers in time")
+                .ok()?;
+            match frame.opcode {
+                OpCode::Text => return Some((false, frame.payload.to_vec())),
+                OpCode::Binary => return Some((true, frame.payload.to_vec())),
+                OpCode::Close => return None,
+                _ => {}
+            }
+        }
+    }
+
     /// Sends a WebSocket ping.
     pub async fn ping(&mut self) {
         self.ws

@@ -1,4 +1,5 @@
-// Interop scenarios of backplane-server with the official @microsoft/signalr client.
+// Interop scenarios of backplane-server with the official @microsoft/signalr client (JSON and
+// MessagePack, with @microsoft/signalr-protocol-msgpack).
 //
 // Driven by server/tests/interop.rs, which starts two server processes on one PostgreSQL and
 // passes their URLs in NODE_A and NODE_B and the JWT secret in JWT_SECRET. To restart node B,
@@ -7,6 +8,7 @@
 // Every wait is bounded; any failure exits non-zero with the scenario's name.
 
 import * as signalR from "@microsoft/signalr";
+import { MessagePackHubProtocol } from "@microsoft/signalr-protocol-msgpack";
 import { createHmac } from "node:crypto";
 import { createInterface } from "node:readline";
 
@@ -61,6 +63,7 @@ class Client {
       .configureLogging(signalR.LogLevel.Error);
     if (options.reconnect) builder = builder.withAutomaticReconnect([0, 200, 500, 1000, 1000, 1000, 2000, 2000, 2000]);
     if (options.stateful) builder = builder.withStatefulReconnect();
+    if (options.msgpack) builder = builder.withHubProtocol(new MessagePackHubProtocol());
     this.connection = builder.build();
     for (const method of ["ReceiveMessage", "UserJoined", "UserLeft", "ReceiveGroupMessage", "ReceiveNotification"]) {
       this.connection.on(method, (...args) => this.record(method, args));
@@ -230,6 +233,27 @@ scenario("client results: a hub method gets the value an .on handler returns, ac
     (e) => check(/not connected/.test(e.message), e.message),
   );
   await Promise.all([asker.stop(), oracle.stop()]);
+});
+
+scenario("MessagePack and JSON clients talk across nodes", async () => {
+  const packed = await new Client(B, `packed-${unique}`, { msgpack: true }).start();
+  const plain = await new Client(A, `plain-${unique}`).start();
+  // The pinned client keeps its protocol in `_protocol`.
+  check(packed.connection._protocol.name === "messagepack", `protocol ${packed.connection._protocol.name}`);
+  await plain.connection.invoke("SendMessage", "to msgpack \u001e ünïcode");
+  await packed.waitFor("a JSON client's broadcast", (e) => e.method === "ReceiveMessage" && e.args[1] === "to msgpack \u001e ünïcode");
+  await packed.connection.invoke("SendMessage", "from msgpack");
+  await plain.waitFor("a MessagePack client's broadcast", (e) => e.method === "ReceiveMessage" && e.args[1] === "from msgpack" && e.args[0] === packed.user);
+  const users = await packed.connection.invoke("GetOnlineUsers");
+  check(users.includes(packed.user) && users.includes(plain.user), `online users ${JSON.stringify(users)}`);
+  await packed.connection.invoke("NoSuchMethod").then(
+    () => check(false, "an unknown method succeeded"),
+    (e) => check(/Unknown hub method 'NoSuchMethod'/.test(e.message), e.message),
+  );
+  packed.connection.on("Ask", (from, question) => `packed answer to ${question}`);
+  const answer = await within(plain.connection.invoke("Ask", packed.user, "q?"), "a client result over MessagePack");
+  check(answer === "packed answer to q?", `answer ${JSON.stringify(answer)}`);
+  await Promise.all([packed.stop(), plain.stop()]);
 });
 
 scenario("stateful reconnect: a dropped socket resumes and misses nothing", async () => {

@@ -1,9 +1,89 @@
-//! The SignalR JSON hub protocol: records ending in `0x1E`, the handshake, and the hub messages.
+//! The SignalR hub protocols: the handshake, the hub messages, and their two encodings, JSON
+//! (records ending in `0x1E`) and MessagePack (length-prefixed arrays, in [`Protocol`]).
 //!
 //! Follows the published HubProtocol specification (message types 1 to 9, including `Ack` and
 //! `Sequence` of protocol version 2 for stateful reconnect).
 
+mod msgpack;
+
 use serde_json::{Map, Value};
+
+/// A hub protocol: how hub messages are encoded after the (always JSON) handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Protocol {
+    /// `json`: UTF-8 JSON records, each followed by `0x1E`, in text frames.
+    Json,
+    /// `messagepack`: MessagePack arrays, each preceded by its length, in binary frames.
+    MessagePack,
+}
+
+impl Protocol {
+    /// The name the handshake uses.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Json => "json",
+            Self::MessagePack => "messagepack",
+        }
+    }
+
+    /// The protocol a handshake names, if it is one spoken here.
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "json" => Some(Self::Json),
+            "messagepack" => Some(Self::MessagePack),
+            _ => None,
+        }
+    }
+
+    /// Whether messages travel in binary frames.
+    pub fn is_binary(self) -> bool {
+        matches!(self, Self::MessagePack)
+    }
+
+    /// The framed bytes of `message`: a JSON record with its separator, or a length-prefixed
+    /// MessagePack array.
+    pub fn encode(self, message: &HubMessage) -> Vec<u8> {
+        match self {
+            Self::Json => message.encode(),
+            Self::MessagePack => msgpack::encode(message),
+        }
+    }
+
+    /// Parses one record, as split by a [`RecordBuffer`] of this protocol.
+    ///
+    /// # Errors
+    ///
+    /// Malformed input, an unknown message type, fields of the wrong type, or (MessagePack)
+    /// a value with no JSON form.
+    pub fn parse(self, record: &[u8]) -> Result<HubMessage, ProtocolError> {
+        match self {
+            Self::Json => HubMessage::parse(record),
+            Self::MessagePack => msgpack::parse(record),
+        }
+    }
+
+    /// Re-encodes a JSON record (without its separator) in this protocol; JSON stays as it is.
+    ///
+    /// # Errors
+    ///
+    /// The record is not a valid JSON hub message.
+    pub fn transcode<'a>(
+        self,
+        json_record: &'a [u8],
+    ) -> Result<std::borrow::Cow<'a, [u8]>, ProtocolError> {
+        match self {
+            Self::Json => Ok(std::borrow::Cow::Borrowed(json_record)),
+            Self::MessagePack => {
+                let record = json_record
+                    .strip_suffix(&[RECORD_SEPARATOR])
+                    .unwrap_or(json_record);
+                Ok(std::borrow::Cow::Owned(msgpack::encode(
+                    &HubMessage::parse(record)?,
+                )))
+            }
+        }
+    }
+}
 
 /// Ends every JSON record.
 pub const RECORD_SEPARATOR: u8 = 0x1e;
@@ -416,28 +496,96 @@ pub fn invocation(target: &str, arguments: &[Value]) -> Vec<u8> {
     out
 }
 
-/// Splits incoming text into records, keeping an incomplete tail for the next frame.
+/// Splits incoming frames into records, keeping an incomplete tail for the next frame: at
+/// `0x1E` separators (JSON and the handshake) or by length prefixes (MessagePack).
 #[derive(Debug, Default)]
 pub struct RecordBuffer {
     pending: Vec<u8>,
+    length_prefixed: bool,
 }
 
 impl RecordBuffer {
-    /// Appends `data` and returns the complete records it finishes (without separators).
+    /// A buffer for `protocol`'s records.
+    pub fn new(protocol: Protocol) -> Self {
+        Self {
+            pending: Vec::new(),
+            length_prefixed: protocol == Protocol::MessagePack,
+        }
+    }
+
+    /// Continues with `protocol`'s framing after the handshake, keeping the bytes that followed
+    /// it.
+    pub fn switch_to(&mut self, protocol: Protocol) {
+        self.length_prefixed = protocol == Protocol::MessagePack;
+    }
+
+    /// Appends `data` and returns the complete records it finishes (without separators or
+    /// length prefixes).
     ///
     /// # Errors
     ///
-    /// An incomplete record longer than `max` bytes.
+    /// A record longer than `max` bytes, or a malformed length prefix.
     pub fn push(&mut self, data: &[u8], max: usize) -> Result<Vec<Vec<u8>>, ProtocolError> {
         self.pending.extend_from_slice(data);
+        self.drain(max)
+    }
+
+    /// Appends `data` and returns the handshake record (the first, ended by `0x1E`) once it is
+    /// complete. What follows it stays buffered for [`drain`](Self::drain), in the framing set
+    /// by [`switch_to`](Self::switch_to).
+    ///
+    /// # Errors
+    ///
+    /// A handshake longer than `max` bytes.
+    pub fn push_handshake(
+        &mut self,
+        data: &[u8],
+        max: usize,
+    ) -> Result<Option<Vec<u8>>, ProtocolError> {
+        self.pending.extend_from_slice(data);
+        match self.pending.iter().position(|b| *b == RECORD_SEPARATOR) {
+            Some(end) => {
+                let record = self.pending[..end].to_vec();
+                self.pending.drain(..=end);
+                Ok(Some(record))
+            }
+            None if self.pending.len() > max => Err(bad(format!(
+                "the handshake exceeds the maximum size of {max} bytes"
+            ))),
+            None => Ok(None),
+        }
+    }
+
+    /// The complete records already buffered, as [`push`](Self::push) returns them.
+    ///
+    /// # Errors
+    ///
+    /// As [`push`](Self::push).
+    pub fn drain(&mut self, max: usize) -> Result<Vec<Vec<u8>>, ProtocolError> {
         let mut records = Vec::new();
         let mut start = 0;
-        while let Some(end) = self.pending[start..]
-            .iter()
-            .position(|b| *b == RECORD_SEPARATOR)
-        {
-            records.push(self.pending[start..start + end].to_vec());
-            start += end + 1;
+        if self.length_prefixed {
+            while let Some((len, prefix)) = msgpack::read_length(&self.pending[start..])? {
+                if len > max {
+                    return Err(bad(format!(
+                        "a message exceeds the maximum size of {max} bytes"
+                    )));
+                }
+                let body = start + prefix;
+                if self.pending.len() < body + len {
+                    break;
+                }
+                records.push(self.pending[body..body + len].to_vec());
+                start = body + len;
+            }
+        } else {
+            while let Some(end) = self.pending[start..]
+                .iter()
+                .position(|b| *b == RECORD_SEPARATOR)
+            {
+                records.push(self.pending[start..start + end].to_vec());
+                start += end + 1;
+            }
         }
         self.pending.drain(..start);
         if self.pending.len() > max {
@@ -602,5 +750,70 @@ mod tests {
         assert_eq!(records, vec![b"{\"type\":6}".to_vec()]);
         assert!(buffer.is_empty());
         assert!(buffer.push(&[b'x'; 101], 100).is_err());
+    }
+
+    #[test]
+    fn a_handshake_may_share_its_frame_with_messagepack() {
+        let ping = Protocol::MessagePack.encode(&HubMessage::Ping);
+        let mut frame = br#"{"protocol":"messagepack","version":1}"#.to_vec();
+        frame.push(RECORD_SEPARATOR);
+        frame.extend_from_slice(&ping);
+        // A MessagePack byte that happens to be the JSON separator must not split a record.
+        let close = Protocol::MessagePack.encode(&HubMessage::Close {
+            error: Some("\u{1e}".into()),
+            allow_reconnect: false,
+        });
+        frame.extend_from_slice(&close[..3]);
+        let mut buffer = RecordBuffer::default();
+        let handshake = buffer.push_handshake(&frame, 1000).unwrap().unwrap();
+        assert_eq!(
+            Handshake::parse(&handshake).unwrap().protocol,
+            "messagepack"
+        );
+        buffer.switch_to(Protocol::MessagePack);
+        let records = buffer.drain(1000).unwrap();
+        assert_eq!(records.len(), 1);
+        assert_eq!(
+            Protocol::MessagePack.parse(&records[0]).unwrap(),
+            HubMessage::Ping
+        );
+        let records = buffer.push(&close[3..], 1000).unwrap();
+        assert!(matches!(
+            Protocol::MessagePack.parse(&records[0]).unwrap(),
+            HubMessage::Close { error: Some(e), .. } if e == "\u{1e}"
+        ));
+        assert!(buffer.is_empty());
+        // A length over the limit is refused before the bytes arrive.
+        let mut big = Vec::new();
+        msgpack::put_length(&mut big, 5000);
+        assert!(
+            RecordBuffer::new(Protocol::MessagePack)
+                .push(&big, 1000)
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn json_deliveries_transcode_to_messagepack() {
+        let json = invocation("ReceiveMessage", &[json!("ada"), json!("hi")]);
+        assert_eq!(&*Protocol::Json.transcode(&json).unwrap(), &json[..]);
+        let packed = Protocol::MessagePack.transcode(&json).unwrap();
+        let mut buffer = RecordBuffer::new(Protocol::MessagePack);
+        let records = buffer.push(&packed, 1000).unwrap();
+        assert_eq!(
+            Protocol::MessagePack.parse(&records[0]).unwrap(),
+            HubMessage::Invocation {
+                invocation_id: None,
+                target: "ReceiveMessage".into(),
+                arguments: vec![json!("ada"), json!("hi")],
+                stream_ids: vec![],
+            }
+        );
+        assert_eq!(
+            Protocol::from_name("messagepack"),
+            Some(Protocol::MessagePack)
+        );
+        assert_eq!(Protocol::from_name("xml"), None);
+        assert!(Protocol::MessagePack.is_binary() && !Protocol::Json.is_binary());
     }
 }
