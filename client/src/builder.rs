@@ -5,6 +5,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use backplane_core::signalr::Protocol;
 use hyper::header::{HeaderName, HeaderValue};
 
 use crate::connection::HubConnection;
@@ -44,6 +45,7 @@ pub(crate) struct Config {
     pub(crate) keep_alive_interval: Duration,
     pub(crate) invocation_timeout: Option<Duration>,
     pub(crate) max_message_size: usize,
+    pub(crate) protocol: Protocol,
 }
 
 /// Configures and builds a [`HubConnection`].
@@ -71,6 +73,7 @@ pub struct HubConnectionBuilder {
     keep_alive_interval: Duration,
     invocation_timeout: Option<Duration>,
     max_message_size: usize,
+    protocol: Protocol,
     #[cfg(feature = "tls")]
     roots: Vec<Vec<u8>>,
 }
@@ -92,6 +95,7 @@ impl std::fmt::Debug for HubConnectionBuilder {
             .field("keep_alive_interval", &self.keep_alive_interval)
             .field("invocation_timeout", &self.invocation_timeout)
             .field("max_message_size", &self.max_message_size)
+            .field("protocol", &self.protocol)
             .finish()
     }
 }
@@ -111,6 +115,7 @@ impl HubConnectionBuilder {
             keep_alive_interval: Duration::from_secs(15),
             invocation_timeout: None,
             max_message_size: 16 * 1024 * 1024,
+            protocol: Protocol::Json,
             #[cfg(feature = "tls")]
             roots: Vec::new(),
         }
@@ -186,6 +191,14 @@ impl HubConnectionBuilder {
         self
     }
 
+    /// The hub protocol: [`Protocol::Json`] (the default) or [`Protocol::MessagePack`]
+    /// (smaller messages in binary frames; arguments and results are still
+    /// [`serde_json::Value`]s).
+    pub fn protocol(mut self, protocol: Protocol) -> Self {
+        self.protocol = protocol;
+        self
+    }
+
     /// Trusts the certificates in this PEM text besides the platform's roots (for private
     /// certificate authorities).
     #[cfg(feature = "tls")]
@@ -236,6 +249,7 @@ impl HubConnectionBuilder {
             keep_alive_interval: self.keep_alive_interval,
             invocation_timeout: self.invocation_timeout,
             max_message_size: self.max_message_size,
+            protocol: self.protocol,
         }))
     }
 }

@@ -7,7 +7,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
-use backplane_core::signalr::{Handshake, HandshakeResponse, HubMessage, Outcome, RecordBuffer};
+use backplane_core::signalr::{
+    Handshake, HandshakeResponse, HubMessage, Outcome, Protocol, RecordBuffer,
+};
 use fastwebsockets::{
     FragmentCollectorRead, Frame, OpCode, Payload, WebSocketError, WebSocketWrite,
 };
@@ -220,7 +222,7 @@ impl Shared {
             let (read, mut write) = socket.split(tokio::io::split);
             let mut read = FragmentCollectorRead::new(read);
             let handshake = Handshake {
-                protocol: "json".into(),
+                protocol: config.protocol.name().into(),
                 version: 1,
             }
             .encode();
@@ -229,17 +231,17 @@ impl Shared {
                 .await
                 .map_err(|e| Error::Handshake(format!("sending the handshake failed: {e}")))?;
             let mut buffer = RecordBuffer::default();
-            let mut records = loop {
+            let first = loop {
                 let frame = read.read_frame(&mut no_obligations).await.map_err(|e| {
                     Error::Handshake(format!("the socket closed during the handshake: {e}"))
                 })?;
                 match frame.opcode {
                     OpCode::Text | OpCode::Binary => {
-                        let records = buffer
-                            .push(&frame.payload, config.max_message_size)
+                        let handshake = buffer
+                            .push_handshake(&frame.payload, config.max_message_size)
                             .map_err(|e| Error::Protocol(e.to_string()))?;
-                        if !records.is_empty() {
-                            break records;
+                        if let Some(handshake) = handshake {
+                            break handshake;
                         }
                     }
                     OpCode::Close => {
@@ -250,12 +252,15 @@ impl Shared {
                     _ => {}
                 }
             };
-            let first = records.remove(0);
             let response =
                 HandshakeResponse::parse(&first).map_err(|e| Error::Protocol(e.to_string()))?;
             if let Some(error) = response.error {
                 return Err(Error::Handshake(error));
             }
+            buffer.switch_to(config.protocol);
+            let records = buffer
+                .drain(config.max_message_size)
+                .map_err(|e| Error::Protocol(e.to_string()))?;
             Ok((read, write, records, buffer, opened.connection_id))
         };
         let mut stop = self.stop.subscribe();
@@ -399,13 +404,12 @@ impl HubConnection {
     ///
     /// The connection is not connected.
     pub async fn send(&self, method: &str, arguments: Vec<Value>) -> Result<()> {
-        let record = HubMessage::Invocation {
+        let record = self.shared.config.protocol.encode(&HubMessage::Invocation {
             invocation_id: None,
             target: method.to_owned(),
             arguments,
             stream_ids: Vec::new(),
-        }
-        .encode();
+        });
         self.shared.send_record(record)
     }
 
@@ -419,13 +423,12 @@ impl HubConnection {
         let shared = &self.shared;
         let id = (shared.next_id.fetch_add(1, Ordering::Relaxed) + 1).to_string();
         let (tx, rx) = oneshot::channel();
-        let record = HubMessage::Invocation {
+        let record = self.shared.config.protocol.encode(&HubMessage::Invocation {
             invocation_id: Some(id.clone()),
             target: method.to_owned(),
             arguments,
             stream_ids: Vec::new(),
-        }
-        .encode();
+        });
         {
             let mut live = shared.live();
             let sent = live
@@ -477,13 +480,16 @@ impl HubConnection {
         let shared = &self.shared;
         let id = (shared.next_id.fetch_add(1, Ordering::Relaxed) + 1).to_string();
         let (tx, rx) = mpsc::unbounded_channel();
-        let record = HubMessage::StreamInvocation {
-            invocation_id: id.clone(),
-            target: method.to_owned(),
-            arguments,
-            stream_ids: Vec::new(),
-        }
-        .encode();
+        let record = self
+            .shared
+            .config
+            .protocol
+            .encode(&HubMessage::StreamInvocation {
+                invocation_id: id.clone(),
+                target: method.to_owned(),
+                arguments,
+                stream_ids: Vec::new(),
+            });
         let mut live = shared.live();
         let sent = live
             .outgoing
@@ -534,10 +540,13 @@ impl Drop for HubStream {
         }
         let removed = self.shared.live().pending.remove(&self.id).is_some();
         if removed {
-            let cancel = HubMessage::CancelInvocation {
-                invocation_id: self.id.clone(),
-            }
-            .encode();
+            let cancel = self
+                .shared
+                .config
+                .protocol
+                .encode(&HubMessage::CancelInvocation {
+                    invocation_id: self.id.clone(),
+                });
             let _ = self.shared.send_record(cancel);
         }
     }
@@ -571,6 +580,7 @@ impl Session {
             rx,
             shared.config.keep_alive_interval,
             shared.config.server_timeout,
+            shared.config.protocol,
         ));
         {
             let mut live = shared.live();
@@ -670,7 +680,7 @@ impl Session {
 
 /// Handles one record from the server; `Some` ends the session.
 fn dispatch(shared: &Arc<Shared>, out: &mpsc::UnboundedSender<Out>, record: &[u8]) -> Option<End> {
-    let message = match HubMessage::parse(record) {
+    let message = match shared.config.protocol.parse(record) {
         Ok(message) => message,
         Err(err) => {
             return Some(End::Lost(format!(
@@ -738,6 +748,7 @@ fn invoke_handlers(
     arguments: Vec<Value>,
 ) {
     let key = target.to_ascii_lowercase();
+    let wire = shared.config.protocol;
     if let Some(id) = invocation_id {
         let handler = shared
             .result_handlers
@@ -759,7 +770,7 @@ fn invoke_handlers(
                         invocation_id: id,
                         outcome,
                     };
-                    let _ = out.send(Out::Record(completion.encode()));
+                    let _ = out.send(Out::Record(wire.encode(&completion)));
                 });
             }
             None => {
@@ -768,7 +779,7 @@ fn invoke_handlers(
                     invocation_id: id,
                     outcome: Outcome::Error("Client didn't provide a result.".into()),
                 };
-                let _ = out.send(Out::Record(completion.encode()));
+                let _ = out.send(Out::Record(wire.encode(&completion)));
             }
         }
         return;
@@ -796,6 +807,15 @@ fn run_handlers(shared: &Arc<Shared>, key: &str, target: &str, arguments: &[Valu
     }
 }
 
+/// A frame of records: binary for MessagePack, text for JSON.
+fn frame_of(wire: Protocol, bytes: Vec<u8>) -> Frame<'static> {
+    if wire.is_binary() {
+        Frame::binary(Payload::Owned(bytes))
+    } else {
+        Frame::text(Payload::Owned(bytes))
+    }
+}
+
 /// Writes queued records, coalescing them into frames, and pings when idle. Returns why it
 /// stopped when the socket failed.
 async fn write_loop(
@@ -803,8 +823,9 @@ async fn write_loop(
     mut rx: mpsc::UnboundedReceiver<Out>,
     keep_alive: Duration,
     deadline: Duration,
+    wire: Protocol,
 ) -> Option<String> {
-    let ping = HubMessage::Ping.encode();
+    let ping = wire.encode(&HubMessage::Ping);
     let mut idle_until = Instant::now() + keep_alive;
     loop {
         let next = tokio::select! {
@@ -833,17 +854,15 @@ async fn write_loop(
                     }
                 }
                 if close {
-                    let _ = tokio::time::timeout(
-                        deadline,
-                        write.write_frame(Frame::text(Payload::Owned(bytes))),
-                    )
-                    .await;
+                    let _ =
+                        tokio::time::timeout(deadline, write.write_frame(frame_of(wire, bytes)))
+                            .await;
                     let _ =
                         tokio::time::timeout(deadline, write.write_frame(Frame::close(1000, b"")))
                             .await;
                     return None;
                 }
-                Frame::text(Payload::Owned(bytes))
+                frame_of(wire, bytes)
             }
         };
         match tokio::time::timeout(deadline, write.write_frame(frame)).await {

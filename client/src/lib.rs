@@ -1,6 +1,7 @@
-//! A client for hubs that speak the SignalR JSON hub protocol: this project's server, ASP.NET
+//! A client for hubs that speak the SignalR hub protocol: this project's server, ASP.NET
 //! Core SignalR, or any other server that keeps to the published protocol.
 //!
+//! - The JSON or the MessagePack hub protocol ([`Protocol`]).
 //! - Negotiation (versions 0 and 1, with redirects and their access tokens), then a WebSocket
 //!   (fastwebsockets over hyper), `http`/`ws` or, with the default `tls` feature,
 //!   `https`/`wss` through rustls.
@@ -42,6 +43,7 @@ mod error;
 mod reconnect;
 mod transport;
 
+pub use backplane_core::signalr::Protocol;
 pub use builder::{BoxFuture, HubConnectionBuilder};
 pub use connection::{ConnectionEvent, ConnectionState, HubConnection, HubStream};
 pub use error::{Error, Result};

@@ -7,7 +7,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use backplane_client::{
-    ConnectionEvent, ConnectionState, Error, HubConnection, HubConnectionBuilder, ReconnectPolicy,
+    ConnectionEvent, ConnectionState, Error, HubConnection, HubConnectionBuilder, Protocol,
+    ReconnectPolicy,
 };
 use backplane_core::{MemoryBackplane, Node, NodeOptions};
 use backplane_server::{Hub, HubError, Limits, Running, Security, Server, user_token};
@@ -526,4 +527,61 @@ async fn reconnecting_gives_up_as_told() {
         other => panic!("expected a close, got {other:?}"),
     }
     assert_eq!(connection.state(), ConnectionState::Disconnected);
+}
+
+#[tokio::test]
+async fn messagepack_carries_the_same_calls() {
+    let running = serve().await;
+    let packed =
+        connected(HubConnectionBuilder::new(url(&running)).protocol(Protocol::MessagePack)).await;
+    let plain = connected(HubConnectionBuilder::new(url(&running))).await;
+    let value = json!({"text": "ünï \u{1e}", "n": [1, -2, 3.5], "none": null, "yes": true});
+    assert_eq!(
+        packed
+            .invoke("Echo", vec![value.clone()])
+            .await
+            .expect("a result"),
+        value
+    );
+    let err = packed.invoke("Fail", vec![]).await.unwrap_err();
+    assert!(
+        matches!(&err, Error::Hub(m) if m.contains("it failed on purpose")),
+        "{err}"
+    );
+    let mut stream = packed
+        .stream("Count", vec![json!(3)])
+        .await
+        .expect("a stream");
+    let mut items = Vec::new();
+    while let Some(item) = tokio::time::timeout(WAIT, stream.next())
+        .await
+        .expect("in time")
+    {
+        items.push(item.expect("an item"));
+    }
+    assert_eq!(items, vec![json!(0), json!(1), json!(2)]);
+
+    // Broadcasts from a JSON client arrive re-encoded; client results go back in MessagePack.
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    packed.on("Heard", move |args| {
+        let _ = tx.send(args.to_vec());
+    });
+    packed.on_invoke(
+        "Question",
+        |args| async move { Ok(json!({ "echo": args })) },
+    );
+    plain
+        .invoke("Shout", vec![json!("to everyone")])
+        .await
+        .expect("sent");
+    let args = tokio::time::timeout(WAIT, rx.recv())
+        .await
+        .expect("in time")
+        .expect("an invocation");
+    assert_eq!(args, vec![json!("to everyone")]);
+    let answer = packed
+        .invoke("AskMe", vec![json!("q")])
+        .await
+        .expect("an answer");
+    assert_eq!(answer, json!({ "echo": ["q"] }));
 }
