@@ -180,13 +180,27 @@ impl Shared {
         *self.stop.borrow()
     }
 
-    /// Queues a record on the current socket.
-    fn send_record(&self, record: Vec<u8>) -> Result<()> {
-        let live = self.live();
-        match &live.outgoing {
-            Some(out) if out.send(Out::Record(record)).is_ok() => Ok(()),
-            _ => Err(Error::NotConnected(self.state())),
+    /// Queues `message` on the current socket. A call that waits for an answer registers
+    /// `waiter` under its invocation id in the same step, so the answer cannot come first.
+    fn queue(&self, message: &HubMessage, waiter: Option<(String, Pending)>) -> Result<()> {
+        let record = self.config.protocol.encode(message);
+        let mut live = self.live();
+        let sent = live
+            .outgoing
+            .as_ref()
+            .is_some_and(|out| out.send(Out::Record(record)).is_ok());
+        if !sent {
+            return Err(Error::NotConnected(self.state()));
         }
+        if let Some((id, waiter)) = waiter {
+            live.pending.insert(id, waiter);
+        }
+        Ok(())
+    }
+
+    /// A fresh invocation id.
+    fn next_id(&self) -> String {
+        (self.next_id.fetch_add(1, Ordering::Relaxed) + 1).to_string()
     }
 
     /// Fails every call waiting on the server.
@@ -404,13 +418,13 @@ impl HubConnection {
     ///
     /// The connection is not connected.
     pub async fn send(&self, method: &str, arguments: Vec<Value>) -> Result<()> {
-        let record = self.shared.config.protocol.encode(&HubMessage::Invocation {
+        let call = HubMessage::Invocation {
             invocation_id: None,
             target: method.to_owned(),
             arguments,
             stream_ids: Vec::new(),
-        });
-        self.shared.send_record(record)
+        };
+        self.shared.queue(&call, None)
     }
 
     /// Calls a hub method and waits for its result.
@@ -421,25 +435,15 @@ impl HubConnection {
     /// ended first, [`Error::Timeout`] past the invocation timeout, [`Error::NotConnected`].
     pub async fn invoke(&self, method: &str, arguments: Vec<Value>) -> Result<Value> {
         let shared = &self.shared;
-        let id = (shared.next_id.fetch_add(1, Ordering::Relaxed) + 1).to_string();
+        let id = shared.next_id();
         let (tx, rx) = oneshot::channel();
-        let record = self.shared.config.protocol.encode(&HubMessage::Invocation {
+        let call = HubMessage::Invocation {
             invocation_id: Some(id.clone()),
             target: method.to_owned(),
             arguments,
             stream_ids: Vec::new(),
-        });
-        {
-            let mut live = shared.live();
-            let sent = live
-                .outgoing
-                .as_ref()
-                .is_some_and(|out| out.send(Out::Record(record)).is_ok());
-            if !sent {
-                return Err(Error::NotConnected(shared.state()));
-            }
-            live.pending.insert(id.clone(), Pending::Invoke(tx));
-        }
+        };
+        shared.queue(&call, Some((id.clone(), Pending::Invoke(tx))))?;
         let outcome = match shared.config.invocation_timeout {
             None => rx.await,
             Some(after) => match tokio::time::timeout(after, rx).await {
@@ -478,27 +482,15 @@ impl HubConnection {
     /// The connection is not connected.
     pub async fn stream(&self, method: &str, arguments: Vec<Value>) -> Result<HubStream> {
         let shared = &self.shared;
-        let id = (shared.next_id.fetch_add(1, Ordering::Relaxed) + 1).to_string();
+        let id = shared.next_id();
         let (tx, rx) = mpsc::unbounded_channel();
-        let record = self
-            .shared
-            .config
-            .protocol
-            .encode(&HubMessage::StreamInvocation {
-                invocation_id: id.clone(),
-                target: method.to_owned(),
-                arguments,
-                stream_ids: Vec::new(),
-            });
-        let mut live = shared.live();
-        let sent = live
-            .outgoing
-            .as_ref()
-            .is_some_and(|out| out.send(Out::Record(record)).is_ok());
-        if !sent {
-            return Err(Error::NotConnected(shared.state()));
-        }
-        live.pending.insert(id.clone(), Pending::Stream(tx));
+        let call = HubMessage::StreamInvocation {
+            invocation_id: id.clone(),
+            target: method.to_owned(),
+            arguments,
+            stream_ids: Vec::new(),
+        };
+        shared.queue(&call, Some((id.clone(), Pending::Stream(tx))))?;
         Ok(HubStream {
             id,
             items: rx,
@@ -540,14 +532,10 @@ impl Drop for HubStream {
         }
         let removed = self.shared.live().pending.remove(&self.id).is_some();
         if removed {
-            let cancel = self
-                .shared
-                .config
-                .protocol
-                .encode(&HubMessage::CancelInvocation {
-                    invocation_id: self.id.clone(),
-                });
-            let _ = self.shared.send_record(cancel);
+            let cancel = HubMessage::CancelInvocation {
+                invocation_id: self.id.clone(),
+            };
+            let _ = self.shared.queue(&cancel, None);
         }
     }
 }

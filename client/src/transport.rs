@@ -318,17 +318,33 @@ impl Dialer {
         Ok(request)
     }
 
+    /// An HTTP/1.1 connection to `endpoint`, driven by a task of its own (which also carries
+    /// an upgraded WebSocket until it ends).
+    async fn http1(
+        &self,
+        endpoint: &Endpoint,
+    ) -> Result<hyper::client::conn::http1::SendRequest<Empty<Bytes>>> {
+        let io = self.dial(endpoint).await?;
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+            .await
+            .map_err(|e| Error::Connect {
+                endpoint: endpoint.authority(),
+                reason: e.to_string(),
+            })?;
+        tokio::spawn(async move {
+            // Its errors surface on the request or the socket.
+            let _ = conn.with_upgrades().await;
+        });
+        Ok(sender)
+    }
+
     /// POSTs to `negotiate` and reads the answer.
     async fn negotiate_once(&self, endpoint: &Endpoint, token: Option<&str>) -> Result<Negotiated> {
-        let io = self.dial(endpoint).await?;
         let failed = |reason: String| Error::Connect {
             endpoint: endpoint.authority(),
             reason,
         };
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
-            .await
-            .map_err(|e| failed(e.to_string()))?;
-        tokio::spawn(conn);
+        let mut sender = self.http1(endpoint).await?;
         let request = self
             .request(endpoint, "POST", &endpoint.negotiate_target(), token)?
             .header(header::CONTENT_LENGTH, "0")
@@ -362,18 +378,11 @@ impl Dialer {
         target: &str,
         token: Option<&str>,
     ) -> Result<Socket> {
-        let io = self.dial(endpoint).await?;
         let failed = |reason: String| Error::Connect {
             endpoint: endpoint.authority(),
             reason,
         };
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
-            .await
-            .map_err(|e| failed(e.to_string()))?;
-        tokio::spawn(async move {
-            // Ends when the WebSocket does; its errors surface on the socket.
-            let _ = conn.with_upgrades().await;
-        });
+        let mut sender = self.http1(endpoint).await?;
         let request = self
             .request(endpoint, "GET", target, token)?
             .header(header::UPGRADE, "websocket")

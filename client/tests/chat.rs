@@ -6,10 +6,10 @@
 
 use std::net::SocketAddr;
 use std::process::Stdio;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
-use backplane_conformance::{Cluster, PG_URL_VAR};
+use backplane_conformance::test_database_url;
 use backplane_core::{Node, NodeOptions};
 use backplane_postgres::PgBackplane;
 use backplane_server::{Running, Security, Server, chat};
@@ -19,28 +19,11 @@ use tokio::sync::mpsc;
 
 const WAIT: Duration = Duration::from_secs(20);
 
-static CLUSTER: OnceLock<Result<Cluster, String>> = OnceLock::new();
-
 /// A database URL with a schema of its own.
 async fn database(schema: &str) -> String {
-    let base = match std::env::var(PG_URL_VAR).ok().filter(|u| !u.is_empty()) {
-        Some(url) => url,
-        None => tokio::task::spawn_blocking(|| {
-            CLUSTER
-                .get_or_init(|| {
-                    let cluster = Cluster::start()?;
-                    cluster.remove_at_exit();
-                    Ok(cluster)
-                })
-                .as_ref()
-                .map(Cluster::url)
-                .unwrap_or_else(|e| panic!("PostgreSQL is needed for these tests: {e}"))
-        })
+    test_database_url(schema)
         .await
-        .expect("no panic"),
-    };
-    let separator = if base.contains('?') { '&' } else { '?' };
-    format!("{base}{separator}schema={schema}")
+        .unwrap_or_else(|e| panic!("PostgreSQL is needed for these tests: {e}"))
 }
 
 /// A server node with the chat hub, on the shared database.
@@ -75,6 +58,35 @@ struct Chat {
     err: mpsc::UnboundedReceiver<String>,
     /// Lines already read, for failure messages.
     seen: Vec<String>,
+    seen_errors: Vec<String>,
+}
+
+/// Reads `lines` until one contains `needle`, keeping them in `seen`; panics with what was
+/// seen if none does in time.
+async fn wait_for_line(
+    lines: &mut mpsc::UnboundedReceiver<String>,
+    seen: &mut Vec<String>,
+    name: &str,
+    verb: &str,
+    needle: &str,
+) -> String {
+    let found = tokio::time::timeout(WAIT, async {
+        while let Some(line) = lines.recv().await {
+            seen.push(line.clone());
+            if line.contains(needle) {
+                return Some(line);
+            }
+        }
+        None
+    })
+    .await;
+    match found {
+        Ok(Some(line)) => line,
+        _ => panic!(
+            "{name} never {verb} '{needle}'; it {verb}:\n{}",
+            seen.join("\n")
+        ),
+    }
 }
 
 impl Chat {
@@ -112,6 +124,7 @@ impl Chat {
             out,
             err,
             seen: Vec::new(),
+            seen_errors: Vec::new(),
         }
     }
 
@@ -130,47 +143,21 @@ impl Chat {
 
     /// Waits for an output line containing `needle`; earlier lines are skipped.
     async fn expect(&mut self, needle: &str) -> String {
-        let found = tokio::time::timeout(WAIT, async {
-            while let Some(line) = self.out.recv().await {
-                self.seen.push(line.clone());
-                if line.contains(needle) {
-                    return Some(line);
-                }
-            }
-            None
-        })
-        .await;
-        match found {
-            Ok(Some(line)) => line,
-            _ => panic!(
-                "{} never printed '{needle}'; it printed:\n{}",
-                self.name,
-                self.seen.join("\n")
-            ),
-        }
+        let name = self.name.clone();
+        wait_for_line(&mut self.out, &mut self.seen, &name, "printed", needle).await
     }
 
     /// Waits for an error line containing `needle`.
     async fn expect_error(&mut self, needle: &str) -> String {
-        let mut errors = Vec::new();
-        let found = tokio::time::timeout(WAIT, async {
-            while let Some(line) = self.err.recv().await {
-                errors.push(line.clone());
-                if line.contains(needle) {
-                    return Some(line);
-                }
-            }
-            None
-        })
-        .await;
-        match found {
-            Ok(Some(line)) => line,
-            _ => panic!(
-                "{} never reported '{needle}'; its errors:\n{}",
-                self.name,
-                errors.join("\n")
-            ),
-        }
+        let name = self.name.clone();
+        wait_for_line(
+            &mut self.err,
+            &mut self.seen_errors,
+            &name,
+            "reported",
+            needle,
+        )
+        .await
     }
 
     /// Sends `/quit` and waits for a clean exit.

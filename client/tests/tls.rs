@@ -2,12 +2,11 @@
 //! refuses a server it cannot verify. A TLS terminator (rustls) sits in front of the server, as
 //! a load balancer would; the certificates come from `openssl`.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
 use backplane_client::{Error, HubConnectionBuilder};
+use backplane_conformance::TestPki;
 use backplane_core::{MemoryBackplane, Node, NodeOptions};
 use backplane_server::{Hub, Running, Security, Server};
 use rustls::pki_types::pem::PemObject;
@@ -16,78 +15,6 @@ use serde_json::{Value, json};
 use tokio::net::{TcpListener, TcpStream};
 
 const WAIT: Duration = Duration::from_secs(10);
-
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("openssl runs (the test command installs it)");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A CA and a certificate for `localhost` signed by it.
-fn pki() -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("backplane-client-pki-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("a temp dir");
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-    ];
-    let mut args = vec!["req", "-x509"];
-    args.extend(ec);
-    args.extend([
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=test-ca",
-    ]);
-    openssl(&dir, &args);
-    let mut args = vec!["req"];
-    args.extend(ec);
-    args.extend([
-        "-keyout",
-        "server.key",
-        "-out",
-        "server.csr",
-        "-subj",
-        "/CN=localhost",
-    ]);
-    openssl(&dir, &args);
-    std::fs::write(dir.join("san.ext"), "subjectAltName=DNS:localhost\n").expect("ext file");
-    openssl(
-        &dir,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            "server.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            "server.crt",
-            "-days",
-            "2",
-            "-extfile",
-            "san.ext",
-        ],
-    );
-    dir
-}
 
 async fn server() -> Running {
     let hub = Hub::builder("test")
@@ -109,12 +36,12 @@ async fn server() -> Running {
 }
 
 /// Terminates TLS on a free port and forwards every connection to `backend`.
-async fn tls_terminator(dir: &Path, backend: std::net::SocketAddr) -> u16 {
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(dir.join("server.crt"))
+async fn tls_terminator(pki: &TestPki, backend: std::net::SocketAddr) -> u16 {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(pki.path("server.crt"))
         .expect("the certificate file")
         .collect::<Result<_, _>>()
         .expect("certificates");
-    let key = PrivateKeyDer::from_pem_file(dir.join("server.key")).expect("the key");
+    let key = PrivateKeyDer::from_pem_file(pki.path("server.key")).expect("the key");
     let config = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
@@ -146,12 +73,12 @@ async fn tls_terminator(dir: &Path, backend: std::net::SocketAddr) -> u16 {
 
 #[tokio::test]
 async fn https_with_a_private_ca_works_and_an_unknown_ca_is_refused() {
-    let dir = pki();
+    let pki = TestPki::generate("client-tls").expect("test certificates");
     let running = server().await;
-    let port = tls_terminator(&dir, running.local_addr()).await;
+    let port = tls_terminator(&pki, running.local_addr()).await;
     let url = format!("https://localhost:{port}/hubs/test?user=ada");
 
-    let ca = std::fs::read(dir.join("ca.pem")).expect("the CA");
+    let ca = pki.read("ca.pem");
     let connection = HubConnectionBuilder::new(&url)
         .tls_root_certificates_pem(ca)
         .build()
@@ -188,5 +115,4 @@ async fn https_with_a_private_ca_works_and_an_unknown_ca_is_refused() {
         .build()
         .unwrap_err();
     assert!(matches!(garbage, Error::InvalidSetting(_)), "{garbage}");
-    let _ = std::fs::remove_dir_all(dir);
 }

@@ -7,6 +7,7 @@ mod harness;
 mod memory;
 #[cfg(feature = "postgres")]
 mod pg_cluster;
+mod pki;
 #[cfg(feature = "postgres")]
 mod postgres;
 
@@ -19,8 +20,9 @@ pub use harness::{
 pub use memory::MemoryFactory;
 #[cfg(feature = "postgres")]
 pub use pg_cluster::Cluster;
+pub use pki::TestPki;
 #[cfg(feature = "postgres")]
-pub use postgres::{PG_URL_VAR, PgFactory};
+pub use postgres::{PG_URL_VAR, PgFactory, test_database_url};
 
 /// Calls `$callback! { $args; module::case [spec], ... }` (spec: a stream count or `restarts`) with every case of the suite.
 ///

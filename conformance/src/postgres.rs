@@ -26,6 +26,19 @@ async fn start_cluster() -> Result<Cluster, String> {
         .map_err(|e| format!("starting PostgreSQL panicked: {e}"))?
 }
 
+/// A database URL for a test outside the suite, with its own `schema`: on the database named
+/// by `BACKPLANE_TEST_PG_URL`, or on the throwaway cluster this process shares (started on
+/// first use).
+///
+/// # Errors
+///
+/// No URL is set and no cluster could be started.
+pub async fn test_database_url(schema: &str) -> Result<String, String> {
+    let base = PgFactory::from_env().shared_url().await?;
+    let separator = if base.contains('?') { '&' } else { '?' };
+    Ok(format!("{base}{separator}schema={schema}"))
+}
+
 /// Runs the suite against [`PgBackplane`]. Every namespace is a new schema; cases that stop and
 /// start the database get a throwaway cluster of their own.
 #[derive(Debug, Clone, Default)]

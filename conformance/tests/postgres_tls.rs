@@ -1,94 +1,15 @@
 //! TLS against a real PostgreSQL with its own certificate authority: every `sslmode`, trusted
 //! and untrusted roots, matching and mismatching host names.
 
-use std::path::Path;
-use std::process::Command;
-
-use backplane_conformance::Cluster;
+use backplane_conformance::{Cluster, TestPki};
 use backplane_postgres::{PgBackplane, PgOptions, doctor};
 
-struct Pki {
-    dir: std::path::PathBuf,
+fn pki() -> TestPki {
+    TestPki::generate("postgres-tls").expect("test certificates")
 }
 
-impl Drop for Pki {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("openssl runs");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A CA, a server certificate for `localhost` signed by it, and an unrelated second CA.
-fn pki() -> Pki {
-    let dir = std::env::temp_dir().join(format!("backplane-pki-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
-    for ca in ["ca", "other-ca"] {
-        let (key, pem, subj) = (
-            format!("{ca}.key"),
-            format!("{ca}.pem"),
-            format!("/CN={ca}"),
-        );
-        let mut args = vec!["req", "-x509"];
-        args.extend(ec);
-        args.extend(["-keyout", &key, "-out", &pem, "-days", "2", "-subj", &subj]);
-        openssl(&dir, &args);
-    }
-    let mut args = vec!["req"];
-    args.extend(ec);
-    args.extend([
-        "-keyout",
-        "server.key",
-        "-out",
-        "server.csr",
-        "-subj",
-        "/CN=localhost",
-    ]);
-    openssl(&dir, &args);
-    std::fs::write(dir.join("san.ext"), "subjectAltName=DNS:localhost\n").expect("ext file");
-    openssl(
-        &dir,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            "server.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            "server.crt",
-            "-days",
-            "2",
-            "-extfile",
-            "san.ext",
-        ],
-    );
-    Pki { dir }
-}
-
-fn read(pki: &Pki, file: &str) -> String {
-    std::fs::read_to_string(pki.dir.join(file)).expect("pki file")
+fn read(pki: &TestPki, file: &str) -> String {
+    pki.read(file)
 }
 
 fn url(cluster: &Cluster, host: &str, query: &str) -> String {
@@ -118,8 +39,8 @@ async fn sslmodes_against_a_tls_server() {
         .await
         .expect("cluster task")
         .expect("a TLS cluster starts");
-    let ca = pki.dir.join("ca.pem").display().to_string();
-    let other = pki.dir.join("other-ca.pem").display().to_string();
+    let ca = pki.path("ca.pem").display().to_string();
+    let other = pki.path("other-ca.pem").display().to_string();
 
     // verify-full with the right CA and host name: encrypted, and the driver works over it.
     let good = url(

@@ -6,7 +6,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use backplane_conformance::{Cluster, PG_URL_VAR};
+use backplane_conformance::test_database_url;
 use backplane_core::{Node, NodeOptions};
 use backplane_postgres::PgBackplane;
 use backplane_server::{Running, Security, Server, chat};
@@ -42,19 +42,9 @@ fn sample(metrics: &str, prefix: &str) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_show_database_time_pool_and_log_lag() {
-    let (_cluster, base) = match std::env::var(PG_URL_VAR).ok().filter(|u| !u.is_empty()) {
-        Some(url) => (None, url),
-        None => {
-            let cluster = tokio::task::spawn_blocking(Cluster::start)
-                .await
-                .expect("no panic")
-                .expect("PostgreSQL is needed for this test");
-            let url = cluster.url();
-            (Some(cluster), url)
-        }
-    };
-    let separator = if base.contains('?') { '&' } else { '?' };
-    let url = format!("{base}{separator}schema=metrics_test");
+    let url = test_database_url("metrics_test")
+        .await
+        .expect("PostgreSQL is needed for this test");
     let a = node(&url).await;
     let b = node(&url).await;
 

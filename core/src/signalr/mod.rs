@@ -168,7 +168,7 @@ impl HandshakeResponse {
             .as_object()
             .ok_or_else(|| bad("the handshake response must be a JSON object"))?;
         Ok(Self {
-            error: optional_string(object, "error")?,
+            error: optional_string(object.get("error"), "error")?,
         })
     }
 }
@@ -260,35 +260,39 @@ pub enum HubMessage {
     },
 }
 
-fn string(object: &Map<String, Value>, field: &str) -> Result<String, ProtocolError> {
-    match object.get(field) {
+/// A required string field (`value` is the field, `None` when absent).
+pub(crate) fn string(value: Option<&Value>, field: &str) -> Result<String, ProtocolError> {
+    match value {
         Some(Value::String(s)) => Ok(s.clone()),
         Some(_) => Err(bad(format!("'{field}' must be a string"))),
         None => Err(bad(format!("missing '{field}'"))),
     }
 }
 
-fn optional_string(
-    object: &Map<String, Value>,
+/// An optional string field: absent or null is `None`.
+pub(crate) fn optional_string(
+    value: Option<&Value>,
     field: &str,
 ) -> Result<Option<String>, ProtocolError> {
-    match object.get(field) {
+    match value {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(s.clone())),
         Some(_) => Err(bad(format!("'{field}' must be a string"))),
     }
 }
 
-fn arguments(object: &Map<String, Value>) -> Result<Vec<Value>, ProtocolError> {
-    match object.get("arguments") {
+/// The required `arguments` array.
+pub(crate) fn arguments(value: Option<&Value>) -> Result<Vec<Value>, ProtocolError> {
+    match value {
         Some(Value::Array(items)) => Ok(items.clone()),
         Some(_) => Err(bad("'arguments' must be an array")),
         None => Err(bad("missing 'arguments'")),
     }
 }
 
-fn stream_ids(object: &Map<String, Value>) -> Result<Vec<String>, ProtocolError> {
-    match object.get("streamIds") {
+/// The optional `streamIds` array of strings.
+pub(crate) fn stream_ids(value: Option<&Value>) -> Result<Vec<String>, ProtocolError> {
+    match value {
         None | Some(Value::Null) => Ok(Vec::new()),
         Some(Value::Array(items)) => items
             .iter()
@@ -302,11 +306,11 @@ fn stream_ids(object: &Map<String, Value>) -> Result<Vec<String>, ProtocolError>
     }
 }
 
-fn sequence(object: &Map<String, Value>) -> Result<u64, ProtocolError> {
-    object
-        .get("sequenceId")
+/// A required non-negative integer field.
+pub(crate) fn unsigned(value: Option<&Value>, field: &str) -> Result<u64, ProtocolError> {
+    value
         .and_then(Value::as_u64)
-        .ok_or_else(|| bad("'sequenceId' must be a non-negative integer"))
+        .ok_or_else(|| bad(format!("'{field}' must be a non-negative integer")))
 }
 
 impl HubMessage {
@@ -327,17 +331,17 @@ impl HubMessage {
             .ok_or_else(|| bad("missing or invalid 'type'"))?;
         Ok(match kind {
             1 => Self::Invocation {
-                invocation_id: optional_string(&object, "invocationId")?,
-                target: string(&object, "target")?,
-                arguments: arguments(&object)?,
-                stream_ids: stream_ids(&object)?,
+                invocation_id: optional_string(object.get("invocationId"), "invocationId")?,
+                target: string(object.get("target"), "target")?,
+                arguments: arguments(object.get("arguments"))?,
+                stream_ids: stream_ids(object.get("streamIds"))?,
             },
             2 => Self::StreamItem {
-                invocation_id: string(&object, "invocationId")?,
+                invocation_id: string(object.get("invocationId"), "invocationId")?,
                 item: object.get("item").cloned().unwrap_or(Value::Null),
             },
             3 => {
-                let invocation_id = string(&object, "invocationId")?;
+                let invocation_id = string(object.get("invocationId"), "invocationId")?;
                 let outcome = match (object.get("error"), object.get("result")) {
                     (Some(Value::String(error)), _) => Outcome::Error(error.clone()),
                     (Some(Value::Null) | None, Some(result)) => Outcome::Result(result.clone()),
@@ -350,27 +354,27 @@ impl HubMessage {
                 }
             }
             4 => Self::StreamInvocation {
-                invocation_id: string(&object, "invocationId")?,
-                target: string(&object, "target")?,
-                arguments: arguments(&object)?,
-                stream_ids: stream_ids(&object)?,
+                invocation_id: string(object.get("invocationId"), "invocationId")?,
+                target: string(object.get("target"), "target")?,
+                arguments: arguments(object.get("arguments"))?,
+                stream_ids: stream_ids(object.get("streamIds"))?,
             },
             5 => Self::CancelInvocation {
-                invocation_id: string(&object, "invocationId")?,
+                invocation_id: string(object.get("invocationId"), "invocationId")?,
             },
             6 => Self::Ping,
             7 => Self::Close {
-                error: optional_string(&object, "error")?,
+                error: optional_string(object.get("error"), "error")?,
                 allow_reconnect: object
                     .get("allowReconnect")
                     .and_then(Value::as_bool)
                     .unwrap_or(false),
             },
             8 => Self::Ack {
-                sequence_id: sequence(&object)?,
+                sequence_id: unsigned(object.get("sequenceId"), "sequenceId")?,
             },
             9 => Self::Sequence {
-                sequence_id: sequence(&object)?,
+                sequence_id: unsigned(object.get("sequenceId"), "sequenceId")?,
             },
             other => return Err(bad(format!("unknown message type {other}"))),
         })

@@ -7,7 +7,10 @@
 
 use serde_json::{Map, Value};
 
-use super::{HubMessage, Outcome, ProtocolError, bad};
+use super::{
+    HubMessage, Outcome, ProtocolError, arguments, bad, optional_string, stream_ids, string,
+    unsigned,
+};
 
 const RESULT_ERROR: u64 = 1;
 const RESULT_VOID: u64 = 2;
@@ -135,56 +138,6 @@ pub(crate) fn encode(message: &HubMessage) -> Vec<u8> {
     out
 }
 
-fn string(items: &[Value], at: usize, field: &str) -> Result<String, ProtocolError> {
-    match items.get(at) {
-        Some(Value::String(s)) => Ok(s.clone()),
-        Some(_) => Err(bad(format!("'{field}' must be a string"))),
-        None => Err(bad(format!("missing '{field}'"))),
-    }
-}
-
-fn optional_string(
-    items: &[Value],
-    at: usize,
-    field: &str,
-) -> Result<Option<String>, ProtocolError> {
-    match items.get(at) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s.clone())),
-        Some(_) => Err(bad(format!("'{field}' must be a string or nil"))),
-    }
-}
-
-fn arguments(items: &[Value], at: usize) -> Result<Vec<Value>, ProtocolError> {
-    match items.get(at) {
-        Some(Value::Array(a)) => Ok(a.clone()),
-        Some(_) => Err(bad("'arguments' must be an array")),
-        None => Err(bad("missing 'arguments'")),
-    }
-}
-
-fn stream_ids(items: &[Value], at: usize) -> Result<Vec<String>, ProtocolError> {
-    match items.get(at) {
-        None | Some(Value::Null) => Ok(Vec::new()),
-        Some(Value::Array(ids)) => ids
-            .iter()
-            .map(|v| {
-                v.as_str()
-                    .map(str::to_owned)
-                    .ok_or_else(|| bad("'streamIds' must hold strings"))
-            })
-            .collect(),
-        Some(_) => Err(bad("'streamIds' must be an array")),
-    }
-}
-
-fn integer(items: &[Value], at: usize, field: &str) -> Result<u64, ProtocolError> {
-    items
-        .get(at)
-        .and_then(Value::as_u64)
-        .ok_or_else(|| bad(format!("'{field}' must be a non-negative integer")))
-}
-
 /// Parses one MessagePack message (without its length prefix).
 pub(crate) fn parse(record: &[u8]) -> Result<HubMessage, ProtocolError> {
     let value: Value = rmp_serde::from_slice(record).map_err(|e| {
@@ -195,22 +148,22 @@ pub(crate) fn parse(record: &[u8]) -> Result<HubMessage, ProtocolError> {
     let Value::Array(items) = value else {
         return Err(bad("a MessagePack message must be an array"));
     };
-    let kind = integer(&items, 0, "type")?;
+    let kind = unsigned(items.first(), "type")?;
     Ok(match kind {
         1 => HubMessage::Invocation {
-            invocation_id: optional_string(&items, 2, "invocationId")?,
-            target: string(&items, 3, "target")?,
-            arguments: arguments(&items, 4)?,
-            stream_ids: stream_ids(&items, 5)?,
+            invocation_id: optional_string(items.get(2), "invocationId")?,
+            target: string(items.get(3), "target")?,
+            arguments: arguments(items.get(4))?,
+            stream_ids: stream_ids(items.get(5))?,
         },
         2 => HubMessage::StreamItem {
-            invocation_id: string(&items, 2, "invocationId")?,
+            invocation_id: string(items.get(2), "invocationId")?,
             item: items.get(3).cloned().unwrap_or(Value::Null),
         },
         3 => {
-            let invocation_id = string(&items, 2, "invocationId")?;
-            let outcome = match integer(&items, 3, "resultKind")? {
-                RESULT_ERROR => Outcome::Error(string(&items, 4, "error")?),
+            let invocation_id = string(items.get(2), "invocationId")?;
+            let outcome = match unsigned(items.get(3), "resultKind")? {
+                RESULT_ERROR => Outcome::Error(string(items.get(4), "error")?),
                 RESULT_VOID => Outcome::Void,
                 RESULT_VALUE => Outcome::Result(items.get(4).cloned().unwrap_or(Value::Null)),
                 other => return Err(bad(format!("unknown result kind {other}"))),
@@ -221,24 +174,24 @@ pub(crate) fn parse(record: &[u8]) -> Result<HubMessage, ProtocolError> {
             }
         }
         4 => HubMessage::StreamInvocation {
-            invocation_id: string(&items, 2, "invocationId")?,
-            target: string(&items, 3, "target")?,
-            arguments: arguments(&items, 4)?,
-            stream_ids: stream_ids(&items, 5)?,
+            invocation_id: string(items.get(2), "invocationId")?,
+            target: string(items.get(3), "target")?,
+            arguments: arguments(items.get(4))?,
+            stream_ids: stream_ids(items.get(5))?,
         },
         5 => HubMessage::CancelInvocation {
-            invocation_id: string(&items, 2, "invocationId")?,
+            invocation_id: string(items.get(2), "invocationId")?,
         },
         6 => HubMessage::Ping,
         7 => HubMessage::Close {
-            error: optional_string(&items, 1, "error")?,
+            error: optional_string(items.get(1), "error")?,
             allow_reconnect: items.get(2).and_then(Value::as_bool).unwrap_or(false),
         },
         8 => HubMessage::Ack {
-            sequence_id: integer(&items, 1, "sequenceId")?,
+            sequence_id: unsigned(items.get(1), "sequenceId")?,
         },
         9 => HubMessage::Sequence {
-            sequence_id: integer(&items, 1, "sequenceId")?,
+            sequence_id: unsigned(items.get(1), "sequenceId")?,
         },
         other => return Err(bad(format!("unknown message type {other}"))),
     })
@@ -355,7 +308,7 @@ mod tests {
             (&[0x91, 0x63][..], "unknown message type 99"),
             (&[0x06], "must be an array"),
             (&[0x90], "'type'"),
-            (&[0x93, 0x01, 0x80, 0x05], "'invocationId'"),
+            (&[0x93, 0x01, 0x80, 0x05], "'invocationId' must be a string"),
             (&[0xc1], "invalid MessagePack"),
         ] {
             let err = parse(input).unwrap_err();
