@@ -46,6 +46,7 @@ pub(crate) struct Config {
     pub(crate) invocation_timeout: Option<Duration>,
     pub(crate) max_message_size: usize,
     pub(crate) protocol: Protocol,
+    pub(crate) stateful: bool,
 }
 
 /// Configures and builds a [`HubConnection`].
@@ -74,6 +75,7 @@ pub struct HubConnectionBuilder {
     invocation_timeout: Option<Duration>,
     max_message_size: usize,
     protocol: Protocol,
+    stateful: bool,
     #[cfg(feature = "tls")]
     roots: Vec<Vec<u8>>,
 }
@@ -96,6 +98,7 @@ impl std::fmt::Debug for HubConnectionBuilder {
             .field("invocation_timeout", &self.invocation_timeout)
             .field("max_message_size", &self.max_message_size)
             .field("protocol", &self.protocol)
+            .field("stateful", &self.stateful)
             .finish()
     }
 }
@@ -116,6 +119,7 @@ impl HubConnectionBuilder {
             invocation_timeout: None,
             max_message_size: 16 * 1024 * 1024,
             protocol: Protocol::Json,
+            stateful: false,
             #[cfg(feature = "tls")]
             roots: Vec::new(),
         }
@@ -199,6 +203,15 @@ impl HubConnectionBuilder {
         self
     }
 
+    /// Asks for stateful reconnect (hub protocol version 2), as the official clients'
+    /// `withStatefulReconnect`: when the socket drops, a new one continues the same
+    /// connection (same id, same groups), and what either side sent meanwhile arrives once.
+    /// Used when the server agrees in negotiation; otherwise a drop is a reconnect.
+    pub fn stateful_reconnect(mut self, enabled: bool) -> Self {
+        self.stateful = enabled;
+        self
+    }
+
     /// Trusts the certificates in this PEM text besides the platform's roots (for private
     /// certificate authorities).
     #[cfg(feature = "tls")]
@@ -250,6 +263,7 @@ impl HubConnectionBuilder {
             invocation_timeout: self.invocation_timeout,
             max_message_size: self.max_message_size,
             protocol: self.protocol,
+            stateful: self.stateful,
         }))
     }
 }

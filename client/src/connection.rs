@@ -1,6 +1,6 @@
 //! The hub connection: invocations, handlers, keep-alive, and the reconnect loop.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,7 +23,7 @@ use tokio::time::Instant;
 
 use crate::builder::{BoxFuture, Config};
 use crate::error::{Error, Result};
-use crate::transport::Socket;
+use crate::transport::{Resume, Socket};
 
 type Reader = FragmentCollectorRead<ReadHalf<TokioIo<Upgraded>>>;
 type Writer = WebSocketWrite<WriteHalf<TokioIo<Upgraded>>>;
@@ -96,6 +96,73 @@ struct Live {
     outgoing: Option<mpsc::UnboundedSender<Out>>,
     pending: HashMap<String, Pending>,
     connection_id: Option<String>,
+    /// Stateful reconnect's bookkeeping, when the server agreed to it.
+    seq: Option<Sequencing>,
+    /// A dropped socket is being replaced: sequenced sends are kept for the new one.
+    resuming: bool,
+}
+
+/// The most bytes of sent and unacknowledged messages kept for a resume.
+const RESEND_BUFFER_BYTES: usize = 1024 * 1024;
+
+/// Stateful reconnect (hub protocol version 2): what was sent and not yet acknowledged, and
+/// where the server's messages stand, so a new socket continues the same connection.
+struct Sequencing {
+    resume: Resume,
+    /// The id of the last sequenced message sent.
+    sent: u64,
+    unacked: VecDeque<(u64, Vec<u8>)>,
+    bytes: usize,
+    /// The id the server's next sequenced message carries.
+    next_in: u64,
+    /// The highest id handled; what a resume resends at or below it is skipped.
+    received: u64,
+    /// Whether an `Ack` should go out.
+    ack_due: bool,
+    /// The socket is a resumed one that has not yet seen the server's `Sequence`.
+    awaiting_sequence: bool,
+}
+
+impl Sequencing {
+    fn new(resume: Resume) -> Self {
+        Self {
+            resume,
+            sent: 0,
+            unacked: VecDeque::new(),
+            bytes: 0,
+            next_in: 1,
+            received: 0,
+            ack_due: false,
+            awaiting_sequence: false,
+        }
+    }
+
+    fn acked(&mut self, up_to: u64) {
+        while let Some((id, record)) = self.unacked.front() {
+            if *id > up_to {
+                break;
+            }
+            self.bytes -= record.len();
+            self.unacked.pop_front();
+        }
+    }
+}
+
+/// A socket that finished its handshake (or resumed), before it is put in service.
+struct Opened {
+    read: Reader,
+    write: Writer,
+    /// Records that came after the handshake response.
+    early: Vec<Vec<u8>>,
+    buffer: RecordBuffer,
+    /// `None` for a resumed socket: the connection stays the same.
+    fresh: Option<Fresh>,
+}
+
+/// What a new connection (not a resume) brings.
+struct Fresh {
+    connection_id: Option<String>,
+    resume: Option<Resume>,
 }
 
 struct Shared {
@@ -182,20 +249,65 @@ impl Shared {
 
     /// Queues `message` on the current socket. A call that waits for an answer registers
     /// `waiter` under its invocation id in the same step, so the answer cannot come first.
+    ///
+    /// With stateful reconnect, sequenced messages are also kept until the server acknowledges
+    /// them, and are accepted while a dropped socket is being replaced.
     fn queue(&self, message: &HubMessage, waiter: Option<(String, Pending)>) -> Result<()> {
         let record = self.config.protocol.encode(message);
-        let mut live = self.live();
-        let sent = live
-            .outgoing
-            .as_ref()
-            .is_some_and(|out| out.send(Out::Record(record)).is_ok());
-        if !sent {
-            return Err(Error::NotConnected(self.state()));
+        let mut guard = self.live();
+        let live = &mut *guard;
+        match live.seq.as_mut() {
+            Some(seq) if message.is_sequenced() => {
+                if live.outgoing.is_none() && !live.resuming {
+                    return Err(Error::NotConnected(self.state()));
+                }
+                if seq.bytes + record.len() > RESEND_BUFFER_BYTES {
+                    return Err(Error::ResendBufferFull(RESEND_BUFFER_BYTES));
+                }
+                seq.sent += 1;
+                seq.bytes += record.len();
+                seq.unacked.push_back((seq.sent, record.clone()));
+                if let Some(out) = &live.outgoing {
+                    // A failed send is resent by the resume.
+                    let _ = out.send(Out::Record(record));
+                }
+            }
+            _ => {
+                let sent = live
+                    .outgoing
+                    .as_ref()
+                    .is_some_and(|out| out.send(Out::Record(record)).is_ok());
+                if !sent {
+                    return Err(Error::NotConnected(self.state()));
+                }
+            }
         }
         if let Some((id, waiter)) = waiter {
             live.pending.insert(id, waiter);
         }
         Ok(())
+    }
+
+    /// The `Ack` for what was received since the last one, if one is due.
+    fn take_ack(&self) -> Option<Vec<u8>> {
+        let mut live = self.live();
+        let seq = live.seq.as_mut()?;
+        if !seq.ack_due {
+            return None;
+        }
+        seq.ack_due = false;
+        let ack = HubMessage::Ack {
+            sequence_id: seq.received,
+        };
+        Some(self.config.protocol.encode(&ack))
+    }
+
+    /// Whether a dropped socket may be replaced without losing the connection.
+    fn can_resume(&self) -> bool {
+        self.live()
+            .seq
+            .as_ref()
+            .is_some_and(|seq| !seq.awaiting_sequence)
     }
 
     /// A fresh invocation id.
@@ -216,9 +328,7 @@ impl Shared {
     }
 
     /// Opens a socket and completes the handshake.
-    async fn connect(
-        &self,
-    ) -> Result<(Reader, Writer, Vec<Vec<u8>>, RecordBuffer, Option<String>)> {
+    async fn connect(&self) -> Result<Opened> {
         let config = &self.config;
         let attempt = async {
             let token = match &config.token {
@@ -227,17 +337,18 @@ impl Shared {
             };
             let opened = config
                 .dialer
-                .open(&config.endpoint, token, config.skip_negotiation)
+                .open(
+                    &config.endpoint,
+                    token,
+                    config.skip_negotiation,
+                    config.stateful,
+                )
                 .await?;
-            let mut socket: Socket = opened.socket;
-            socket.set_auto_close(false);
-            socket.set_auto_pong(false);
-            socket.set_max_message_size(config.max_message_size);
-            let (read, mut write) = socket.split(tokio::io::split);
-            let mut read = FragmentCollectorRead::new(read);
+            let (mut read, mut write) = split(opened.socket, config.max_message_size);
+            // Version 2 adds the messages of stateful reconnect.
             let handshake = Handshake {
                 protocol: config.protocol.name().into(),
-                version: 1,
+                version: if opened.resume.is_some() { 2 } else { 1 },
             }
             .encode();
             write
@@ -275,7 +386,16 @@ impl Shared {
             let records = buffer
                 .drain(config.max_message_size)
                 .map_err(|e| Error::Protocol(e.to_string()))?;
-            Ok((read, write, records, buffer, opened.connection_id))
+            Ok(Opened {
+                read,
+                write,
+                early: records,
+                buffer,
+                fresh: Some(Fresh {
+                    connection_id: opened.connection_id,
+                    resume: opened.resume,
+                }),
+            })
         };
         let mut stop = self.stop.subscribe();
         tokio::select! {
@@ -285,6 +405,44 @@ impl Shared {
             _ = stop.wait_for(|stop| *stop) => Err(Error::NotConnected(ConnectionState::Disconnected)),
         }
     }
+}
+
+impl Shared {
+    /// Opens a new socket for the stateful connection, without negotiation or handshake.
+    async fn reopen(&self, resume: &Resume) -> Result<Opened> {
+        let config = &self.config;
+        let attempt = async {
+            let token = match &config.token {
+                Some(source) => Some(source.get().await?),
+                None => None,
+            };
+            let socket = config.dialer.resume(resume, token).await?;
+            let (read, write) = split(socket, config.max_message_size);
+            Ok(Opened {
+                read,
+                write,
+                early: Vec::new(),
+                buffer: RecordBuffer::new(config.protocol),
+                fresh: None,
+            })
+        };
+        tokio::time::timeout(config.handshake_timeout, attempt)
+            .await
+            .map_err(|_| Error::Timeout {
+                what: "resuming",
+                after: config.handshake_timeout,
+            })?
+    }
+}
+
+/// Sets a socket up for the hub protocol (pongs and closes are answered by the reader) and
+/// splits it.
+fn split(mut socket: Socket, max_message_size: usize) -> (Reader, Writer) {
+    socket.set_auto_close(false);
+    socket.set_auto_pong(false);
+    socket.set_max_message_size(max_message_size);
+    let (read, write) = socket.split(tokio::io::split);
+    (FragmentCollectorRead::new(read), write)
 }
 
 impl HubConnection {
@@ -551,17 +709,15 @@ struct Session {
 
 impl Session {
     /// Starts the writer, publishes the socket as the current one, and marks the connection
-    /// connected.
-    fn install(
-        shared: &Arc<Shared>,
-        (read, write, early, buffer, connection_id): (
-            Reader,
-            Writer,
-            Vec<Vec<u8>>,
-            RecordBuffer,
-            Option<String>,
-        ),
-    ) -> Self {
+    /// connected. A resumed socket first sends `Sequence` and everything not acknowledged.
+    fn install(shared: &Arc<Shared>, opened: Opened) -> Self {
+        let Opened {
+            read,
+            write,
+            early,
+            buffer,
+            fresh,
+        } = opened;
         let (out, rx) = mpsc::unbounded_channel();
         let writer = tokio::spawn(write_loop(
             write,
@@ -571,9 +727,27 @@ impl Session {
             shared.config.protocol,
         ));
         {
-            let mut live = shared.live();
+            let mut guard = shared.live();
+            let live = &mut *guard;
+            match fresh {
+                Some(fresh) => {
+                    live.connection_id = fresh.connection_id;
+                    live.seq = fresh.resume.map(Sequencing::new);
+                }
+                None => {
+                    if let Some(seq) = live.seq.as_mut() {
+                        let first = seq.unacked.front().map_or(seq.sent + 1, |(id, _)| *id);
+                        let sequence = HubMessage::Sequence { sequence_id: first };
+                        let _ = out.send(Out::Record(shared.config.protocol.encode(&sequence)));
+                        for (_, record) in &seq.unacked {
+                            let _ = out.send(Out::Record(record.clone()));
+                        }
+                        seq.awaiting_sequence = true;
+                    }
+                }
+            }
+            live.resuming = false;
             live.outgoing = Some(out.clone());
-            live.connection_id = connection_id;
         }
         shared.state.send_replace(ConnectionState::Connected);
         Self {
@@ -589,7 +763,7 @@ impl Session {
     async fn run(mut self, shared: &Arc<Shared>, stop: &mut watch::Receiver<bool>) -> End {
         let mut end = None;
         for record in std::mem::take(&mut self.early) {
-            if let Some(e) = dispatch(shared, &self.out, &record) {
+            if let Some(e) = dispatch(shared, &record) {
                 end = Some(e);
                 break;
             }
@@ -634,10 +808,13 @@ impl Session {
                 OpCode::Text | OpCode::Binary => match self.buffer.push(&frame.payload, max) {
                     Ok(records) => {
                         for record in records {
-                            if let Some(e) = dispatch(shared, &self.out, &record) {
+                            if let Some(e) = dispatch(shared, &record) {
                                 end = Some(e);
                                 break;
                             }
+                        }
+                        if let Some(ack) = shared.take_ack() {
+                            let _ = self.out.send(Out::Record(ack));
                         }
                     }
                     Err(err) => end = Some(End::Lost(err.to_string())),
@@ -652,11 +829,7 @@ impl Session {
             }
         }
         // Take the socket out of service, then close it.
-        {
-            let mut live = shared.live();
-            live.outgoing = None;
-            live.connection_id = None;
-        }
+        shared.live().outgoing = None;
         let _ = self.out.send(Out::Close);
         drop(self.out);
         if !self.writer.is_finished() {
@@ -667,7 +840,7 @@ impl Session {
 }
 
 /// Handles one record from the server; `Some` ends the session.
-fn dispatch(shared: &Arc<Shared>, out: &mpsc::UnboundedSender<Out>, record: &[u8]) -> Option<End> {
+fn dispatch(shared: &Arc<Shared>, record: &[u8]) -> Option<End> {
     let message = match shared.config.protocol.parse(record) {
         Ok(message) => message,
         Err(err) => {
@@ -676,13 +849,37 @@ fn dispatch(shared: &Arc<Shared>, out: &mpsc::UnboundedSender<Out>, record: &[u8
             )));
         }
     };
+    // Stateful reconnect: acknowledgements, and skipping what a resume resends.
+    if let Some(seq) = shared.live().seq.as_mut() {
+        match &message {
+            HubMessage::Ack { sequence_id } => {
+                seq.acked(*sequence_id);
+                return None;
+            }
+            HubMessage::Sequence { sequence_id } => {
+                seq.next_in = *sequence_id;
+                seq.awaiting_sequence = false;
+                return None;
+            }
+            m if m.is_sequenced() => {
+                let id = seq.next_in;
+                seq.next_in += 1;
+                if id <= seq.received {
+                    return None;
+                }
+                seq.received = id;
+                seq.ack_due = true;
+            }
+            _ => {}
+        }
+    }
     match message {
         HubMessage::Invocation {
             invocation_id,
             target,
             arguments,
             ..
-        } => invoke_handlers(shared, out, invocation_id, &target, arguments),
+        } => invoke_handlers(shared, invocation_id, &target, arguments),
         HubMessage::Completion {
             invocation_id,
             outcome,
@@ -730,13 +927,11 @@ fn dispatch(shared: &Arc<Shared>, out: &mpsc::UnboundedSender<Out>, record: &[u8
 
 fn invoke_handlers(
     shared: &Arc<Shared>,
-    out: &mpsc::UnboundedSender<Out>,
     invocation_id: Option<String>,
     target: &str,
     arguments: Vec<Value>,
 ) {
     let key = target.to_ascii_lowercase();
-    let wire = shared.config.protocol;
     if let Some(id) = invocation_id {
         let handler = shared
             .result_handlers
@@ -744,9 +939,9 @@ fn invoke_handlers(
             .unwrap_or_else(|e| e.into_inner())
             .get(&key)
             .cloned();
-        let out = out.clone();
         match handler {
             Some(handler) => {
+                let shared = shared.clone();
                 tokio::spawn(async move {
                     // Its own task, so that a panicking handler still gets an answer sent.
                     let outcome = match tokio::spawn(handler(arguments)).await {
@@ -758,7 +953,7 @@ fn invoke_handlers(
                         invocation_id: id,
                         outcome,
                     };
-                    let _ = out.send(Out::Record(wire.encode(&completion)));
+                    let _ = shared.queue(&completion, None);
                 });
             }
             None => {
@@ -767,7 +962,7 @@ fn invoke_handlers(
                     invocation_id: id,
                     outcome: Outcome::Error("Client didn't provide a result.".into()),
                 };
-                let _ = out.send(Out::Record(wire.encode(&completion)));
+                let _ = shared.queue(&completion, None);
             }
         }
         return;
@@ -866,7 +1061,24 @@ async fn write_loop(
 async fn supervise(shared: Arc<Shared>, first: Session, mut stop: watch::Receiver<bool>) {
     let mut session = first;
     let error = loop {
-        let end = session.run(&shared, &mut stop).await;
+        let mut end = session.run(&shared, &mut stop).await;
+        if matches!(end, End::Lost(_)) && !shared.stopping() && shared.can_resume() {
+            // Stateful reconnect: the same connection continues on a new socket.
+            shared.live().resuming = true;
+            if let Some(next) = resume_loop(&shared, &mut stop).await {
+                session = next;
+                continue;
+            }
+        }
+        {
+            let mut live = shared.live();
+            live.resuming = false;
+            live.seq = None;
+            live.connection_id = None;
+        }
+        if shared.stopping() {
+            end = End::Stopped;
+        }
         let (reason, reconnect) = match end {
             End::Stopped => (None, false),
             End::ServerClosed {
@@ -906,6 +1118,38 @@ async fn supervise(shared: Arc<Shared>, first: Session, mut stop: watch::Receive
     shared.fail_pending(&error);
     shared.state.send_replace(ConnectionState::Disconnected);
     let _ = shared.events.send(ConnectionEvent::Closed { error });
+}
+
+/// Tries to resume the stateful connection on new sockets, for as long as the server keeps
+/// it (its client timeout, taken to be our server timeout). `None` when it cannot.
+async fn resume_loop(shared: &Arc<Shared>, stop: &mut watch::Receiver<bool>) -> Option<Session> {
+    let resume = shared.live().seq.as_ref()?.resume.clone();
+    let backoff = crate::ReconnectPolicy::default()
+        .initial(Duration::from_millis(100))
+        .max(Duration::from_secs(2));
+    let lost_at = Instant::now();
+    let mut attempt = 0u32;
+    while lost_at.elapsed() < shared.config.server_timeout {
+        if attempt > 0 {
+            let delay = backoff.delay(attempt - 1, lost_at.elapsed())?;
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = stop.wait_for(|stop| *stop) => return None,
+            }
+        }
+        attempt = attempt.saturating_add(1);
+        match shared.reopen(&resume).await {
+            Ok(opened) if !shared.stopping() => {
+                tracing::debug!(attempt, "connection resumed on a new socket");
+                return Some(Session::install(shared, opened));
+            }
+            Ok(_) => return None,
+            // The server no longer has the connection.
+            Err(Error::Refused { .. }) => return None,
+            Err(err) => tracing::debug!(attempt, %err, "resume attempt failed"),
+        }
+    }
+    None
 }
 
 /// Tries to connect again until it works, the policy gives up (`Err(Some(why))`), or the

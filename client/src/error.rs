@@ -65,6 +65,10 @@ pub enum Error {
     /// The connection was lost or stopped before the invocation completed.
     #[error("the connection closed before the invocation completed{}", detail(.0.as_deref().unwrap_or("")))]
     ConnectionLost(Option<String>),
+    /// Stateful reconnect keeps what the server has not acknowledged, up to this many bytes;
+    /// the server has stopped acknowledging.
+    #[error("the resend buffer of {0} bytes is full: the server is not acknowledging")]
+    ResendBufferFull(usize),
     /// A result or argument could not be converted to or from JSON.
     #[error("JSON conversion failed: {0}")]
     Json(#[from] serde_json::Error),

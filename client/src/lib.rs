@@ -11,6 +11,9 @@
 //!   [`on_invoke`](HubConnection::on_invoke) to answer the ones that expect a result.
 //! - Pings when idle, a server timeout, access tokens (fixed or from a factory asked before
 //!   every attempt) and custom headers.
+//! - Stateful reconnect ([`stateful_reconnect`](HubConnectionBuilder::stateful_reconnect),
+//!   hub protocol version 2): a dropped socket is replaced by a new one on the same
+//!   connection, and what either side sent meanwhile arrives once, in order.
 //! - Automatic reconnect with backoff and jitter ([`ReconnectPolicy`]) and
 //!   [`events`](HubConnection::events): reconnecting, reconnected, closed. A reconnect is a new
 //!   connection with no groups: re-join them on [`ConnectionEvent::Reconnected`].

@@ -108,9 +108,16 @@ impl Endpoint {
         format!("{path}{query}")
     }
 
-    /// The request target of the negotiate POST.
-    fn negotiate_target(&self) -> String {
-        self.target("/negotiate", &[("negotiateVersion", "1")])
+    /// The request target of the negotiate POST; `stateful` asks for stateful reconnect.
+    fn negotiate_target(&self, stateful: bool) -> String {
+        if stateful {
+            self.target(
+                "/negotiate",
+                &[("negotiateVersion", "1"), ("useStatefulReconnect", "true")],
+            )
+        } else {
+            self.target("/negotiate", &[("negotiateVersion", "1")])
+        }
     }
 
     /// The request target of the WebSocket upgrade, with the connection token if negotiated.
@@ -129,6 +136,8 @@ enum Negotiated {
     Connect {
         connection_id: String,
         connection_token: String,
+        /// The server agreed to stateful reconnect.
+        stateful: bool,
     },
     /// Negotiate again at another URL (Azure SignalR and other proxies), maybe with a token.
     Redirect {
@@ -148,6 +157,8 @@ struct NegotiateResponse {
     url: Option<String>,
     access_token: Option<String>,
     error: Option<String>,
+    #[serde(default)]
+    use_stateful_reconnect: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -192,6 +203,7 @@ fn parse_negotiation(body: &[u8]) -> Result<Negotiated> {
     Ok(Negotiated::Connect {
         connection_id,
         connection_token,
+        stateful: response.use_stateful_reconnect,
     })
 }
 
@@ -200,6 +212,18 @@ pub(crate) struct Opened {
     pub(crate) socket: Socket,
     /// The connection id negotiation gave; `None` when negotiation was skipped.
     pub(crate) connection_id: Option<String>,
+    /// Where and with which token a dropped socket may resume, when the server agreed to
+    /// stateful reconnect.
+    pub(crate) resume: Option<Resume>,
+}
+
+/// What a new socket needs to resume a stateful connection.
+#[derive(Debug, Clone)]
+pub(crate) struct Resume {
+    endpoint: Endpoint,
+    connection_token: String,
+    /// The token a redirect handed out, which replaces the caller's.
+    access_token: Option<String>,
 }
 
 /// Opens connections: TCP, TLS, HTTP requests with the caller's headers and token.
@@ -339,14 +363,24 @@ impl Dialer {
     }
 
     /// POSTs to `negotiate` and reads the answer.
-    async fn negotiate_once(&self, endpoint: &Endpoint, token: Option<&str>) -> Result<Negotiated> {
+    async fn negotiate_once(
+        &self,
+        endpoint: &Endpoint,
+        token: Option<&str>,
+        stateful: bool,
+    ) -> Result<Negotiated> {
         let failed = |reason: String| Error::Connect {
             endpoint: endpoint.authority(),
             reason,
         };
         let mut sender = self.http1(endpoint).await?;
         let request = self
-            .request(endpoint, "POST", &endpoint.negotiate_target(), token)?
+            .request(
+                endpoint,
+                "POST",
+                &endpoint.negotiate_target(stateful),
+                token,
+            )?
             .header(header::CONTENT_LENGTH, "0")
             .header("X-Requested-With", "XMLHttpRequest")
             .body(Empty::<Bytes>::new())
@@ -426,6 +460,7 @@ impl Dialer {
         url: &Endpoint,
         token: Option<String>,
         skip_negotiation: bool,
+        stateful: bool,
     ) -> Result<Opened> {
         if skip_negotiation {
             let socket = self
@@ -434,27 +469,39 @@ impl Dialer {
             return Ok(Opened {
                 socket,
                 connection_id: None,
+                resume: None,
             });
         }
         let mut endpoint = url.clone();
         let mut token = token;
+        let mut redirected_token = None;
         for _ in 0..MAX_REDIRECTS {
-            match self.negotiate_once(&endpoint, token.as_deref()).await? {
+            match self
+                .negotiate_once(&endpoint, token.as_deref(), stateful)
+                .await?
+            {
                 Negotiated::Redirect { url, access_token } => {
                     endpoint = Endpoint::parse(&url)?;
                     if access_token.is_some() {
-                        token = access_token;
+                        token.clone_from(&access_token);
+                        redirected_token = access_token;
                     }
                 }
                 Negotiated::Connect {
                     connection_id,
                     connection_token,
+                    stateful: agreed,
                 } => {
                     let target = endpoint.websocket_target(Some(&connection_token));
                     let socket = self.upgrade(&endpoint, &target, token.as_deref()).await?;
                     return Ok(Opened {
                         socket,
                         connection_id: Some(connection_id),
+                        resume: (stateful && agreed).then_some(Resume {
+                            endpoint,
+                            connection_token,
+                            access_token: redirected_token,
+                        }),
                     });
                 }
             }
@@ -462,6 +509,19 @@ impl Dialer {
         Err(Error::Negotiate(format!(
             "more than {MAX_REDIRECTS} redirects"
         )))
+    }
+}
+
+impl Dialer {
+    /// Opens a new socket for the stateful connection `resume` describes; no negotiation and
+    /// no handshake: the hub protocol continues where it stopped.
+    pub(crate) async fn resume(&self, resume: &Resume, token: Option<String>) -> Result<Socket> {
+        let token = resume.access_token.clone().or(token);
+        let target = resume
+            .endpoint
+            .websocket_target(Some(&resume.connection_token));
+        self.upgrade(&resume.endpoint, &target, token.as_deref())
+            .await
     }
 }
 
@@ -485,7 +545,7 @@ mod tests {
         assert_eq!(e.authority(), "localhost:5000");
         assert!(!e.tls);
         assert_eq!(
-            e.negotiate_target(),
+            e.negotiate_target(false),
             "/hubs/chat/negotiate?negotiateVersion=1"
         );
         assert_eq!(e.websocket_target(Some("a+b/c")), "/hubs/chat?id=a%2Bb%2Fc");
@@ -495,8 +555,12 @@ mod tests {
         assert!(e.tls);
         assert_eq!(e.authority(), "example.com:443");
         assert_eq!(
-            e.negotiate_target(),
+            e.negotiate_target(false),
             "/hub/negotiate?tenant=7&negotiateVersion=1"
+        );
+        assert_eq!(
+            e.negotiate_target(true),
+            "/hub/negotiate?tenant=7&negotiateVersion=1&useStatefulReconnect=true"
         );
         assert_eq!(e.websocket_target(Some("t")), "/hub?tenant=7&id=t");
 
@@ -527,7 +591,8 @@ mod tests {
             parse_negotiation(v1).unwrap(),
             Negotiated::Connect {
                 connection_id: "c".into(),
-                connection_token: "t".into()
+                connection_token: "t".into(),
+                stateful: false,
             }
         );
         let v0 = br#"{"connectionId":"c","availableTransports":[{"transport":"WebSockets","transferFormats":["Text"]}]}"#;
@@ -535,7 +600,8 @@ mod tests {
             parse_negotiation(v0).unwrap(),
             Negotiated::Connect {
                 connection_id: "c".into(),
-                connection_token: "c".into()
+                connection_token: "c".into(),
+                stateful: false,
             }
         );
         let redirect = br#"{"url":"https://other/hub","accessToken":"x"}"#;
@@ -546,6 +612,11 @@ mod tests {
                 access_token: Some("x".into())
             }
         );
+        let stateful = br#"{"negotiateVersion":1,"connectionId":"c","connectionToken":"t","useStatefulReconnect":true,"availableTransports":[{"transport":"WebSockets","transferFormats":["Text"]}]}"#;
+        assert!(matches!(
+            parse_negotiation(stateful).unwrap(),
+            Negotiated::Connect { stateful: true, .. }
+        ));
         let sse_only = br#"{"negotiateVersion":1,"connectionId":"c","connectionToken":"t","availableTransports":[{"transport":"ServerSentEvents","transferFormats":["Text"]}]}"#;
         assert!(
             parse_negotiation(sse_only)

@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use backplane_client::{
@@ -14,7 +14,7 @@ use backplane_core::{MemoryBackplane, Node, NodeOptions};
 use backplane_server::{Hub, HubError, Limits, Running, Security, Server, user_token};
 use serde_json::{Value, json};
 use tokio::io::AsyncReadExt;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{broadcast, mpsc, watch};
 
 const WAIT: Duration = Duration::from_secs(10);
 const SECRET: &str = "client-tests-secret-client-tests";
@@ -461,14 +461,26 @@ async fn bad_settings_are_refused_before_connecting() {
 
 #[tokio::test]
 async fn reconnects_after_the_server_restarts() {
+    reconnect_after_restart(false).await;
+}
+
+#[tokio::test]
+async fn a_stateful_connection_the_server_forgot_reconnects() {
+    // The restarted server has no session to resume: the client falls back to a reconnect.
+    reconnect_after_restart(true).await;
+}
+
+async fn reconnect_after_restart(stateful: bool) {
     let running = serve().await;
     let addr = running.local_addr();
     let connection = connected(
-        HubConnectionBuilder::new(url(&running)).reconnect(
-            ReconnectPolicy::default()
-                .initial(Duration::from_millis(50))
-                .max(Duration::from_millis(200)),
-        ),
+        HubConnectionBuilder::new(url(&running))
+            .stateful_reconnect(stateful)
+            .reconnect(
+                ReconnectPolicy::default()
+                    .initial(Duration::from_millis(50))
+                    .max(Duration::from_millis(200)),
+            ),
     )
     .await;
     let first_id = connection.connection_id();
@@ -479,7 +491,10 @@ async fn reconnects_after_the_server_restarts() {
         ConnectionEvent::Reconnecting { error } => assert!(!error.is_empty()),
         other => panic!("expected reconnecting, got {other:?}"),
     }
-    let err = connection.invoke("Echo", vec![json!(1)]).await.unwrap_err();
+    let err = connection
+        .invoke("Echo", vec![json!(1)])
+        .await
+        .expect_err("not connected while reconnecting");
     assert!(
         matches!(err, Error::NotConnected(ConnectionState::Reconnecting)),
         "{err}"
@@ -584,4 +599,177 @@ async fn messagepack_carries_the_same_calls() {
         .await
         .expect("an answer");
     assert_eq!(answer, json!({ "echo": ["q"] }));
+}
+
+async fn next(rx: &mut mpsc::UnboundedReceiver<String>) -> String {
+    tokio::time::timeout(WAIT, rx.recv())
+        .await
+        .expect("in time")
+        .expect("a message")
+}
+
+/// A TCP forwarder between a client and a server, with a network failure on demand.
+struct Proxy {
+    addr: SocketAddr,
+    /// Drops every open connection.
+    cut: broadcast::Sender<()>,
+    /// Connections accepted so far.
+    accepted: watch::Sender<usize>,
+    /// While false, new connections are dropped at once.
+    open: Arc<AtomicBool>,
+}
+
+/// Forwards TCP connections to `backend`.
+async fn cuttable_proxy(backend: SocketAddr) -> Proxy {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("a listener");
+    let addr = listener.local_addr().expect("an address");
+    let (cut, _) = broadcast::channel::<()>(4);
+    let cuts = cut.clone();
+    let accepted = watch::Sender::new(0usize);
+    let open = Arc::new(AtomicBool::new(true));
+    let counter = accepted.clone();
+    let gate = open.clone();
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            counter.send_modify(|n| *n += 1);
+            if !gate.load(Ordering::SeqCst) {
+                continue;
+            }
+            let mut cut = cuts.subscribe();
+            tokio::spawn(async move {
+                let Ok(mut server) = tokio::net::TcpStream::connect(backend).await else {
+                    return;
+                };
+                tokio::select! {
+                    _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                    _ = cut.recv() => {}
+                }
+            });
+        }
+    });
+    Proxy {
+        addr,
+        cut,
+        accepted,
+        open,
+    }
+}
+
+#[tokio::test]
+async fn stateful_reconnect_resumes_the_same_connection_and_loses_nothing() {
+    let running = serve().await;
+    let proxy = cuttable_proxy(running.local_addr()).await;
+    let client = connected(
+        HubConnectionBuilder::new(format!("http://{}/hubs/test?user=sam", proxy.addr))
+            .stateful_reconnect(true)
+            .reconnect(ReconnectPolicy::default()),
+    )
+    .await;
+    let sender = connected(HubConnectionBuilder::new(url(&running))).await;
+    let id = client.connection_id();
+    let mut events = client.events();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    client.on("Heard", move |args| {
+        let _ = tx.send(args[0].as_str().unwrap_or_default().to_owned());
+    });
+
+    sender
+        .invoke("Shout", vec![json!("before")])
+        .await
+        .expect("sent");
+    assert_eq!(next(&mut rx).await, "before");
+
+    let _ = proxy.cut.send(());
+    for i in 0..20 {
+        sender
+            .invoke("Shout", vec![json!(format!("during {i}"))])
+            .await
+            .expect("sent");
+    }
+    // A call made while the socket is being replaced goes out on the new one.
+    let echoed = tokio::time::timeout(WAIT, client.invoke("Echo", vec![json!("across the cut")]))
+        .await
+        .expect("in time")
+        .expect("a result");
+    assert_eq!(echoed, json!("across the cut"));
+    for i in 0..20 {
+        assert_eq!(
+            next(&mut rx).await,
+            format!("during {i}"),
+            "in order, once each"
+        );
+    }
+    sender
+        .invoke("Shout", vec![json!("after")])
+        .await
+        .expect("sent");
+    assert_eq!(next(&mut rx).await, "after", "nothing arrived twice");
+    assert_eq!(client.connection_id(), id, "the same connection");
+    assert_eq!(
+        *proxy.accepted.borrow(),
+        3,
+        "negotiation, the first socket, and the resumed one"
+    );
+    assert_eq!(client.state(), ConnectionState::Connected);
+    assert!(
+        matches!(
+            events.try_recv(),
+            Err(broadcast::error::TryRecvError::Empty)
+        ),
+        "a resume is not a reconnect"
+    );
+}
+
+#[tokio::test]
+async fn a_resume_the_server_refuses_falls_back_to_a_reconnect() {
+    let running = serve().await;
+    let addr = running.local_addr();
+    let proxy = cuttable_proxy(addr).await;
+    let client = connected(
+        HubConnectionBuilder::new(format!("http://{}/hubs/test?user=sam", proxy.addr))
+            .stateful_reconnect(true)
+            .reconnect(
+                ReconnectPolicy::default()
+                    .initial(Duration::from_millis(50))
+                    .max(Duration::from_millis(200)),
+            ),
+    )
+    .await;
+    let id = client.connection_id();
+    let mut events = client.events();
+    // The network fails; while it is down the server restarts, without the session (and
+    // with another token secret): once the network is back, the resume is refused.
+    proxy.open.store(false, Ordering::SeqCst);
+    let _ = proxy.cut.send(());
+    let before = *proxy.accepted.borrow();
+    running.shutdown(Duration::from_secs(1)).await;
+    let _restarted = serve_at(addr, Limits::default(), anonymous()).await;
+    // Let a resume attempt hit the closed network first.
+    tokio::time::timeout(WAIT, proxy.accepted.subscribe().wait_for(|n| *n > before))
+        .await
+        .expect("a resume attempt in time")
+        .expect("the proxy runs");
+    proxy.open.store(true, Ordering::SeqCst);
+    match next_event(&mut events).await {
+        ConnectionEvent::Reconnecting { error } => {
+            assert!(
+                !error.contains("shutting down"),
+                "the cut came first: {error}"
+            )
+        }
+        other => panic!("expected reconnecting, got {other:?}"),
+    }
+    match next_event(&mut events).await {
+        ConnectionEvent::Reconnected { connection_id } => assert_ne!(connection_id, id),
+        other => panic!("expected reconnected, got {other:?}"),
+    }
+    assert_eq!(
+        client
+            .invoke("Echo", vec![json!(3)])
+            .await
+            .expect("a result"),
+        json!(3)
+    );
 }

@@ -277,7 +277,9 @@ async fn main_inner() -> Result<(), String> {
     };
     // With a token, the server takes the user from it.
     let url = hub_url(&server, user.as_deref().filter(|_| args.token.is_none()));
-    let mut builder = HubConnectionBuilder::new(url.clone()).reconnect(ReconnectPolicy::default());
+    let mut builder = HubConnectionBuilder::new(url.clone())
+        .stateful_reconnect(true)
+        .reconnect(ReconnectPolicy::default());
     if let Some(token) = args.token {
         builder = builder.access_token(token);
     }
