@@ -495,6 +495,26 @@ impl HubConnection {
             .push(Arc::new(handler));
     }
 
+    /// Like [`on`](Self::on), with the arguments converted to `T`, a tuple or a struct that
+    /// deserializes from the arguments array: `on_args("ReceiveMessage", |(user, text):
+    /// (String, String)| …)`. An invocation whose arguments do not convert is logged and
+    /// skipped.
+    pub fn on_args<T, F>(&self, target: &str, handler: F)
+    where
+        T: DeserializeOwned,
+        F: Fn(T) + Send + Sync + 'static,
+    {
+        let name = target.to_owned();
+        self.on(target, move |args| {
+            match serde_json::from_value::<T>(Value::Array(args.to_vec())) {
+                Ok(args) => handler(args),
+                Err(err) => {
+                    tracing::warn!(target = %name, %err, "arguments of an unexpected shape; skipped");
+                }
+            }
+        });
+    }
+
     /// Answers the server's invocations of `target` that expect a result (SignalR client
     /// results): the value `handler` returns, or its error, goes back to the server. One
     /// handler per target; a later one replaces it.

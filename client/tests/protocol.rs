@@ -173,6 +173,12 @@ async fn handlers_receive_invocations_and_answer_client_results() {
     });
 
     connection.on("Heard", |_| panic!("a handler that panics"));
+    let (typed_tx, mut typed_rx) = mpsc::unbounded_channel();
+    connection.on_args("Heard", move |(text,): (String,)| {
+        let _ = typed_tx.send(text);
+    });
+    // Arguments of another shape are skipped, and the other handlers still run.
+    connection.on_args("Heard", |_: (u32, u32)| panic!("converted the wrong shape"));
     connection
         .send("Shout", vec![json!("hello")])
         .await
@@ -182,6 +188,11 @@ async fn handlers_receive_invocations_and_answer_client_results() {
         .expect("in time")
         .expect("an invocation");
     assert_eq!(args, vec![json!("hello")]);
+    let typed = tokio::time::timeout(WAIT, typed_rx.recv())
+        .await
+        .expect("in time")
+        .expect("typed arguments");
+    assert_eq!(typed, "hello");
 
     let answer = connection
         .invoke("AskMe", vec![json!("ok?")])
