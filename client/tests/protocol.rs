@@ -735,11 +735,33 @@ async fn stateful_reconnect_resumes_the_same_connection_and_loses_nothing() {
 
 #[tokio::test]
 async fn a_resume_the_server_refuses_falls_back_to_a_reconnect() {
-    let running = serve().await;
+    resume_refused(Protocol::Json).await;
+}
+
+#[tokio::test]
+async fn a_messagepack_resume_the_server_refuses_falls_back_to_a_reconnect() {
+    resume_refused(Protocol::MessagePack).await;
+}
+
+/// The server restarts while the network is down; the new one verifies the connection token
+/// (same secret) but has no such connection: the resume is refused and the client reconnects.
+async fn resume_refused(protocol: Protocol) {
+    let security = Security {
+        allow_anonymous: true,
+        token_secret: Some(b"client-tests-connection-tokens".to_vec()),
+        ..Security::default()
+    };
+    let running = serve_at(
+        "127.0.0.1:0".parse().expect("an address"),
+        Limits::default(),
+        security.clone(),
+    )
+    .await;
     let addr = running.local_addr();
     let proxy = cuttable_proxy(addr).await;
     let client = connected(
         HubConnectionBuilder::new(format!("http://{}/hubs/test?user=sam", proxy.addr))
+            .protocol(protocol)
             .stateful_reconnect(true)
             .reconnect(
                 ReconnectPolicy::default()
@@ -750,13 +772,19 @@ async fn a_resume_the_server_refuses_falls_back_to_a_reconnect() {
     .await;
     let id = client.connection_id();
     let mut events = client.events();
-    // The network fails; while it is down the server restarts, without the session (and
-    // with another token secret): once the network is back, the resume is refused.
+    // The network fails; while it is down the server restarts, without the connection: once
+    // the network is back, the resume is refused.
     proxy.open.store(false, Ordering::SeqCst);
     let _ = proxy.cut.send(());
     let before = *proxy.accepted.borrow();
     running.shutdown(Duration::from_secs(1)).await;
-    let _restarted = serve_at(addr, Limits::default(), anonymous()).await;
+    // A handshake that never comes would hold the resume for an hour: it must be refused at
+    // once, or the events below time out.
+    let patient = Limits {
+        handshake_timeout: Duration::from_secs(3600),
+        ..Limits::default()
+    };
+    let _restarted = serve_at(addr, patient, security).await;
     // Let a resume attempt hit the closed network first.
     tokio::time::timeout(WAIT, proxy.accepted.subscribe().wait_for(|n| *n > before))
         .await

@@ -540,13 +540,20 @@ impl RecordBuffer {
     ///
     /// # Errors
     ///
-    /// A handshake longer than `max` bytes.
+    /// A handshake longer than `max` bytes, or bytes that cannot start a JSON object.
     pub fn push_handshake(
         &mut self,
         data: &[u8],
         max: usize,
     ) -> Result<Option<Vec<u8>>, ProtocolError> {
         self.pending.extend_from_slice(data);
+        // A handshake is a JSON object: anything else (such as a MessagePack message from a
+        // client resuming on the wrong node) is refused at once, not after a timeout.
+        if let Some(first) = self.pending.iter().find(|b| !b.is_ascii_whitespace()) {
+            if *first != b'{' {
+                return Err(bad("the handshake must be a JSON object"));
+            }
+        }
         match self.pending.iter().position(|b| *b == RECORD_SEPARATOR) {
             Some(end) => {
                 let record = self.pending[..end].to_vec();
@@ -787,6 +794,17 @@ mod tests {
             HubMessage::Close { error: Some(e), .. } if e == "\u{1e}"
         ));
         assert!(buffer.is_empty());
+        // Bytes that cannot begin a handshake are refused without waiting for more.
+        let packed = Protocol::MessagePack.encode(&HubMessage::Sequence { sequence_id: 3 });
+        assert!(
+            RecordBuffer::default()
+                .push_handshake(&packed, 1000)
+                .is_err()
+        );
+        assert_eq!(
+            RecordBuffer::default().push_handshake(b" {\"pro", 1000),
+            Ok(None)
+        );
         // A length over the limit is refused before the bytes arrive.
         let mut big = Vec::new();
         msgpack::put_length(&mut big, 5000);
