@@ -124,11 +124,11 @@ pub(crate) async fn serve(mut ws: WebSocket<Socket>, setup: Setup) {
                 .map_err(|e| e.to_string())?;
             match frame.opcode {
                 OpCode::Text | OpCode::Binary => {
-                    let handshake = buffer
-                        .push_handshake(&frame.payload, setup.limits.max_message_size)
-                        .map_err(|e| e.to_string())?;
-                    if let Some(handshake) = handshake {
-                        return Ok::<_, String>(handshake);
+                    // Bytes that are no handshake are answered (below); a failed socket is not.
+                    match buffer.push_handshake(&frame.payload, setup.limits.max_message_size) {
+                        Ok(Some(handshake)) => return Ok::<_, String>(Ok(handshake)),
+                        Ok(None) => {}
+                        Err(err) => return Ok(Err(err)),
                     }
                 }
                 OpCode::Close => return Err("the client closed before its handshake".into()),
@@ -138,7 +138,7 @@ pub(crate) async fn serve(mut ws: WebSocket<Socket>, setup: Setup) {
     })
     .await;
     let handshake = match first {
-        Ok(Ok(record)) => Handshake::parse(&record),
+        Ok(Ok(record)) => record.and_then(|record| Handshake::parse(&record)),
         Ok(Err(reason)) => {
             setup.metrics.refused("handshake");
             tracing::debug!(connection = %setup.id, %reason, "handshake failed");

@@ -195,7 +195,8 @@ async fn handshake_errors_are_answered_then_closed() {
             "does not support version 9",
         ),
         (br#"{"protocol":"json"}"#, "'version'"),
-        (b"not json", "not valid JSON"),
+        (b"not json", "must be a JSON object"),
+        (b"{not json", "not valid JSON"),
     ] {
         let mut c = RawClient::open(addr, "/hubs/chat?user=x")
             .await
