@@ -230,15 +230,20 @@ pub(crate) async fn serve(mut ws: WebSocket<Socket>, setup: Setup) {
     let (writer_done_tx, mut writer_done) = watch::channel(false);
     let (ending_tx, ending) = watch::channel(false);
     let stateful = handshake.version >= 2;
-    let (swap_tx, swap_rx) = mpsc::channel::<Writer>(1);
-    let (attach_tx, mut attach_rx) = mpsc::channel::<(Reader, Writer)>(1);
-    if stateful {
+    // Only stateful connections take new sockets (a channel's first block is allocated with
+    // it: idle connections must not pay for what they never use).
+    let (swap_tx, swap_rx, mut attach_rx) = if stateful {
+        let (swap_tx, swap_rx) = mpsc::channel::<Writer>(1);
+        let (attach_tx, attach_rx) = mpsc::channel::<(Reader, Writer)>(1);
         setup
             .sessions
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .insert(setup.id.clone(), attach_tx);
-    }
+        (Some(swap_tx), Some(swap_rx), Some(attach_rx))
+    } else {
+        (None, None, None)
+    };
     let writer = tokio::spawn(writer(
         write,
         connection,
@@ -250,7 +255,7 @@ pub(crate) async fn serve(mut ws: WebSocket<Socket>, setup: Setup) {
         writer_done_tx,
         ending,
         metrics.clone(),
-        stateful.then_some(swap_rx),
+        swap_rx,
         wire,
     ));
 
@@ -265,7 +270,7 @@ pub(crate) async fn serve(mut ws: WebSocket<Socket>, setup: Setup) {
     }
 
     let streams: Streams = Arc::default();
-    let (work_tx, work_rx) = mpsc::channel::<Work>(INVOCATION_QUEUE);
+    let (work_tx, work_rx) = mpsc::channel::<Box<Work>>(INVOCATION_QUEUE);
     let worker = tokio::spawn(worker(
         work_rx,
         ctx.clone(),
@@ -356,7 +361,10 @@ pub(crate) async fn serve(mut ws: WebSocket<Socket>, setup: Setup) {
                 _ => {}
             }
         }
-        if end.is_some() || !dropped || !stateful {
+        let (Some(attach_rx), Some(swap_tx)) = (attach_rx.as_mut(), swap_tx.as_ref()) else {
+            break;
+        };
+        if end.is_some() || !dropped {
             break;
         }
         // Stateful reconnect: keep the connection, and what is sent to it, for a new socket.
@@ -509,7 +517,7 @@ struct Dispatch {
     hub: Arc<Hub>,
     ctx: Context,
     out: mpsc::Sender<Out>,
-    work: mpsc::Sender<Work>,
+    work: mpsc::Sender<Box<Work>>,
     streams: Streams,
 }
 
@@ -678,18 +686,18 @@ impl Dispatch {
         }
         let _ = self
             .work
-            .send(Work {
+            .send(Box::new(Work {
                 invocation_id,
                 method,
                 arguments,
-            })
+            }))
             .await;
     }
 }
 
 /// Runs a connection's invocations one at a time, in order (streams run beside it).
 async fn worker(
-    mut work: mpsc::Receiver<Work>,
+    mut work: mpsc::Receiver<Box<Work>>,
     ctx: Context,
     out: mpsc::Sender<Out>,
     streams: Streams,
@@ -862,7 +870,8 @@ async fn writer(
     ping.tick().await;
     let mut wrote_since_tick = false;
     let mut frame = Pending {
-        bytes: Vec::with_capacity(FRAME_BYTES),
+        // Grown by what is queued; an idle connection holds next to nothing.
+        bytes: Vec::new(),
         deliveries: 0,
         acks: Vec::new(),
     };
