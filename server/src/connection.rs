@@ -966,6 +966,11 @@ async fn writer(
             }
         }
         let attached = write.is_some();
+        if closing.is_none() && frame.deliveries > 0 {
+            // A delivery woke the writer: let the publisher's next messages queue up behind it,
+            // so a burst goes out in few writes.
+            tokio::task::yield_now().await;
+        }
         if closing.is_none() {
             // Everything else already queued goes in the same frame.
             while frame.bytes.len() < FRAME_BYTES {
