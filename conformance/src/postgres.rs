@@ -41,9 +41,12 @@ pub async fn test_database_url(schema: &str) -> Result<String, String> {
 
 /// Runs the suite against [`PgBackplane`]. Every namespace is a new schema; cases that stop and
 /// start the database get a throwaway cluster of their own.
+///
+/// The layout comes from the URL (`tables_per_hub=true`) or [`tables_per_hub`](Self::tables_per_hub).
 #[derive(Debug, Clone, Default)]
 pub struct PgFactory {
     url: Option<String>,
+    tables_per_hub: bool,
 }
 
 impl PgFactory {
@@ -51,6 +54,7 @@ impl PgFactory {
     pub fn from_env() -> Self {
         Self {
             url: std::env::var(PG_URL_VAR).ok().filter(|u| !u.is_empty()),
+            tables_per_hub: false,
         }
     }
 
@@ -58,7 +62,15 @@ impl PgFactory {
     pub fn with_url(url: impl Into<String>) -> Self {
         Self {
             url: Some(url.into()),
+            tables_per_hub: false,
         }
+    }
+
+    /// Gives every hub a table set of its own ([`PgOptions::tables_per_hub`]) in every
+    /// namespace, whatever the URL says.
+    pub fn tables_per_hub(mut self) -> Self {
+        self.tables_per_hub = true;
+        self
     }
 
     async fn shared_url(&self) -> Result<String, String> {
@@ -97,8 +109,13 @@ impl Factory for PgFactory {
         let id = uuid_suffix();
         let namespace = PgNamespace {
             url,
-            schema: format!("bp_test_{id}"),
+            schema: if self.tables_per_hub {
+                format!("bp_hubs_{id}")
+            } else {
+                format!("bp_test_{id}")
+            },
             streams: spec.streams,
+            tables_per_hub: self.tables_per_hub,
             cluster,
         };
         Ok(Box::new(namespace))
@@ -123,17 +140,24 @@ struct PgNamespace {
     url: String,
     schema: String,
     streams: u32,
+    tables_per_hub: bool,
     cluster: Option<Arc<Cluster>>,
 }
 
 impl PgNamespace {
     fn options(&self) -> Result<PgOptions, String> {
-        Ok(PgOptions::from_str(&self.url)
+        let options = PgOptions::from_str(&self.url)
             .map_err(|e| e.to_string())?
             .schema(self.schema.clone())
             .streams(self.streams)
             .pool_size(4)
-            .listener_check(std::time::Duration::from_secs(1)))
+            .listener_check(std::time::Duration::from_secs(1));
+        // The URL may ask for tables per hub too: only ever turn it on here.
+        Ok(if self.tables_per_hub {
+            options.tables_per_hub(true)
+        } else {
+            options
+        })
     }
 
     async fn admin(&self) -> Result<tokio_postgres::Client, String> {

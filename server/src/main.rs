@@ -87,7 +87,8 @@ struct Args {
     #[arg(long, env = "BACKPLANE_NODE_TIMEOUT", value_parser = duration)]
     node_timeout: Option<Duration>,
     /// Print the SQL that creates the backplane's schema (for a DBA, with
-    /// `create_schema=false` in the URL) and exit.
+    /// `create_schema=false` in the URL) and exit; with `tables_per_hub=true`, the shared
+    /// tables and those of every hub this server serves.
     #[arg(long)]
     print_ddl: bool,
     /// How often dead nodes, expired messages and old log entries are cleaned up
@@ -355,7 +356,16 @@ fn ddl(url: &str) -> Result<String, String> {
             let options = url
                 .parse::<backplane_postgres::PgOptions>()
                 .map_err(|e| format!("invalid backplane URL: {e}"))?;
-            Ok(backplane_postgres::PgBackplane::ddl(&options))
+            let mut sql = backplane_postgres::PgBackplane::ddl(&options);
+            if options.get_tables_per_hub() {
+                // Each hub has tables of its own: those of every hub this server serves.
+                let hub = chat::hub();
+                let tables = backplane_postgres::PgBackplane::hub_ddl(&options, hub.name())
+                    .map_err(|e| format!("no DDL for hub {}: {e}", hub.name()))?;
+                sql.push('\n');
+                sql.push_str(&tables);
+            }
+            Ok(sql)
         }
         Some("memory") => Err("the memory backplane has no schema".into()),
         _ => Err(format!(

@@ -158,6 +158,22 @@ fn prints_the_ddl_for_a_dba() {
     assert!(output.status.success());
     let sql = String::from_utf8_lossy(&output.stdout);
     assert!(sql.contains("CREATE TABLE \"rt\".\"log\""), "{sql}");
+    let output = Command::new(env!("CARGO_BIN_EXE_backplane-server"))
+        .args([
+            "--print-ddl",
+            "--backplane",
+            "postgres://app@db.example/prod?schema=rt&create_schema=false&tables_per_hub=true",
+        ])
+        .output()
+        .expect("the binary runs");
+    assert!(output.status.success());
+    let sql = String::from_utf8_lossy(&output.stdout);
+    assert!(sql.contains("CREATE TABLE \"rt\".\"hubs\""), "{sql}");
+    assert!(
+        sql.contains("INSERT INTO \"rt\".\"hubs\" (hub, slug) VALUES ('chat', 'chat_"),
+        "{sql}"
+    );
+    assert!(!sql.contains("\"rt\".\"log\""), "{sql}");
     let (code, stderr) = run(&["--print-ddl", "--backplane", "memory://"], &[]);
     assert_eq!(code, Some(2), "{stderr}");
 }

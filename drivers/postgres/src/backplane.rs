@@ -19,13 +19,14 @@ use crate::batch::{self, AppendRequest};
 use crate::error::{corrupt, db, pool};
 use crate::listener::{self, Listener};
 use crate::options::PgOptions;
-use crate::schema::{self, Names};
-use crate::sql::Sql;
+use crate::schema::{self, Names, SetNames};
+use crate::sql::NodeSql;
+use crate::tables::{Layout, PerHub, TableSet};
 
 /// A backplane on PostgreSQL.
 ///
-/// Clones share one pool and one listener. See the crate docs for the tables and how recovery
-/// works.
+/// Clones share one pool and one listener, and, with tables per hub, the cache of hubs' table
+/// sets. See the crate docs for the tables and how recovery works.
 ///
 /// # Examples
 ///
@@ -49,7 +50,8 @@ pub(crate) struct Inner {
     pub(crate) pool: Pool,
     pub(crate) options: PgOptions,
     pub(crate) names: Names,
-    pub(crate) sql: Sql,
+    pub(crate) node_sql: NodeSql,
+    pub(crate) layout: Layout,
     config: tokio_postgres::Config,
     tls: tokio_postgres_rustls::MakeRustlsConnect,
     wakeups: Arc<WakeupHub>,
@@ -140,6 +142,52 @@ fn durable_message(row: &Row) -> Result<DurableMessage> {
     })
 }
 
+/// Trims one table set's streams, each in a transaction of its own.
+async fn trim_set(
+    client: &mut deadpool_postgres::Object,
+    set: &TableSet,
+    retention: &Retention,
+) -> Result<u64> {
+    let sql = &set.sql;
+    let streams = client
+        .query(&sql.trim_streams, &[])
+        .await
+        .map_err(db("listing streams to trim"))?;
+    let max_age = retention.max_age.as_secs_f64();
+    let max_entries = i64::try_from(retention.max_entries).unwrap_or(i64::MAX);
+    let mut removed = 0;
+    for row in streams {
+        let id: i64 = row.try_get(0).map_err(db("listing streams to trim"))?;
+        let tx = client.transaction().await.map_err(db("trimming the log"))?;
+        // Locking the stream row waits for appends in flight, so the next statement's
+        // snapshot sees every entry that has an offset below next_offset.
+        let lock = tx
+            .query_one(&sql.trim_lock, &[&id])
+            .await
+            .map_err(db("trimming the log"))?;
+        let next: i64 = lock.try_get(0).map_err(db("trimming the log"))?;
+        let first: i64 = lock.try_get(1).map_err(db("trimming the log"))?;
+        let floor = first.max(next.saturating_sub(max_entries));
+        let young = tx
+            .query_one(&sql.trim_oldest_young, &[&id, &max_age, &floor])
+            .await
+            .map_err(db("trimming the log"))?;
+        let oldest_young: Option<i64> = young.try_get(0).map_err(db("trimming the log"))?;
+        let new_first = floor.max(oldest_young.unwrap_or(next));
+        if new_first > first {
+            tx.execute(&sql.trim_set_first, &[&id, &new_first])
+                .await
+                .map_err(db("trimming the log"))?;
+            removed += tx
+                .execute(&sql.trim_delete, &[&id, &new_first])
+                .await
+                .map_err(db("trimming the log"))?;
+        }
+        tx.commit().await.map_err(db("trimming the log"))?;
+    }
+    Ok(removed)
+}
+
 impl PgBackplane {
     /// The driver's name.
     pub const NAME: &'static str = "postgres";
@@ -204,7 +252,7 @@ impl PgBackplane {
             .map_err(|e| Error::permanent(Self::NAME, format!("could not build the pool: {e}")))?;
         {
             let client = pool.get().await.map_err(crate::error::pool)?;
-            schema::check_version(&client, &names).await?;
+            schema::check_version(&**client, &names, &options).await?;
         }
 
         let (shutdown, shutdown_rx) = watch::channel(false);
@@ -231,13 +279,25 @@ impl PgBackplane {
             }
             Err(_) => return Err(Error::transient(Self::NAME, "the listener stopped")),
         }
-        let sql = Sql::new(&names);
+        let (node_sql, layout) = if options.tables_per_hub {
+            (
+                NodeSql::new(&names, None),
+                Layout::PerHub(PerHub::default()),
+            )
+        } else {
+            let set = TableSet::new(SetNames::shared(&options));
+            (
+                NodeSql::new(&names, Some(&set.names)),
+                Layout::Shared(Arc::new(set)),
+            )
+        };
         Ok(Self {
             inner: Arc::new(Inner {
                 pool,
                 options,
                 names,
-                sql,
+                node_sql,
+                layout,
                 config,
                 tls,
                 wakeups,
@@ -249,8 +309,40 @@ impl PgBackplane {
 
     /// The DDL that creates the schema and tables for `options`, for a DBA to run when the
     /// application may not create them (with [`PgOptions::create_schema`] set to `false`).
+    ///
+    /// With [`PgOptions::tables_per_hub`], it creates the shared tables only (nodes,
+    /// migrations, the registry of hubs): each hub's tables come from
+    /// [`hub_ddl`](Self::hub_ddl), run after it.
     pub fn ddl(options: &PgOptions) -> String {
         schema::ddl(options)
+    }
+
+    /// The DDL of one hub's table set with [`PgOptions::tables_per_hub`], for a DBA to run
+    /// once per hub (after [`ddl`](Self::ddl)) when the application may not create tables. It
+    /// registers the hub with its slug, creates its tables and records their version; with
+    /// `create_schema=false`, a hub whose DDL was not run fails its first use with
+    /// [`PgTableSetError::Missing`](crate::PgTableSetError::Missing).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use backplane_core::HubName;
+    /// use backplane_postgres::{PgBackplane, PgOptions};
+    ///
+    /// let options: PgOptions =
+    ///     "postgres://app@db.internal/chat?schema=rt&tables_per_hub=true&create_schema=false"
+    ///         .parse()?;
+    /// let sql = PgBackplane::hub_ddl(&options, &HubName::new("chat")?)?;
+    /// assert!(sql.contains("INSERT INTO \"rt\".\"hubs\""));
+    /// # Ok::<(), backplane_core::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// The options are not for tables per hub, or are invalid, or the hub's slug is unusable
+    /// (see [`PgOptions::table_slug`]).
+    pub fn hub_ddl(options: &PgOptions, hub: &HubName) -> Result<String> {
+        schema::hub_ddl(options, hub.as_str())
     }
 
     /// The options this backplane was opened with.
@@ -263,14 +355,17 @@ impl PgBackplane {
         &self.inner.names.channel
     }
 
-    /// The schema version the database is at.
+    /// The schema version the database is at: that of the shared tables and, by default, of
+    /// the table set every hub shares (the lower of the two). With tables per hub, each hub's
+    /// set is versioned on its own and checked on the hub's first use.
     ///
     /// # Errors
     ///
-    /// When the database cannot be reached or the schema does not exist.
+    /// When the database cannot be reached.
     pub async fn schema_version(&self) -> Result<i32> {
         let client = self.client().await?;
-        schema::schema_version(&client, &self.inner.names).await
+        let versions = schema::Versions::read(&**client, &self.inner.names).await?;
+        Ok(versions.version(self.inner.options.tables_per_hub))
     }
 
     pub(crate) async fn client(&self) -> Result<deadpool_postgres::Object> {
@@ -284,6 +379,7 @@ impl PgBackplane {
     /// Runs the append statement; creates the stream row first when it is missing.
     pub(crate) async fn write(
         &self,
+        set: &TableSet,
         hub: &HubName,
         stream: u32,
         records: &[Bytes],
@@ -295,7 +391,7 @@ impl PgBackplane {
         let data: Vec<&[u8]> = records.iter().map(|r| r.as_ref()).collect();
         let payload = listener::payload(hub, stream);
         let statement = client
-            .prepare_cached(&self.inner.sql.append)
+            .prepare_cached(&set.sql.append)
             .await
             .map_err(db("preparing an append"))?;
         for _ in 0..2 {
@@ -316,20 +412,21 @@ impl PgBackplane {
             if let Some(row) = row {
                 return position(&row, stream, "appending to the log");
             }
-            self.create_stream(&client, hub, stream_db).await?;
+            self.create_stream(set, &client, hub, stream_db).await?;
         }
         Err(corrupt("the stream row vanished during an append"))
     }
 
     async fn create_stream(
         &self,
+        set: &TableSet,
         client: &deadpool_postgres::Object,
         hub: &HubName,
         stream: i32,
     ) -> Result<()> {
         client
             .execute(
-                &self.inner.sql.create_stream,
+                &set.sql.create_stream,
                 &[
                     &hub.as_str(),
                     &stream,
@@ -351,7 +448,12 @@ impl PgBackplane {
         Ok(())
     }
 
-    fn batcher(&self, hub: &HubName, stream: u32) -> mpsc::Sender<AppendRequest> {
+    fn batcher(
+        &self,
+        set: &Arc<TableSet>,
+        hub: &HubName,
+        stream: u32,
+    ) -> mpsc::Sender<AppendRequest> {
         let mut batchers = self
             .inner
             .batchers
@@ -363,6 +465,7 @@ impl PgBackplane {
                 let (tx, rx) = mpsc::channel(4096);
                 tokio::spawn(batch::run(
                     Arc::downgrade(&self.inner),
+                    set.clone(),
                     hub.clone(),
                     stream,
                     rx,
@@ -375,6 +478,10 @@ impl PgBackplane {
 
     pub(crate) fn from_inner(inner: Arc<Inner>) -> Self {
         Self { inner }
+    }
+
+    fn per_hub(&self) -> bool {
+        matches!(self.inner.layout, Layout::PerHub(_))
     }
 }
 
@@ -403,15 +510,16 @@ impl Backplane for PgBackplane {
         if records.is_empty() {
             return self.tail(hub, stream).await;
         }
+        let set = self.tables(hub).await?;
         if self.inner.options.batch_delay.is_zero() {
-            return self.write(hub, stream, records).await;
+            return self.write(&set, hub, stream, records).await;
         }
         let (tx, rx) = oneshot::channel();
         let request = AppendRequest {
             records: records.to_vec(),
             reply: tx,
         };
-        if self.batcher(hub, stream).send(request).await.is_err() {
+        if self.batcher(&set, hub, stream).send(request).await.is_err() {
             return Err(Error::transient(Self::NAME, "the append batcher stopped"));
         }
         rx.await
@@ -420,12 +528,13 @@ impl Backplane for PgBackplane {
 
     async fn read(&self, hub: &HubName, from: Position, limit: usize) -> Result<Vec<LogEntry>> {
         self.check_stream(from.stream)?;
+        let set = self.tables(hub).await?;
         let client = self.client().await?;
         let stream = stream_i32(from.stream)?;
         let offset = to_i64(from.offset, "offset")?;
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let statement = client
-            .prepare_cached(&self.inner.sql.read)
+            .prepare_cached(&set.sql.read)
             .await
             .map_err(db("preparing a read"))?;
         let mut rows = client
@@ -433,7 +542,7 @@ impl Backplane for PgBackplane {
             .await
             .map_err(db("reading the log"))?;
         if rows.is_empty() {
-            self.create_stream(&client, hub, stream).await?;
+            self.create_stream(&set, &client, hub, stream).await?;
             rows = client
                 .query(&statement, &[&hub.as_str(), &stream, &offset, &limit])
                 .await
@@ -470,17 +579,18 @@ impl Backplane for PgBackplane {
 
     async fn tail(&self, hub: &HubName, stream: u32) -> Result<Position> {
         self.check_stream(stream)?;
+        let set = self.tables(hub).await?;
         let client = self.client().await?;
         let stream_db = stream_i32(stream)?;
         for _ in 0..2 {
             let row = client
-                .query_opt(&self.inner.sql.tail, &[&hub.as_str(), &stream_db])
+                .query_opt(&set.sql.tail, &[&hub.as_str(), &stream_db])
                 .await
                 .map_err(db("reading the tail of the log"))?;
             if let Some(row) = row {
                 return position(&row, stream, "reading the tail of the log");
             }
-            self.create_stream(&client, hub, stream_db).await?;
+            self.create_stream(&set, &client, hub, stream_db).await?;
         }
         Err(corrupt("the stream row vanished"))
     }
@@ -491,42 +601,9 @@ impl Backplane for PgBackplane {
 
     async fn trim(&self, retention: &Retention) -> Result<u64> {
         let mut client = self.client().await?;
-        let sql = &self.inner.sql;
-        let streams = client
-            .query(&sql.trim_streams, &[])
-            .await
-            .map_err(db("listing streams to trim"))?;
-        let max_age = retention.max_age.as_secs_f64();
-        let max_entries = i64::try_from(retention.max_entries).unwrap_or(i64::MAX);
         let mut removed = 0;
-        for row in streams {
-            let id: i64 = row.try_get(0).map_err(db("listing streams to trim"))?;
-            let tx = client.transaction().await.map_err(db("trimming the log"))?;
-            // Locking the stream row waits for appends in flight, so the next statement's
-            // snapshot sees every entry that has an offset below next_offset.
-            let lock = tx
-                .query_one(&sql.trim_lock, &[&id])
-                .await
-                .map_err(db("trimming the log"))?;
-            let next: i64 = lock.try_get(0).map_err(db("trimming the log"))?;
-            let first: i64 = lock.try_get(1).map_err(db("trimming the log"))?;
-            let floor = first.max(next.saturating_sub(max_entries));
-            let young = tx
-                .query_one(&sql.trim_oldest_young, &[&id, &max_age, &floor])
-                .await
-                .map_err(db("trimming the log"))?;
-            let oldest_young: Option<i64> = young.try_get(0).map_err(db("trimming the log"))?;
-            let new_first = floor.max(oldest_young.unwrap_or(next));
-            if new_first > first {
-                tx.execute(&sql.trim_set_first, &[&id, &new_first])
-                    .await
-                    .map_err(db("trimming the log"))?;
-                removed += tx
-                    .execute(&sql.trim_delete, &[&id, &new_first])
-                    .await
-                    .map_err(db("trimming the log"))?;
-            }
-            tx.commit().await.map_err(db("trimming the log"))?;
+        for set in self.all_tables(&mut client).await? {
+            removed += trim_set(&mut client, &set, retention).await?;
         }
         Ok(removed)
     }
@@ -534,35 +611,60 @@ impl Backplane for PgBackplane {
     async fn register_node(&self, node: &NodeId) -> Result<()> {
         let client = self.client().await?;
         client
-            .execute(&self.inner.sql.register_node, &[&node.as_str()])
+            .execute(&self.inner.node_sql.register_node, &[&node.as_str()])
             .await
             .map_err(db("registering a node"))?;
         Ok(())
     }
 
     async fn heartbeat(&self, node: &NodeId) -> Result<bool> {
-        let client = self.client().await?;
+        let mut client = self.client().await?;
         let row = client
-            .query_one(&self.inner.sql.heartbeat, &[&node.as_str()])
+            .query_one(&self.inner.node_sql.heartbeat, &[&node.as_str()])
             .await
             .map_err(db("writing a heartbeat"))?;
         let count: i64 = row.try_get(0).map_err(db("writing a heartbeat"))?;
+        if count > 0 && self.per_hub() {
+            for set in self.all_tables(&mut client).await? {
+                client
+                    .execute(&set.sql.touch_sessions, &[&node.as_str()])
+                    .await
+                    .map_err(db("writing a heartbeat"))?;
+            }
+        }
         Ok(count > 0)
     }
 
     async fn unregister_node(&self, node: &NodeId) -> Result<()> {
-        let client = self.client().await?;
-        client
-            .query(&self.inner.sql.unregister_node, &[&node.as_str()])
+        let mut client = self.client().await?;
+        if !self.per_hub() {
+            client
+                .query(&self.inner.node_sql.unregister_node, &[&node.as_str()])
+                .await
+                .map_err(db("unregistering a node"))?;
+            return Ok(());
+        }
+        let sets = self.all_tables(&mut client).await?;
+        let tx = client
+            .transaction()
             .await
             .map_err(db("unregistering a node"))?;
-        Ok(())
+        tx.query(&self.inner.node_sql.unregister_node, &[&node.as_str()])
+            .await
+            .map_err(db("unregistering a node"))?;
+        let nodes = [node.as_str()];
+        for set in sets {
+            tx.query(&set.sql.remove_node_connections, &[&&nodes[..]])
+                .await
+                .map_err(db("unregistering a node"))?;
+        }
+        tx.commit().await.map_err(db("unregistering a node"))
     }
 
     async fn live_nodes(&self) -> Result<Vec<NodeInfo>> {
         let client = self.client().await?;
         let rows = client
-            .query(&self.inner.sql.live_nodes, &[])
+            .query(&self.inner.node_sql.live_nodes, &[])
             .await
             .map_err(db("listing nodes"))?;
         rows.iter()
@@ -578,20 +680,50 @@ impl Backplane for PgBackplane {
     }
 
     async fn reap_nodes(&self, timeout: Duration) -> Result<Vec<NodeId>> {
-        let client = self.client().await?;
-        let rows = client
-            .query(&self.inner.sql.reap_nodes, &[&timeout.as_secs_f64()])
+        let mut client = self.client().await?;
+        let timeout = timeout.as_secs_f64();
+        if !self.per_hub() {
+            // One statement removes the nodes and their connections.
+            let rows = client
+                .query(&self.inner.node_sql.reap_nodes, &[&timeout])
+                .await
+                .map_err(db("reaping dead nodes"))?;
+            return rows
+                .iter()
+                .map(|row| {
+                    let id: String = row.try_get(0).map_err(db("reaping dead nodes"))?;
+                    name::<NodeId>(&id)
+                })
+                .collect();
+        }
+        // With tables per hub, the dead nodes' rows go in the same transaction as their
+        // connections in every hub's tables, so no connection outlives its node's row.
+        let sets = self.all_tables(&mut client).await?;
+        let tx = client
+            .transaction()
             .await
             .map_err(db("reaping dead nodes"))?;
-        rows.iter()
-            .map(|row| {
-                let id: String = row.try_get(0).map_err(db("reaping dead nodes"))?;
-                name::<NodeId>(&id)
-            })
-            .collect()
+        let rows = tx
+            .query(&self.inner.node_sql.reap_nodes, &[&timeout])
+            .await
+            .map_err(db("reaping dead nodes"))?;
+        let dead: Vec<String> = rows
+            .iter()
+            .map(|row| row.try_get(0).map_err(db("reaping dead nodes")))
+            .collect::<Result<_>>()?;
+        if !dead.is_empty() {
+            for set in sets {
+                tx.query(&set.sql.remove_node_connections, &[&dead])
+                    .await
+                    .map_err(db("reaping dead nodes"))?;
+            }
+        }
+        tx.commit().await.map_err(db("reaping dead nodes"))?;
+        dead.iter().map(|id| name::<NodeId>(id)).collect()
     }
 
     async fn add_connection(&self, connection: &ConnectionInfo) -> Result<()> {
+        let set = self.tables(&connection.hub).await?;
         let mut client = self.client().await?;
         let tx = client
             .transaction()
@@ -600,7 +732,7 @@ impl Backplane for PgBackplane {
         let user = connection.user.as_ref().map(UserId::as_str);
         let inserted = tx
             .query_opt(
-                &self.inner.sql.add_connection,
+                &set.sql.add_connection,
                 &[
                     &connection.hub.as_str(),
                     &connection.id.as_str(),
@@ -614,12 +746,9 @@ impl Backplane for PgBackplane {
             return Err(Error::DuplicateConnection(connection.id.to_string()));
         }
         if let Some(user) = user {
-            tx.execute(
-                &self.inner.sql.open_session,
-                &[&connection.hub.as_str(), &user],
-            )
-            .await
-            .map_err(db("opening a user session"))?;
+            tx.execute(&set.sql.open_session, &[&connection.hub.as_str(), &user])
+                .await
+                .map_err(db("opening a user session"))?;
         }
         tx.commit().await.map_err(db("registering a connection"))
     }
@@ -629,10 +758,11 @@ impl Backplane for PgBackplane {
         hub: &HubName,
         connection: &ConnectionId,
     ) -> Result<Option<ConnectionInfo>> {
+        let set = self.tables(hub).await?;
         let client = self.client().await?;
         let row = client
             .query_opt(
-                &self.inner.sql.remove_connection,
+                &set.sql.remove_connection,
                 &[&hub.as_str(), &connection.as_str()],
             )
             .await
@@ -645,9 +775,10 @@ impl Backplane for PgBackplane {
         hub: &HubName,
         connection: &ConnectionId,
     ) -> Result<Option<ConnectionInfo>> {
+        let set = self.tables(hub).await?;
         let client = self.client().await?;
         let statement = client
-            .prepare_cached(&self.inner.sql.connection)
+            .prepare_cached(&set.sql.connection)
             .await
             .map_err(db("preparing a connection lookup"))?;
         let row = client
@@ -658,21 +789,20 @@ impl Backplane for PgBackplane {
     }
 
     async fn user_connections(&self, hub: &HubName, user: &UserId) -> Result<Vec<ConnectionInfo>> {
+        let set = self.tables(hub).await?;
         let client = self.client().await?;
         let rows = client
-            .query(
-                &self.inner.sql.user_connections,
-                &[&hub.as_str(), &user.as_str()],
-            )
+            .query(&set.sql.user_connections, &[&hub.as_str(), &user.as_str()])
             .await
             .map_err(db("listing a user's connections"))?;
         rows.iter().map(connection_info).collect()
     }
 
     async fn online_users(&self, hub: &HubName) -> Result<Vec<UserId>> {
+        let set = self.tables(hub).await?;
         let client = self.client().await?;
         let rows = client
-            .query(&self.inner.sql.online_users, &[&hub.as_str()])
+            .query(&set.sql.online_users, &[&hub.as_str()])
             .await
             .map_err(db("listing online users"))?;
         rows.iter()
@@ -684,12 +814,10 @@ impl Backplane for PgBackplane {
     }
 
     async fn user_session(&self, hub: &HubName, user: &UserId) -> Result<Option<UserSession>> {
+        let set = self.tables(hub).await?;
         let client = self.client().await?;
         let row = client
-            .query_opt(
-                &self.inner.sql.user_session,
-                &[&hub.as_str(), &user.as_str()],
-            )
+            .query_opt(&set.sql.user_session, &[&hub.as_str(), &user.as_str()])
             .await
             .map_err(db("reading a user session"))?;
         let Some(row) = row else { return Ok(None) };
@@ -710,10 +838,11 @@ impl Backplane for PgBackplane {
         group: &GroupName,
         connection: &ConnectionId,
     ) -> Result<bool> {
+        let set = self.tables(hub).await?;
         let client = self.client().await?;
         match client
             .execute(
-                &self.inner.sql.add_member,
+                &set.sql.add_member,
                 &[&hub.as_str(), &group.as_str(), &connection.as_str()],
             )
             .await
@@ -734,10 +863,11 @@ impl Backplane for PgBackplane {
         group: &GroupName,
         connection: &ConnectionId,
     ) -> Result<bool> {
+        let set = self.tables(hub).await?;
         let client = self.client().await?;
         let rows = client
             .execute(
-                &self.inner.sql.remove_member,
+                &set.sql.remove_member,
                 &[&hub.as_str(), &group.as_str(), &connection.as_str()],
             )
             .await
@@ -746,12 +876,10 @@ impl Backplane for PgBackplane {
     }
 
     async fn group_members(&self, hub: &HubName, group: &GroupName) -> Result<Vec<ConnectionId>> {
+        let set = self.tables(hub).await?;
         let client = self.client().await?;
         let rows = client
-            .query(
-                &self.inner.sql.group_members,
-                &[&hub.as_str(), &group.as_str()],
-            )
+            .query(&set.sql.group_members, &[&hub.as_str(), &group.as_str()])
             .await
             .map_err(db("listing a group"))?;
         rows.iter()
@@ -767,10 +895,11 @@ impl Backplane for PgBackplane {
         hub: &HubName,
         connection: &ConnectionId,
     ) -> Result<Vec<GroupName>> {
+        let set = self.tables(hub).await?;
         let client = self.client().await?;
         let rows = client
             .query(
-                &self.inner.sql.connection_groups,
+                &set.sql.connection_groups,
                 &[&hub.as_str(), &connection.as_str()],
             )
             .await
@@ -786,11 +915,12 @@ impl Backplane for PgBackplane {
     }
 
     async fn enqueue(&self, message: &NewDurableMessage) -> Result<MessageId> {
+        let set = self.tables(&message.hub).await?;
         let client = self.client().await?;
         let sender = message.sender.as_ref().map(ConnectionId::as_str);
         let row = client
             .query_one(
-                &self.inner.sql.enqueue,
+                &set.sql.enqueue,
                 &[
                     &message.hub.as_str(),
                     &message.user.as_str(),
@@ -806,9 +936,10 @@ impl Backplane for PgBackplane {
     }
 
     async fn pending(&self, hub: &HubName, user: &UserId) -> Result<Vec<DurableMessage>> {
+        let set = self.tables(hub).await?;
         let client = self.client().await?;
         let rows = client
-            .query(&self.inner.sql.pending, &[&hub.as_str(), &user.as_str()])
+            .query(&set.sql.pending, &[&hub.as_str(), &user.as_str()])
             .await
             .map_err(db("listing pending messages"))?;
         rows.iter().map(durable_message).collect()
@@ -819,10 +950,11 @@ impl Backplane for PgBackplane {
         hub: &HubName,
         id: MessageId,
     ) -> Result<Option<DurableMessage>> {
+        let set = self.tables(hub).await?;
         let client = self.client().await?;
         let id = to_i64(id.0, "message id")?;
         let row = client
-            .query_opt(&self.inner.sql.durable_message, &[&hub.as_str(), &id])
+            .query_opt(&set.sql.durable_message, &[&hub.as_str(), &id])
             .await
             .map_err(db("reading a durable message"))?;
         row.as_ref().map(durable_message).transpose()
@@ -834,11 +966,12 @@ impl Backplane for PgBackplane {
         id: MessageId,
         connection: &ConnectionId,
     ) -> Result<bool> {
+        let set = self.tables(hub).await?;
         let client = self.client().await?;
         let id = to_i64(id.0, "message id")?;
         let rows = client
             .execute(
-                &self.inner.sql.acknowledge,
+                &set.sql.acknowledge,
                 &[&hub.as_str(), &id, &connection.as_str()],
             )
             .await
@@ -853,11 +986,12 @@ impl Backplane for PgBackplane {
         connection: &ConnectionId,
         error: Option<&str>,
     ) -> Result<()> {
+        let set = self.tables(hub).await?;
         let client = self.client().await?;
         let id = to_i64(id.0, "message id")?;
         match client
             .execute(
-                &self.inner.sql.record_attempt,
+                &set.sql.record_attempt,
                 &[&hub.as_str(), &id, &connection.as_str(), &error],
             )
             .await
@@ -874,10 +1008,11 @@ impl Backplane for PgBackplane {
     }
 
     async fn attempts(&self, hub: &HubName, id: MessageId) -> Result<Vec<DeliveryAttempt>> {
+        let set = self.tables(hub).await?;
         let client = self.client().await?;
         let id = to_i64(id.0, "message id")?;
         let rows = client
-            .query(&self.inner.sql.attempts, &[&hub.as_str(), &id])
+            .query(&set.sql.attempts, &[&hub.as_str(), &id])
             .await
             .map_err(db("listing delivery attempts"))?;
         rows.iter()
@@ -894,21 +1029,29 @@ impl Backplane for PgBackplane {
     }
 
     async fn purge_expired(&self) -> Result<u64> {
-        let client = self.client().await?;
-        client
-            .execute(&self.inner.sql.purge_expired, &[])
-            .await
-            .map_err(db("purging expired messages"))
+        let mut client = self.client().await?;
+        let mut purged = 0;
+        for set in self.all_tables(&mut client).await? {
+            purged += client
+                .execute(&set.sql.purge_expired, &[])
+                .await
+                .map_err(db("purging expired messages"))?;
+        }
+        Ok(purged)
     }
 
     async fn pending_count(&self) -> Result<u64> {
-        let client = self.client().await?;
-        let row = client
-            .query_one(&self.inner.sql.pending_count, &[])
-            .await
-            .map_err(db("counting pending messages"))?;
-        let count: i64 = row.try_get(0).map_err(db("counting pending messages"))?;
-        to_u64(count, "count")
+        let mut client = self.client().await?;
+        let mut pending = 0;
+        for set in self.all_tables(&mut client).await? {
+            let row = client
+                .query_one(&set.sql.pending_count, &[])
+                .await
+                .map_err(db("counting pending messages"))?;
+            let count: i64 = row.try_get(0).map_err(db("counting pending messages"))?;
+            pending += to_u64(count, "count")?;
+        }
+        Ok(pending)
     }
 }
 
@@ -957,6 +1100,7 @@ impl PgBackplane {
         self.check_stream(stream)?;
         // Make sure the stream row exists, so the held statement only updates it.
         self.tail(hub, stream).await?;
+        let set = self.tables(hub).await?;
         let (client, connection) = self
             .inner
             .config
@@ -972,7 +1116,7 @@ impl PgBackplane {
         let data: Vec<&[u8]> = records.iter().map(|r| r.as_ref()).collect();
         let row = client
             .query_one(
-                &self.inner.sql.append,
+                &set.sql.append,
                 &[
                     &hub.as_str(),
                     &stream_i32(stream)?,

@@ -1,6 +1,6 @@
 //! Coalescing of concurrent appends: one multi-row insert and one NOTIFY per batch.
 
-use std::sync::Weak;
+use std::sync::{Arc, Weak};
 
 use backplane_core::{Error, HubName, Position, Result};
 use bytes::Bytes;
@@ -9,6 +9,7 @@ use tokio::time::Instant;
 
 use crate::PgBackplane;
 use crate::backplane::Inner;
+use crate::tables::TableSet;
 
 /// One caller's append, waiting for its batch.
 pub(crate) struct AppendRequest {
@@ -34,6 +35,7 @@ fn share(err: &Error) -> Error {
 /// usually back by then.
 pub(crate) async fn run(
     inner: Weak<Inner>,
+    set: Arc<TableSet>,
     hub: HubName,
     stream: u32,
     mut rx: mpsc::Receiver<AppendRequest>,
@@ -82,7 +84,7 @@ pub(crate) async fn run(
             .iter()
             .flat_map(|r| r.records.iter().cloned())
             .collect();
-        let result = backplane.write(&hub, stream, &records).await;
+        let result = backplane.write(&set, &hub, stream, &records).await;
         let mut skip = 0u64;
         for request in batch {
             let reply = match &result {

@@ -26,6 +26,51 @@ impl Check {
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The schema version of the layout `options` asks for and, with tables per hub, how many hubs
+/// have tables (and whether any is behind).
+async fn schema_check(
+    client: &tokio_postgres::Client,
+    names: &Names,
+    options: &PgOptions,
+) -> Result<String, String> {
+    let per_hub = options.tables_per_hub;
+    let versions = schema::Versions::read(client, names)
+        .await
+        .map_err(|err| format!("could not read the migrations table: {err}"))?;
+    if versions.other_layout(per_hub) {
+        return Err(format!(
+            "the tables under this schema and prefix are not of the layout tables_per_hub={per_hub}: use that setting, or another schema or table prefix"
+        ));
+    }
+    let (version, latest) = (versions.version(per_hub), schema::latest_version(per_hub));
+    if versions.behind(per_hub) {
+        return Err(format!(
+            "version {version}, this driver needs {latest}: connect once with create_schema=true or run the DDL"
+        ));
+    }
+    if !per_hub {
+        return Ok(format!("version {version}, up to date"));
+    }
+    let hubs = schema::registered_hubs(client, names)
+        .await
+        .map_err(|err| format!("could not read the registry of hubs: {err}"))?;
+    let behind: Vec<&str> = hubs
+        .iter()
+        .filter(|(_, _, v)| *v < schema::latest_set())
+        .map(|(hub, _, _)| hub.as_str())
+        .collect();
+    if behind.is_empty() {
+        Ok(format!(
+            "version {version}, up to date; {} hubs with tables of their own",
+            hubs.len()
+        ))
+    } else {
+        Err(format!(
+            "the tables of hubs {behind:?} are missing or old: connect with create_schema=true or run their DDL (PgBackplane::hub_ddl)"
+        ))
+    }
+}
+
 /// Checks connectivity, server version, privileges, the schema version and a LISTEN/NOTIFY
 /// round trip. Never fails: every problem is a failed [`Check`] with its reason.
 pub async fn doctor(options: &PgOptions) -> Vec<Check> {
@@ -196,14 +241,7 @@ pub async fn doctor(options: &PgOptions) -> Vec<Check> {
                 options.schema
             ))
         } else {
-            match schema::schema_version(&client, &names).await {
-                Ok(v) if v >= schema::latest_version() => Ok(format!("version {v}, up to date")),
-                Ok(v) => Err(format!(
-                    "version {v}, this driver needs {}: connect once with create_schema=true or run the DDL",
-                    schema::latest_version()
-                )),
-                Err(err) => Err(format!("no migrations table: {err}")),
-            }
+            schema_check(&client, &names, options).await
         },
     ));
 

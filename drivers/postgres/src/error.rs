@@ -68,6 +68,115 @@ impl PgError {
     }
 }
 
+/// Why a hub's table set (with tables per hub) cannot be used, or why the tables under a schema
+/// and prefix do not fit the layout asked for. Reported as the source of a permanent
+/// [`Error::Driver`]: downcast it to match.
+///
+/// # Examples
+///
+/// ```
+/// use backplane_core::Error;
+/// use backplane_postgres::PgTableSetError;
+///
+/// fn is_slug_clash(err: &Error) -> bool {
+///     matches!(
+///         err,
+///         Error::Driver { source, .. }
+///             if matches!(
+///                 source.downcast_ref::<PgTableSetError>(),
+///                 Some(PgTableSetError::SlugTaken { .. })
+///             )
+///     )
+/// }
+/// # let _ = is_slug_clash;
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PgTableSetError {
+    /// The custom slug function gave an empty slug.
+    #[error("the table slug of hub {hub:?} is empty")]
+    EmptySlug {
+        /// The hub.
+        hub: String,
+    },
+
+    /// The custom slug function gave a slug with control characters.
+    #[error("the table slug {slug:?} of hub {hub:?} contains control characters")]
+    InvalidSlug {
+        /// The hub.
+        hub: String,
+        /// The slug it got.
+        slug: String,
+    },
+
+    /// A table name of the hub would be longer than PostgreSQL's 63 bytes.
+    #[error(
+        "table {table:?} of hub {hub:?} would be {bytes} bytes long; PostgreSQL allows 63: use a shorter table slug or prefix"
+    )]
+    NameTooLong {
+        /// The hub.
+        hub: String,
+        /// The longest table name of the hub's set.
+        table: String,
+        /// Its length in bytes.
+        bytes: usize,
+    },
+
+    /// Another hub's tables already have this slug.
+    #[error(
+        "hub {hub:?} would get the tables of slug {slug:?}, which belong to hub {other:?}: the table slug function must give different hubs different slugs"
+    )]
+    SlugTaken {
+        /// The hub that was being used.
+        hub: String,
+        /// The slug it got.
+        slug: String,
+        /// The hub that has the slug.
+        other: String,
+    },
+
+    /// The hub's tables were made with another slug than the one this node computes.
+    #[error(
+        "hub {hub:?} has the tables of slug {registered:?}, but this node's table slug is {slug:?}: every node must use the same table slug function"
+    )]
+    SlugChanged {
+        /// The hub.
+        hub: String,
+        /// The slug in the registry.
+        registered: String,
+        /// The slug this node computes.
+        slug: String,
+    },
+
+    /// The hub has no tables, or older ones, and this node may not create them.
+    #[error(
+        "the tables of hub {hub:?} are missing or old (version {version}, this driver needs {needed}): run the DDL from `PgBackplane::hub_ddl` or enable create_schema"
+    )]
+    Missing {
+        /// The hub.
+        hub: String,
+        /// The version of its table set, 0 when it has none.
+        version: i32,
+        /// The version this driver needs.
+        needed: i32,
+    },
+
+    /// The schema and prefix hold tables of the other layout (tables per hub, or one table set
+    /// for every hub). Nodes of the two layouts would share the nodes table but not the
+    /// connections, so neither could clean up after the other.
+    #[error(
+        "schema {schema:?} with table prefix {prefix:?} holds tables of the other layout than tables_per_hub={tables_per_hub}: use that setting, or another schema or table prefix"
+    )]
+    LayoutMismatch {
+        /// The schema.
+        schema: String,
+        /// The table prefix.
+        prefix: String,
+        /// The layout asked for.
+        tables_per_hub: bool,
+    },
+}
+
 /// Converts a tokio-postgres error into the core's error, with context.
 pub(crate) fn db(context: &'static str) -> impl FnOnce(tokio_postgres::Error) -> Error {
     move |source| {

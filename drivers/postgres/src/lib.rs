@@ -9,10 +9,11 @@ mod listener;
 mod options;
 mod schema;
 mod sql;
+mod tables;
 mod tls;
 
 pub use backplane::{PgBackplane, PgHeldAppend};
 pub use doctor::{Check, doctor};
-pub use error::PgError;
+pub use error::{PgError, PgTableSetError};
 pub use options::PgOptions;
 pub use tls::{RootCerts, SslMode};

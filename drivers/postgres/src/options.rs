@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use backplane_core::{DEFAULT_STREAMS, Error};
@@ -33,6 +34,8 @@ pub struct PgOptions {
     pub(crate) batch_delay: Duration,
     pub(crate) max_batch: usize,
     pub(crate) create_schema: bool,
+    pub(crate) tables_per_hub: bool,
+    pub(crate) table_slug: Option<TableSlug>,
     pub(crate) listener_check: Duration,
     pub(crate) statement_timeout: Duration,
     pub(crate) ssl_mode: SslMode,
@@ -55,6 +58,9 @@ impl fmt::Debug for PgOptions {
             .field("streams", &self.streams)
             .field("pool_size", &self.pool_size)
             .field("batch_delay", &self.batch_delay)
+            .field("create_schema", &self.create_schema)
+            .field("tables_per_hub", &self.tables_per_hub)
+            .field("table_slug", &self.table_slug)
             .field("ssl_mode", &self.ssl_mode)
             .field("root_certs", &self.root_certs)
             .finish_non_exhaustive()
@@ -71,7 +77,33 @@ const OWN_PARAMS: &[&str] = &[
     "sslmode",
     "sslrootcert",
     "create_schema",
+    "tables_per_hub",
 ];
+
+/// A custom function from a hub name to the slug in its table names.
+#[derive(Clone)]
+pub(crate) struct TableSlug(Arc<dyn Fn(&str) -> String + Send + Sync + 'static>);
+
+impl TableSlug {
+    pub(crate) fn slug(&self, hub: &str) -> String {
+        (self.0)(hub)
+    }
+}
+
+impl fmt::Debug for TableSlug {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<custom>")
+    }
+}
+
+/// A boolean query parameter: `true`, `1` or `yes`; `false`, `0` or `no`.
+fn boolean(key: &str, value: &str) -> Result<bool, Error> {
+    match value {
+        "true" | "1" | "yes" => Ok(true),
+        "false" | "0" | "no" => Ok(false),
+        other => Err(bad(format!("{key} must be true or false, not {other:?}"))),
+    }
+}
 
 fn bad(reason: impl Into<String>) -> Error {
     Error::permanent(
@@ -92,6 +124,8 @@ impl PgOptions {
             batch_delay: Duration::from_millis(1),
             max_batch: 1000,
             create_schema: true,
+            tables_per_hub: false,
+            table_slug: None,
             listener_check: Duration::from_secs(5),
             statement_timeout: Duration::from_secs(30),
             ssl_mode: SslMode::default(),
@@ -177,6 +211,48 @@ impl PgOptions {
         self
     }
 
+    /// Whether every hub gets a table set of its own (streams, log, connections, memberships,
+    /// sessions, messages and attempts, named `{prefix}{slug}_streams` and so on), created on the
+    /// hub's first use, instead of one table set shared by all hubs. The slug comes from the hub
+    /// name (see [`table_slug`](Self::table_slug)); the nodes table, the migrations table and a
+    /// registry of hubs stay shared. Every node of a deployment must use the same setting.
+    /// Setting it to `false` also drops a custom slug function. Defaults to `false`.
+    pub fn tables_per_hub(mut self, per_hub: bool) -> Self {
+        self.tables_per_hub = per_hub;
+        if !per_hub {
+            self.table_slug = None;
+        }
+        self
+    }
+
+    /// A custom slug for a hub's tables, in place of the default; implies
+    /// [`tables_per_hub`](Self::tables_per_hub). The function must give every hub the same slug
+    /// on every node and different hubs different slugs; the slug is quoted, so any text
+    /// without control characters works, as long as the longest table name,
+    /// `{prefix}{slug}_memberships`, fits PostgreSQL's 63 bytes. An empty or too long slug,
+    /// or one another hub already has, fails the hub's first use with a
+    /// [`PgTableSetError`](crate::PgTableSetError).
+    ///
+    /// The default slug is the hub name lowercased, every character other than `a`-`z`, `0`-`9`
+    /// and `_` replaced by `_`, cut to 22 bytes, then `_` and 8 hex digits of a hash of the
+    /// exact name: `Chat` gives `chat_` followed by its hash, and differs from `chat`'s.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use backplane_postgres::PgOptions;
+    ///
+    /// let options: PgOptions = "postgres://app@db.internal/chat".parse()?;
+    /// let options = options.table_slug(|hub| format!("h_{}", hub.to_lowercase()));
+    /// assert!(options.get_tables_per_hub());
+    /// # Ok::<(), backplane_core::Error>(())
+    /// ```
+    pub fn table_slug(mut self, slug: impl Fn(&str) -> String + Send + Sync + 'static) -> Self {
+        self.table_slug = Some(TableSlug(Arc::new(slug)));
+        self.tables_per_hub = true;
+        self
+    }
+
     /// How often the listener connection is checked with a round trip, so a dead listener is
     /// noticed without waiting for TCP. Defaults to 5 seconds.
     pub fn listener_check(mut self, interval: Duration) -> Self {
@@ -198,6 +274,11 @@ impl PgOptions {
     /// The table prefix.
     pub fn get_table_prefix(&self) -> &str {
         &self.table_prefix
+    }
+
+    /// Whether every hub has a table set of its own.
+    pub fn get_tables_per_hub(&self) -> bool {
+        self.tables_per_hub
     }
 
     /// The connection configuration.
@@ -231,7 +312,7 @@ impl FromStr for PgOptions {
 
     /// Parses a `postgres://` or `postgresql://` URL (or a `key=value` connection string).
     /// The query parameters `schema`, `table_prefix`, `streams`, `pool_size`,
-    /// `batch_delay_ms`, `create_schema` (`true` or `false`), `sslmode` (`disable`, `prefer`,
+    /// `batch_delay_ms`, `create_schema` and `tables_per_hub` (`true` or `false`), `sslmode` (`disable`, `prefer`,
     /// `require`, `verify-ca`, `verify-full`) and `sslrootcert` (a PEM file, or `system`) set the
     /// backplane's options; the others go to PostgreSQL.
     fn from_str(url: &str) -> Result<Self, Error> {
@@ -277,15 +358,8 @@ impl FromStr for PgOptions {
                     usize::try_from(number()?).map_err(|_| bad("pool_size is too large"))?,
                 ),
                 "sslmode" => options.ssl_mode(value.parse()?),
-                "create_schema" => options.create_schema(match value {
-                    "true" | "1" | "yes" => true,
-                    "false" | "0" | "no" => false,
-                    other => {
-                        return Err(bad(format!(
-                            "create_schema must be true or false, not {other:?}"
-                        )));
-                    }
-                }),
+                "create_schema" => options.create_schema(boolean(key, value)?),
+                "tables_per_hub" => options.tables_per_hub(boolean(key, value)?),
                 "sslrootcert" => options.root_certs(if value == "system" {
                     RootCerts::System
                 } else {
@@ -366,5 +440,61 @@ mod tests {
                 .validate()
                 .is_err()
         );
+    }
+
+    #[test]
+    fn tables_per_hub_parses_and_is_checked() {
+        let o: PgOptions = "postgres://h/db".parse().unwrap();
+        assert!(!o.get_tables_per_hub());
+        for yes in ["true", "1", "yes"] {
+            let o: PgOptions = format!("postgres://h/db?tables_per_hub={yes}")
+                .parse()
+                .unwrap();
+            assert!(o.get_tables_per_hub(), "{yes}");
+        }
+        for no in ["false", "0", "no"] {
+            let o: PgOptions = format!("postgres://h/db?tables_per_hub={no}")
+                .parse()
+                .unwrap();
+            assert!(!o.get_tables_per_hub(), "{no}");
+        }
+        for bad in [
+            "tables_per_hub=maybe",
+            "tables_per_hub=",
+            "tables_per_hub=TRUE",
+        ] {
+            let err = format!("postgres://u:hunter2@h/db?{bad}")
+                .parse::<PgOptions>()
+                .unwrap_err();
+            let text = err.to_string();
+            assert!(
+                text.contains("tables_per_hub must be true or false"),
+                "{text}"
+            );
+            assert!(!text.contains("hunter2"), "{text}");
+        }
+        // Ours, not PostgreSQL's: it never reaches the connection string.
+        let o: PgOptions = "postgres://h/db?tables_per_hub=true&application_name=x"
+            .parse()
+            .unwrap();
+        assert_eq!(o.config.get_application_name(), Some("x"));
+    }
+
+    #[test]
+    fn custom_slug_implies_per_hub_and_prints() {
+        let o = PgOptions::from_config(tokio_postgres::Config::new())
+            .table_slug(|hub| format!("t_{hub}"));
+        assert!(o.get_tables_per_hub());
+        let copy = o.clone();
+        assert_eq!(
+            copy.table_slug.as_ref().map(|s| s.slug("chat")).as_deref(),
+            Some("t_chat")
+        );
+        let debug = format!("{copy:?}");
+        assert!(debug.contains("tables_per_hub: true"), "{debug}");
+        assert!(debug.contains("table_slug: Some(<custom>)"), "{debug}");
+        let off = copy.tables_per_hub(false);
+        assert!(!off.get_tables_per_hub());
+        assert!(off.table_slug.is_none());
     }
 }

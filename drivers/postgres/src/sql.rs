@@ -1,9 +1,12 @@
-//! Every statement the driver runs, rendered once per schema and prefix.
+//! Every statement the driver runs, rendered once per schema and prefix (the shared tables) and
+//! once per table set.
 //!
 //! All statements work on PostgreSQL 12 and later.
 
-use crate::schema::Names;
+use crate::schema::{Names, SetNames};
 
+/// The statements of one table set: those of every call that names a hub, and the parts of
+/// node-wide calls that touch the set.
 #[derive(Debug)]
 pub(crate) struct Sql {
     /// Allocates offsets under the stream row's lock, inserts the records, and notifies, in one
@@ -19,11 +22,6 @@ pub(crate) struct Sql {
     pub(crate) trim_oldest_young: String,
     pub(crate) trim_set_first: String,
     pub(crate) trim_delete: String,
-    pub(crate) register_node: String,
-    pub(crate) heartbeat: String,
-    pub(crate) unregister_node: String,
-    pub(crate) reap_nodes: String,
-    pub(crate) live_nodes: String,
     pub(crate) add_connection: String,
     pub(crate) open_session: String,
     pub(crate) remove_connection: String,
@@ -43,12 +41,31 @@ pub(crate) struct Sql {
     pub(crate) attempts: String,
     pub(crate) purge_expired: String,
     pub(crate) pending_count: String,
+    /// With tables per hub: marks the sessions of node `$1`'s users active.
+    pub(crate) touch_sessions: String,
+    /// With tables per hub: removes the connections of the nodes in `$1` (a text array), their
+    /// memberships, and closes the sessions they leave empty.
+    pub(crate) remove_node_connections: String,
+}
+
+/// The statements on the nodes table. By default the node-wide ones also clean up the table set
+/// every hub shares, in the same statement; with tables per hub they touch the nodes table only,
+/// and the driver runs the set's part for each hub.
+#[derive(Debug)]
+pub(crate) struct NodeSql {
+    pub(crate) register_node: String,
+    /// Returns one row, the count of nodes updated (0 or 1).
+    pub(crate) heartbeat: String,
+    pub(crate) unregister_node: String,
+    /// Returns the ids of the nodes removed.
+    pub(crate) reap_nodes: String,
+    pub(crate) live_nodes: String,
 }
 
 /// Common table expressions that remove the connections matching `condition` (on `c`), their
 /// memberships (by foreign-key cascade), and close the sessions they leave without connections.
 /// The removed rows are in `gone`.
-fn remove_connections(n: &Names, condition: &str) -> String {
+fn remove_connections(n: &SetNames, condition: &str) -> String {
     format!(
         "gone AS (
              DELETE FROM {c} c WHERE {condition}
@@ -68,8 +85,82 @@ fn remove_connections(n: &Names, condition: &str) -> String {
     )
 }
 
+impl NodeSql {
+    /// `set`: the table set every hub shares, by default; `None` with tables per hub.
+    pub(crate) fn new(names: &Names, set: Option<&SetNames>) -> Self {
+        let nodes = &names.nodes;
+        let Some(n) = set else {
+            return Self {
+                register_node: register_node(nodes),
+                heartbeat: format!(
+                    "WITH beat AS (
+                         UPDATE {nodes} SET last_heartbeat = now() WHERE id = $1 RETURNING id
+                     )
+                     SELECT count(*) FROM beat"
+                ),
+                unregister_node: format!(
+                    "WITH dead AS (DELETE FROM {nodes} WHERE id = $1 RETURNING id)
+                     SELECT count(*) FROM dead"
+                ),
+                reap_nodes: format!(
+                    "WITH dead AS (
+                         DELETE FROM {nodes}
+                         WHERE last_heartbeat < now() - make_interval(secs => $1)
+                         RETURNING id
+                     )
+                     SELECT id FROM dead ORDER BY id"
+                ),
+                live_nodes: live_nodes(nodes),
+            };
+        };
+        Self {
+            register_node: register_node(nodes),
+            heartbeat: format!(
+                "WITH beat AS (
+                     UPDATE {nodes} SET last_heartbeat = now() WHERE id = $1 RETURNING id
+                 ), touched AS (
+                     UPDATE {s} s SET last_activity = now()
+                     FROM (SELECT DISTINCT hub, user_id FROM {c}
+                           WHERE node = $1 AND user_id IS NOT NULL) u
+                     WHERE s.hub = u.hub AND s.user_id = u.user_id
+                       AND EXISTS (SELECT 1 FROM beat)
+                 )
+                 SELECT count(*) FROM beat",
+                s = n.sessions,
+                c = n.connections
+            ),
+            unregister_node: format!(
+                "WITH dead AS (DELETE FROM {nodes} WHERE id = $1 RETURNING id), {remove}
+                 SELECT count(*) FROM dead",
+                remove = remove_connections(n, "c.node = $1")
+            ),
+            reap_nodes: format!(
+                "WITH dead AS (
+                     DELETE FROM {nodes}
+                     WHERE last_heartbeat < now() - make_interval(secs => $1)
+                     RETURNING id
+                 ), {remove}
+                 SELECT id FROM dead ORDER BY id",
+                remove = remove_connections(n, "c.node IN (SELECT id FROM dead)")
+            ),
+            live_nodes: live_nodes(nodes),
+        }
+    }
+}
+
+fn register_node(nodes: &str) -> String {
+    format!(
+        "INSERT INTO {nodes} (id) VALUES ($1)
+         ON CONFLICT (id) DO UPDATE SET last_heartbeat = now()"
+    )
+}
+
+fn live_nodes(nodes: &str) -> String {
+    format!("SELECT id, started_at, last_heartbeat FROM {nodes} ORDER BY id")
+}
+
 impl Sql {
-    pub(crate) fn new(n: &Names) -> Self {
+    pub(crate) fn new(n: &SetNames) -> Self {
         Self {
             append: format!(
                 "WITH a AS (
@@ -127,46 +218,6 @@ impl Sql {
             trim_delete: format!(
                 "DELETE FROM {} WHERE stream_id = $1 AND \"offset\" < $2",
                 n.log
-            ),
-            register_node: format!(
-                "INSERT INTO {} (id) VALUES ($1)
-                 ON CONFLICT (id) DO UPDATE SET last_heartbeat = now()",
-                n.nodes
-            ),
-            heartbeat: format!(
-                "WITH beat AS (
-                     UPDATE {nodes} SET last_heartbeat = now() WHERE id = $1 RETURNING id
-                 ), touched AS (
-                     UPDATE {s} s SET last_activity = now()
-                     FROM (SELECT DISTINCT hub, user_id FROM {c}
-                           WHERE node = $1 AND user_id IS NOT NULL) u
-                     WHERE s.hub = u.hub AND s.user_id = u.user_id
-                       AND EXISTS (SELECT 1 FROM beat)
-                 )
-                 SELECT count(*) FROM beat",
-                nodes = n.nodes,
-                s = n.sessions,
-                c = n.connections
-            ),
-            unregister_node: format!(
-                "WITH dead AS (DELETE FROM {nodes} WHERE id = $1 RETURNING id), {remove}
-                 SELECT count(*) FROM dead",
-                nodes = n.nodes,
-                remove = remove_connections(n, "c.node = $1")
-            ),
-            reap_nodes: format!(
-                "WITH dead AS (
-                     DELETE FROM {nodes}
-                     WHERE last_heartbeat < now() - make_interval(secs => $1)
-                     RETURNING id
-                 ), {remove}
-                 SELECT id FROM dead ORDER BY id",
-                nodes = n.nodes,
-                remove = remove_connections(n, "c.node IN (SELECT id FROM dead)")
-            ),
-            live_nodes: format!(
-                "SELECT id, started_at, last_heartbeat FROM {} ORDER BY id",
-                n.nodes
             ),
             add_connection: format!(
                 "INSERT INTO {} (hub, id, user_id, node) VALUES ($1, $2, $3, $4)
@@ -261,6 +312,18 @@ impl Sql {
             pending_count: format!(
                 "SELECT count(*) FROM {} WHERE acked_at IS NULL AND expires_at > now()",
                 n.messages
+            ),
+            touch_sessions: format!(
+                "UPDATE {s} s SET last_activity = now()
+                 FROM (SELECT DISTINCT hub, user_id FROM {c}
+                       WHERE node = $1 AND user_id IS NOT NULL) u
+                 WHERE s.hub = u.hub AND s.user_id = u.user_id",
+                s = n.sessions,
+                c = n.connections
+            ),
+            remove_node_connections: format!(
+                "WITH {} SELECT count(*) FROM gone",
+                remove_connections(n, "c.node = ANY($1::text[])")
             ),
         }
     }
