@@ -316,7 +316,9 @@ fn receive(
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut got = 0u64;
-        let mut next_seq = 0u64;
+        // Sequence numbers seen, to tell duplicates from late arrivals.
+        let mut seen = vec![false; usize::try_from(expect).unwrap_or(0)];
+        let mut highest: Option<u64> = None;
         let mut seen_latencies = Vec::new();
         while got < expect {
             let Ok(frame) = ws.read_frame().await else {
@@ -336,12 +338,18 @@ fn receive(
                     }
                 }
                 if let Some(seq) = number_after(record, b"s:") {
-                    if seq < next_seq {
-                        tally.duplicates.fetch_add(1, Ordering::Relaxed);
-                    } else if seq > next_seq {
+                    let slot = usize::try_from(seq).ok().and_then(|i| seen.get_mut(i));
+                    if let Some(slot) = slot {
+                        if *slot {
+                            tally.duplicates.fetch_add(1, Ordering::Relaxed);
+                        }
+                        *slot = true;
+                    }
+                    // Arrived after a message sent later than it.
+                    if highest.is_some_and(|h| seq < h) {
                         tally.out_of_order.fetch_add(1, Ordering::Relaxed);
                     }
-                    next_seq = next_seq.max(seq + 1);
+                    highest = highest.max(Some(seq));
                 }
             };
             match peer {
