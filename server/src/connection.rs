@@ -270,14 +270,6 @@ pub(crate) async fn serve(mut ws: WebSocket<Socket>, setup: Setup) {
     }
 
     let streams: Streams = Arc::default();
-    let (work_tx, work_rx) = mpsc::channel::<Box<Work>>(INVOCATION_QUEUE);
-    let worker = tokio::spawn(worker(
-        work_rx,
-        ctx.clone(),
-        out_tx.clone(),
-        streams.clone(),
-        wire,
-    ));
     let limiter = std::num::NonZeroU32::new(setup.limits.invocations_per_second).map(|rate| {
         let burst = rate.saturating_mul(std::num::NonZeroU32::MIN.saturating_add(1));
         RateLimiter::direct(Quota::per_second(rate).allow_burst(burst))
@@ -293,7 +285,7 @@ pub(crate) async fn serve(mut ws: WebSocket<Socket>, setup: Setup) {
         hub: setup.hub.clone(),
         ctx: ctx.clone(),
         out: out_tx.clone(),
-        work: work_tx,
+        worker: None,
         streams: streams.clone(),
     };
 
@@ -395,6 +387,7 @@ pub(crate) async fn serve(mut ws: WebSocket<Socket>, setup: Setup) {
     }
 
     // Stop the work in flight, then close.
+    let worker = dispatch.worker.take().map(|(_, handle)| handle);
     drop(dispatch);
     for (_, handle) in streams
         .lock()
@@ -403,7 +396,9 @@ pub(crate) async fn serve(mut ws: WebSocket<Socket>, setup: Setup) {
     {
         handle.abort();
     }
-    worker.abort();
+    if let Some(worker) = worker {
+        worker.abort();
+    }
     let close = match end {
         Some(End::Close(error)) => Some(Out::Close {
             error: Some(error),
@@ -517,7 +512,9 @@ struct Dispatch {
     hub: Arc<Hub>,
     ctx: Context,
     out: mpsc::Sender<Out>,
-    work: mpsc::Sender<Box<Work>>,
+    /// The queue of the task that runs invocations, started by the first one: a connection
+    /// that never invokes anything does not pay for it.
+    worker: Option<(mpsc::Sender<Box<Work>>, tokio::task::JoinHandle<()>)>,
     streams: Streams,
 }
 
@@ -684,8 +681,18 @@ impl Dispatch {
             self.complete(invocation_id, Outcome::Error(error)).await;
             return;
         }
-        let _ = self
-            .work
+        let (work, _) = self.worker.get_or_insert_with(|| {
+            let (work, queue) = mpsc::channel::<Box<Work>>(INVOCATION_QUEUE);
+            let handle = tokio::spawn(worker(
+                queue,
+                self.ctx.clone(),
+                self.out.clone(),
+                self.streams.clone(),
+                self.wire,
+            ));
+            (work, handle)
+        });
+        let _ = work
             .send(Box::new(Work {
                 invocation_id,
                 method,
