@@ -96,6 +96,7 @@ impl Chat {
             .env_remove("CHAT_URL")
             .env_remove("CHAT_USER")
             .env_remove("CHAT_TOKEN")
+            .env_remove("CHAT_PROTOCOL")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -178,7 +179,18 @@ async fn two_chats_on_two_nodes() {
     let b = node(&db, any_port()).await;
 
     let mut alice = Chat::join(a.local_addr(), "alice");
-    let mut bob = Chat::join(b.local_addr(), "bob");
+    // Bob speaks MessagePack; the hub carries messages between the protocols.
+    let mut bob = Chat::spawn(
+        "bob",
+        &[
+            "--url",
+            &format!("http://{}", b.local_addr()),
+            "--user",
+            "bob",
+            "--protocol",
+            "messagepack",
+        ],
+    );
     alice.expect("connected to").await;
     bob.expect("connected to").await;
 

@@ -14,7 +14,9 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use backplane_client::{ConnectionEvent, HubConnection, HubConnectionBuilder, ReconnectPolicy};
+use backplane_client::{
+    ConnectionEvent, HubConnection, HubConnectionBuilder, Protocol, ReconnectPolicy,
+};
 use clap::Parser;
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines, Stdin};
@@ -36,6 +38,18 @@ struct Args {
     /// A bearer token (JWT) identifying you; the server takes your user name from it.
     #[arg(long, env = "CHAT_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// The hub protocol.
+    #[arg(long, value_enum, default_value_t = Wire::Json, env = "CHAT_PROTOCOL")]
+    protocol: Wire,
+}
+
+/// The hub protocols `--protocol` takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Wire {
+    /// JSON text frames.
+    Json,
+    /// MessagePack binary frames.
+    Messagepack,
 }
 
 /// The default server.
@@ -277,7 +291,12 @@ async fn main_inner() -> Result<(), String> {
     };
     // With a token, the server takes the user from it.
     let url = hub_url(&server, user.as_deref().filter(|_| args.token.is_none()));
+    let protocol = match args.protocol {
+        Wire::Json => Protocol::Json,
+        Wire::Messagepack => Protocol::MessagePack,
+    };
     let mut builder = HubConnectionBuilder::new(url.clone())
+        .protocol(protocol)
         .stateful_reconnect(true)
         .reconnect(ReconnectPolicy::default());
     if let Some(token) = args.token {
