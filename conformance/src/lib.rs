@@ -5,6 +5,8 @@ pub mod cases;
 mod harness;
 #[cfg(feature = "memory")]
 mod memory;
+#[cfg(feature = "mssql")]
+mod mssql;
 #[cfg(feature = "postgres")]
 mod pg_cluster;
 mod pki;
@@ -18,6 +20,8 @@ pub use harness::{
 };
 #[cfg(feature = "memory")]
 pub use memory::MemoryFactory;
+#[cfg(feature = "mssql")]
+pub use mssql::{MSSQL_URL_VAR, MssqlFactory, mssql_test_url};
 #[cfg(feature = "postgres")]
 pub use pg_cluster::Cluster;
 pub use pki::TestPki;

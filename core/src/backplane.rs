@@ -215,6 +215,14 @@ impl WakeupHub {
         }
     }
 
+    /// Tells the subscribers of `hub` to read all its streams.
+    pub fn resync(&self, hub: &HubName) {
+        let senders = self.senders.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(tx) = senders.get(hub) {
+            let _ = tx.send(Wake::Resync);
+        }
+    }
+
     /// Tells every subscriber to read all streams.
     pub fn resync_all(&self) {
         let senders = self.senders.lock().unwrap_or_else(PoisonError::into_inner);

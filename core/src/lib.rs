@@ -2,6 +2,7 @@
 #![deny(rustdoc::broken_intra_doc_links)]
 
 mod backplane;
+pub mod batch;
 mod error;
 #[cfg(feature = "memory")]
 mod memory;

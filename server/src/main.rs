@@ -241,14 +241,25 @@ fn resolve(args: Args) -> Result<Config, String> {
     })
 }
 
+/// The scheme of a backplane URL; an ADO.NET connection string (`Server=…;…`) is SQL Server's.
+/// Errors never echo the URL: it may hold a password.
+fn scheme(url: &str) -> Result<&str, String> {
+    if let Some((scheme, _)) = url.split_once("://") {
+        return Ok(scheme);
+    }
+    let lower = url.to_ascii_lowercase();
+    if ["server=", "data source=", "datasource=", "address="]
+        .iter()
+        .any(|key| lower.contains(key))
+    {
+        return Ok("mssql");
+    }
+    Err("malformed backplane URL: expected scheme://… (memory://, postgres://…, mssql://…) or an ADO.NET connection string".into())
+}
+
 /// Connects the driver the URL's scheme names.
 async fn backplane(url: &str) -> Result<SharedBackplane, String> {
-    let Some((scheme, _)) = url.split_once("://") else {
-        return Err(format!(
-            "malformed backplane URL '{url}': expected scheme://… (memory://, postgres://…)"
-        ));
-    };
-    match scheme {
+    match scheme(url)? {
         "memory" => {
             #[cfg(feature = "memory")]
             {
@@ -272,12 +283,21 @@ async fn backplane(url: &str) -> Result<SharedBackplane, String> {
                 Err("the PostgreSQL backplane is not compiled in: build with the cargo feature `postgres`".into())
             }
         }
-        "mssql" | "sqlserver" => Err(
-            "the SQL Server backplane is not compiled in: build with the cargo feature `mssql`"
-                .into(),
-        ),
+        "mssql" | "sqlserver" => {
+            #[cfg(feature = "mssql")]
+            {
+                backplane_mssql::MssqlBackplane::connect(url)
+                    .await
+                    .map(|b| Arc::new(b) as SharedBackplane)
+                    .map_err(|e| format!("cannot start the SQL Server backplane: {e}"))
+            }
+            #[cfg(not(feature = "mssql"))]
+            {
+                Err("the SQL Server backplane is not compiled in: build with the cargo feature `mssql`".into())
+            }
+        }
         other => Err(format!(
-            "unknown backplane scheme '{other}': expected memory:// or postgres://"
+            "unknown backplane scheme '{other}': expected memory://, postgres:// or mssql://"
         )),
     }
 }
@@ -350,9 +370,9 @@ fn raise_fd_limit() {
 
 /// The DDL of the backplane named by `url`.
 fn ddl(url: &str) -> Result<String, String> {
-    match url.split_once("://").map(|(scheme, _)| scheme) {
+    match scheme(url)? {
         #[cfg(feature = "postgres")]
-        Some("postgres" | "postgresql") => {
+        "postgres" | "postgresql" => {
             let options = url
                 .parse::<backplane_postgres::PgOptions>()
                 .map_err(|e| format!("invalid backplane URL: {e}"))?;
@@ -367,9 +387,24 @@ fn ddl(url: &str) -> Result<String, String> {
             }
             Ok(sql)
         }
-        Some("memory") => Err("the memory backplane has no schema".into()),
-        _ => Err(format!(
-            "no DDL for the backplane '{url}': expected a postgres:// URL"
+        #[cfg(feature = "mssql")]
+        "mssql" | "sqlserver" => {
+            let options = url
+                .parse::<backplane_mssql::MssqlOptions>()
+                .map_err(|e| format!("invalid backplane URL: {e}"))?;
+            let mut sql = backplane_mssql::MssqlBackplane::ddl(&options);
+            if options.get_tables_per_hub() {
+                let hub = chat::hub();
+                let tables = backplane_mssql::MssqlBackplane::hub_ddl(&options, hub.name())
+                    .map_err(|e| format!("no DDL for hub {}: {e}", hub.name()))?;
+                sql.push('\n');
+                sql.push_str(&tables);
+            }
+            Ok(sql)
+        }
+        "memory" => Err("the memory backplane has no schema".into()),
+        other => Err(format!(
+            "no DDL for the backplane scheme '{other}' in this build: expected postgres:// or mssql:// (with the cargo feature `mssql`)"
         )),
     }
 }

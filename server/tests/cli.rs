@@ -37,6 +37,21 @@ fn run(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
     )
 }
 
+/// What starting on an unreachable SQL Server says: the connection failed, or (without the
+/// driver) which feature to enable.
+const MSSQL_UNAVAILABLE: &str = if cfg!(feature = "mssql") {
+    "cannot start the SQL Server backplane"
+} else {
+    "cargo feature `mssql`"
+};
+
+/// What an ADO.NET string with Windows authentication gets.
+const MSSQL_REFUSED: &str = if cfg!(feature = "mssql") {
+    "integrated Windows authentication is not supported"
+} else {
+    "cargo feature `mssql`"
+};
+
 #[test]
 fn bad_configuration_fails_with_one_line_and_exit_code_2() {
     let cases: Vec<Case> = vec![
@@ -54,10 +69,28 @@ fn bad_configuration_fails_with_one_line_and_exit_code_2() {
             vec![
                 "--allow-anonymous",
                 "--backplane",
-                "mssql://sa@localhost/db",
+                "mssql://sa:hunter2@127.0.0.1:1/db?connect_timeout=2",
             ],
             vec![],
-            "cargo feature `mssql`",
+            MSSQL_UNAVAILABLE,
+        ),
+        (
+            vec![
+                "--allow-anonymous",
+                "--backplane",
+                "Server=127.0.0.1,1;User Id=sa;Password=hunter2;Connect Timeout=2",
+            ],
+            vec![],
+            MSSQL_UNAVAILABLE,
+        ),
+        (
+            vec![
+                "--allow-anonymous",
+                "--backplane",
+                "Server=db;Password=hunter2;Trusted_Connection=true",
+            ],
+            vec![],
+            MSSQL_REFUSED,
         ),
         (
             vec![
@@ -106,6 +139,7 @@ fn bad_configuration_fails_with_one_line_and_exit_code_2() {
             stderr.contains(expected),
             "{args:?}: {stderr:?} should contain {expected:?}"
         );
+        assert!(!stderr.contains("hunter2"), "{args:?}: {stderr}");
     }
 }
 
@@ -176,4 +210,26 @@ fn prints_the_ddl_for_a_dba() {
     assert!(!sql.contains("\"rt\".\"log\""), "{sql}");
     let (code, stderr) = run(&["--print-ddl", "--backplane", "memory://"], &[]);
     assert_eq!(code, Some(2), "{stderr}");
+}
+
+#[cfg(feature = "mssql")]
+#[test]
+fn prints_the_sql_server_ddl_for_a_dba() {
+    let output = Command::new(env!("CARGO_BIN_EXE_backplane-server"))
+        .args([
+            "--print-ddl",
+            "--backplane",
+            "Server=db.example,1433;User Id=app;Password=hunter2;schema=rt;create_schema=false;tables_per_hub=true",
+        ])
+        .output()
+        .expect("the binary runs");
+    assert!(output.status.success());
+    let sql = String::from_utf8_lossy(&output.stdout);
+    assert!(sql.contains("CREATE TABLE [rt].[hubs]"), "{sql}");
+    assert!(
+        sql.contains("INSERT INTO [rt].[hubs] (hub, slug) VALUES (N'chat', N'chat_"),
+        "{sql}"
+    );
+    assert!(sql.contains("\nGO\n"), "{sql}");
+    assert!(!sql.contains("hunter2"), "{sql}");
 }

@@ -11,7 +11,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use backplane_conformance::{CaseError, Factory, cases, run_case};
 use clap::Parser;
 
@@ -19,7 +19,8 @@ use clap::Parser;
 #[derive(Debug, Parser)]
 #[command(name = "backplane-conformance", version, about)]
 struct Args {
-    /// The database to test; its scheme picks the driver (`memory://`, `postgres://`).
+    /// The database to test; its scheme picks the driver (`memory://`, `postgres://`,
+    /// `mssql://`); an ADO.NET connection string (`Server=…;…`) picks SQL Server.
     #[arg(
         long,
         global = true,
@@ -42,37 +43,81 @@ struct Args {
 #[derive(Debug, clap::Subcommand)]
 enum Command {
     /// Check that the database at --url has what the driver needs: connectivity, privileges,
-    /// schema version, LISTEN/NOTIFY.
+    /// schema version, and LISTEN/NOTIFY (PostgreSQL) or the migration lock (SQL Server).
     Doctor,
 }
 
-#[cfg(feature = "postgres")]
-async fn doctor(url: &str) -> anyhow::Result<bool> {
-    let options: backplane_postgres::PgOptions = url.parse()?;
+/// Prints doctor checks as `ok`/`FAIL` lines; `true` when all passed.
+fn report(checks: impl IntoIterator<Item = (&'static str, Result<String, String>)>) -> bool {
     let mut healthy = true;
-    for check in backplane_postgres::doctor(&options).await {
-        match check.outcome {
-            Ok(found) => println!("ok    {:<16} {found}", check.name),
+    for (name, outcome) in checks {
+        match outcome {
+            Ok(found) => println!("ok    {name:<16} {found}"),
             Err(problem) => {
                 healthy = false;
-                println!("FAIL  {:<16} {problem}", check.name);
+                println!("FAIL  {name:<16} {problem}");
             }
         }
     }
-    Ok(healthy)
+    healthy
+}
+
+#[cfg(feature = "postgres")]
+async fn doctor_postgres(url: &str) -> anyhow::Result<bool> {
+    let options: backplane_postgres::PgOptions = url.parse()?;
+    let checks = backplane_postgres::doctor(&options).await;
+    Ok(report(checks.into_iter().map(|c| (c.name, c.outcome))))
 }
 
 #[cfg(not(feature = "postgres"))]
-async fn doctor(_url: &str) -> anyhow::Result<bool> {
-    bail!("doctor needs a database driver: enable the cargo feature `postgres`")
+async fn doctor_postgres(_url: &str) -> anyhow::Result<bool> {
+    bail!("the postgres driver is not compiled in: enable the cargo feature `postgres`")
+}
+
+#[cfg(feature = "mssql")]
+async fn doctor_mssql(url: &str) -> anyhow::Result<bool> {
+    let options: backplane_mssql::MssqlOptions = url.parse()?;
+    let checks = backplane_mssql::doctor(&options).await;
+    Ok(report(checks.into_iter().map(|c| (c.name, c.outcome))))
+}
+
+#[cfg(not(feature = "mssql"))]
+async fn doctor_mssql(_url: &str) -> anyhow::Result<bool> {
+    bail!("the mssql driver is not compiled in: enable the cargo feature `mssql`")
+}
+
+/// The driver a URL or connection string selects.
+fn scheme(url: &str) -> anyhow::Result<&str> {
+    if let Some((scheme, _)) = url.split_once("://") {
+        return Ok(scheme);
+    }
+    if is_ado(url) {
+        return Ok("mssql");
+    }
+    bail!("the backplane URL has no scheme: expected scheme://... or an ADO.NET connection string")
+}
+
+#[cfg(feature = "mssql")]
+fn is_ado(url: &str) -> bool {
+    backplane_mssql::MssqlOptions::is_connection_string(url)
+}
+
+#[cfg(not(feature = "mssql"))]
+fn is_ado(url: &str) -> bool {
+    let lower = url.to_ascii_lowercase();
+    lower.contains("server=") || lower.contains("data source=")
+}
+
+async fn doctor(url: &str) -> anyhow::Result<bool> {
+    match scheme(url)? {
+        "postgres" | "postgresql" => doctor_postgres(url).await,
+        "mssql" | "sqlserver" => doctor_mssql(url).await,
+        other => bail!("doctor does not know the scheme {other:?}"),
+    }
 }
 
 fn factory(url: &str) -> anyhow::Result<Arc<dyn Factory>> {
-    let scheme = url
-        .split_once("://")
-        .map(|(scheme, _)| scheme)
-        .context("the backplane URL has no scheme: expected scheme://...")?;
-    match scheme {
+    match scheme(url)? {
         #[cfg(feature = "memory")]
         "memory" => Ok(Arc::new(backplane_conformance::MemoryFactory)),
         #[cfg(not(feature = "memory"))]
@@ -85,8 +130,15 @@ fn factory(url: &str) -> anyhow::Result<Arc<dyn Factory>> {
         "postgres" | "postgresql" => {
             bail!("the postgres driver is not compiled in: enable the cargo feature `postgres`")
         }
-        "mssql" | "sqlserver" => bail!("no SQL Server driver is available in this build yet"),
-        other => bail!("unknown backplane URL scheme {other:?}; expected memory:// or postgres://"),
+        #[cfg(feature = "mssql")]
+        "mssql" | "sqlserver" => Ok(Arc::new(backplane_conformance::MssqlFactory::with_url(url))),
+        #[cfg(not(feature = "mssql"))]
+        "mssql" | "sqlserver" => {
+            bail!("the mssql driver is not compiled in: enable the cargo feature `mssql`")
+        }
+        other => bail!(
+            "unknown backplane URL scheme {other:?}; expected memory://, postgres:// or mssql://"
+        ),
     }
 }
 
@@ -175,7 +227,15 @@ fn main() -> ExitCode {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
         Err(err) => {
-            eprintln!("error: {err:#}");
+            // Each cause once: a driver error already quotes its source.
+            let mut text = err.to_string();
+            for cause in err.chain().skip(1) {
+                let cause = cause.to_string();
+                if !text.contains(&cause) {
+                    text = format!("{text}: {cause}");
+                }
+            }
+            eprintln!("error: {text}");
             ExitCode::from(2)
         }
     }

@@ -15,13 +15,14 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_postgres::Row;
 
-use crate::batch::{self, AppendRequest};
+use crate::batch;
 use crate::error::{corrupt, db, pool};
 use crate::listener::{self, Listener};
 use crate::options::PgOptions;
 use crate::schema::{self, Names, SetNames};
 use crate::sql::NodeSql;
 use crate::tables::{Layout, PerHub, TableSet};
+use backplane_core::batch::AppendRequest;
 
 /// A backplane on PostgreSQL.
 ///

@@ -1,0 +1,254 @@
+//! Connections: opening one (with redirects and the session settings), the pool, and reading
+//! rows.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use backplane_core::{Error, Result};
+use tiberius::{Query, Row};
+use tokio::net::TcpStream;
+use tokio_util::compat::{Compat, TokioAsyncWriteCompatExt};
+
+use crate::error::{corrupt, db};
+use crate::sql;
+
+/// A tiberius client over tokio's TCP.
+pub(crate) type Tds = tiberius::Client<Compat<TcpStream>>;
+
+/// A connection that knows whether it is still in step with the server: a call that was
+/// cancelled or failed at the transport leaves it `broken`, and the pool drops it.
+pub(crate) struct Conn {
+    client: Tds,
+    broken: bool,
+}
+
+/// Opens a connection, following one redirect (Azure SQL's gateway sends clients to the node
+/// that holds the database), and applies the session settings.
+pub(crate) async fn open(
+    config: &tiberius::Config,
+    timeout: Duration,
+) -> Result<Conn, tiberius::error::Error> {
+    let attempt = async {
+        let mut config = config.clone();
+        for _ in 0..2 {
+            let tcp = TcpStream::connect(config.get_addr()).await?;
+            tcp.set_nodelay(true)?;
+            match tiberius::Client::connect(config.clone(), tcp.compat_write()).await {
+                Ok(mut client) => {
+                    client
+                        .simple_query(sql::SESSION_SETTINGS)
+                        .await?
+                        .into_results()
+                        .await?;
+                    return Ok(Conn {
+                        client,
+                        broken: false,
+                    });
+                }
+                Err(tiberius::error::Error::Routing { host, port }) => {
+                    config.host(host);
+                    config.port(port);
+                }
+                Err(err) => return Err(err),
+            }
+        }
+        Err(tiberius::error::Error::Protocol(
+            "the server redirected the connection more than once".into(),
+        ))
+    };
+    match tokio::time::timeout(timeout, attempt).await {
+        Ok(outcome) => outcome,
+        Err(_) => Err(tiberius::error::Error::Io {
+            kind: std::io::ErrorKind::TimedOut,
+            message: format!("connecting took longer than {timeout:?}"),
+        }),
+    }
+}
+
+impl Conn {
+    /// Runs `query` and returns the rows of its first result set (none for statements that
+    /// return no rows). The batch may hold several statements.
+    pub(crate) async fn rows(
+        &mut self,
+        query: Query<'_>,
+        context: &'static str,
+    ) -> Result<Vec<Row>> {
+        self.broken = true;
+        let outcome = async {
+            query
+                .query(&mut self.client)
+                .await?
+                .into_first_result()
+                .await
+        }
+        .await;
+        self.settle(outcome, context)
+    }
+
+    /// Runs a batch without parameters (DDL, transaction control) as a plain SQL batch, so
+    /// `SET` options and transactions it starts stay with the session.
+    pub(crate) async fn batch(&mut self, sql: &str, context: &'static str) -> Result<Vec<Row>> {
+        self.broken = true;
+        let outcome = async {
+            self.client
+                .simple_query(sql)
+                .await?
+                .into_first_result()
+                .await
+        }
+        .await;
+        self.settle(outcome, context)
+    }
+
+    /// Like [`rows`](Self::rows), but hands back the raw error, for callers that map some
+    /// server errors to outcomes.
+    pub(crate) async fn try_rows(
+        &mut self,
+        query: Query<'_>,
+    ) -> Result<Vec<Row>, tiberius::error::Error> {
+        self.broken = true;
+        let outcome = async {
+            query
+                .query(&mut self.client)
+                .await?
+                .into_first_result()
+                .await
+        }
+        .await;
+        self.broken = !matches!(&outcome, Ok(_) | Err(tiberius::error::Error::Server(_)));
+        outcome
+    }
+
+    fn settle(
+        &mut self,
+        outcome: Result<Vec<Row>, tiberius::error::Error>,
+        context: &'static str,
+    ) -> Result<Vec<Row>> {
+        // A server error leaves the connection in step; a transport or protocol error does not.
+        self.broken = !matches!(&outcome, Ok(_) | Err(tiberius::error::Error::Server(_)));
+        outcome.map_err(db(context))
+    }
+
+    /// Rolls back a transaction this connection may have open; a connection where that fails
+    /// is dropped by the pool.
+    pub(crate) async fn rollback(&mut self) {
+        if self
+            .batch("IF @@TRANCOUNT > 0 ROLLBACK TRANSACTION", "rolling back")
+            .await
+            .is_err()
+        {
+            self.broken = true;
+        }
+    }
+}
+
+/// Creates and checks pooled connections.
+pub(crate) struct Manager {
+    pub(crate) config: tiberius::Config,
+    pub(crate) connect_timeout: Duration,
+}
+
+impl deadpool::managed::Manager for Manager {
+    type Type = Conn;
+    type Error = tiberius::error::Error;
+
+    async fn create(&self) -> Result<Conn, tiberius::error::Error> {
+        open(&self.config, self.connect_timeout).await
+    }
+
+    async fn recycle(
+        &self,
+        conn: &mut Conn,
+        _: &deadpool::managed::Metrics,
+    ) -> deadpool::managed::RecycleResult<tiberius::error::Error> {
+        if conn.broken {
+            return Err(deadpool::managed::RecycleError::message(
+                "the connection broke or was interrupted mid-call",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The pool.
+pub(crate) type Pool = deadpool::managed::Pool<Manager>;
+
+/// A pooled connection.
+pub(crate) type Pooled = deadpool::managed::Object<Manager>;
+
+fn missing(column: usize, context: &'static str) -> Error {
+    corrupt(format!("column {column} is NULL while {context}"))
+}
+
+/// Reads one column of a row, mapping decode errors.
+pub(crate) fn get<'a, T: tiberius::FromSql<'a>>(
+    row: &'a Row,
+    column: usize,
+    context: &'static str,
+) -> Result<Option<T>> {
+    row.try_get::<T, usize>(column).map_err(db(context))
+}
+
+/// Reads a column that must not be NULL.
+pub(crate) fn need<'a, T: tiberius::FromSql<'a>>(
+    row: &'a Row,
+    column: usize,
+    context: &'static str,
+) -> Result<T> {
+    get(row, column, context)?.ok_or_else(|| missing(column, context))
+}
+
+/// Reads a name stored as UTF-8 bytes (`varbinary`).
+pub(crate) fn text_bytes(
+    row: &Row,
+    column: usize,
+    context: &'static str,
+) -> Result<Option<String>> {
+    get::<&[u8]>(row, column, context)?
+        .map(|bytes| {
+            String::from_utf8(bytes.to_vec())
+                .map_err(|_| corrupt(format!("a stored name is not UTF-8 while {context}")))
+        })
+        .transpose()
+}
+
+/// A time from a column of microseconds since the Unix epoch (`DATEDIFF_BIG`).
+pub(crate) fn time(row: &Row, column: usize, context: &'static str) -> Result<Option<SystemTime>> {
+    get::<i64>(row, column, context)?
+        .map(|micros| {
+            u64::try_from(micros)
+                .map(|m| UNIX_EPOCH + Duration::from_micros(m))
+                .map_err(|_| corrupt(format!("a time before 1970 while {context}")))
+        })
+        .transpose()
+}
+
+/// A time that must not be NULL.
+pub(crate) fn need_time(row: &Row, column: usize, context: &'static str) -> Result<SystemTime> {
+    time(row, column, context)?.ok_or_else(|| missing(column, context))
+}
+
+/// A duration as whole seconds and the remaining milliseconds, each fitting SQL Server's `int`
+/// (for `DATEADD`), the seconds capped at about 68 years.
+pub(crate) fn seconds_and_millis(duration: Duration) -> (i32, i32) {
+    let secs = i32::try_from(duration.as_secs()).unwrap_or(i32::MAX);
+    let millis = i32::try_from(duration.subsec_millis()).unwrap_or(0);
+    (secs, millis)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_split_for_dateadd() {
+        assert_eq!(seconds_and_millis(Duration::from_millis(1500)), (1, 500));
+        assert_eq!(
+            seconds_and_millis(Duration::from_secs(7 * 86_400)),
+            (604_800, 0)
+        );
+        assert_eq!(
+            seconds_and_millis(Duration::from_secs(u64::MAX)),
+            (i32::MAX, 0)
+        );
+    }
+}

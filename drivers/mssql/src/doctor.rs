@@ -1,0 +1,226 @@
+//! `doctor`: checks a database for everything the driver needs and says what is wrong.
+
+use tiberius::Query;
+
+use crate::conn::{self, Conn, need};
+use crate::options::{Encrypt, MssqlOptions};
+use crate::schema::{self, Names};
+use crate::sql;
+
+/// The outcome of one doctor check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Check {
+    /// What was checked.
+    pub name: &'static str,
+    /// What was found, or what is wrong and how to fix it.
+    pub outcome: Result<String, String>,
+}
+
+impl Check {
+    fn new(name: &'static str, outcome: Result<String, String>) -> Self {
+        Self { name, outcome }
+    }
+}
+
+/// SQL Server 2016 is version 13.
+const MIN_MAJOR: u32 = 13;
+
+async fn server(conn: &mut Conn) -> Vec<Check> {
+    let rows = match conn
+        .rows(Query::new(sql::SERVER_INFO), "reading the server's version")
+        .await
+    {
+        Ok(rows) => rows,
+        Err(err) => return vec![Check::new("server", Err(err.to_string()))],
+    };
+    let Some(row) = rows.first() else {
+        return vec![Check::new(
+            "server",
+            Err("the database is not in sys.databases".into()),
+        )];
+    };
+    let context = "reading the server's version";
+    let read = || -> backplane_core::Result<(String, String, String, i32, i32)> {
+        Ok((
+            need::<&str>(row, 0, context)?.to_owned(),
+            need::<&str>(row, 1, context)?.to_owned(),
+            need::<&str>(row, 2, context)?.to_owned(),
+            need::<i32>(row, 3, context)?,
+            need::<i32>(row, 4, context)?,
+        ))
+    };
+    let (version, edition, database, level, rcsi) = match read() {
+        Ok(found) => found,
+        Err(err) => return vec![Check::new("server", Err(err.to_string()))],
+    };
+    let major: u32 = version
+        .split('.')
+        .next()
+        .and_then(|m| m.parse().ok())
+        .unwrap_or(0);
+    let server = if major >= MIN_MAJOR || edition.contains("Azure") || edition.contains("Edge") {
+        Ok(format!("SQL Server {version}, {edition}"))
+    } else {
+        Err(format!(
+            "SQL Server {version}, {edition}: this driver needs SQL Server 2016 (13.x) or later"
+        ))
+    };
+    let snapshot = if rcsi != 0 {
+        "readers use row versions (READ_COMMITTED_SNAPSHOT ON)".to_owned()
+    } else {
+        "READ_COMMITTED_SNAPSHOT is OFF: readers wait for appends in flight; turning it on lets them read without waiting".to_owned()
+    };
+    vec![
+        Check::new("server", server),
+        Check::new(
+            "database",
+            Ok(format!(
+                "{database}, compatibility level {level}; {snapshot}"
+            )),
+        ),
+    ]
+}
+
+async fn permissions(conn: &mut Conn, options: &MssqlOptions) -> Check {
+    let mut query = Query::new(sql::PERMISSIONS);
+    query.bind(options.schema.as_str());
+    let rows = match conn.rows(query, "checking permissions").await {
+        Ok(rows) => rows,
+        Err(err) => return Check::new("privileges", Err(err.to_string())),
+    };
+    let Some(row) = rows.first() else {
+        return Check::new("privileges", Err("no answer".into()));
+    };
+    let context = "checking permissions";
+    let flags = (
+        need::<i32>(row, 0, context),
+        need::<i32>(row, 1, context),
+        need::<i32>(row, 2, context),
+    );
+    let (Ok(create_table), Ok(alter_schema), Ok(exists)) = flags else {
+        return Check::new("privileges", Err("could not read the permissions".into()));
+    };
+    let outcome = match (options.create_schema, create_table != 0, exists != 0, alter_schema != 0) {
+        (false, _, _, _) => Ok("create_schema=false: the schema is managed by a DBA".to_owned()),
+        (true, true, true, true) | (true, true, false, _) => {
+            Ok("may create tables in the schema".to_owned())
+        }
+        (true, false, _, _) => Err(
+            "the login may not CREATE TABLE in this database: grant it, or set create_schema=false and run the DDL (--print-ddl)".to_owned(),
+        ),
+        (true, true, true, false) => Err(format!(
+            "the login may not ALTER schema {:?}: grant it, or set create_schema=false and run the DDL",
+            options.schema
+        )),
+    };
+    Check::new("privileges", outcome)
+}
+
+async fn schema_check(conn: &mut Conn, names: &Names, options: &MssqlOptions) -> Check {
+    let per_hub = options.tables_per_hub;
+    let versions = match schema::Versions::read(conn, names).await {
+        Ok(versions) => versions,
+        Err(err) => {
+            return Check::new(
+                "schema",
+                Err(format!("could not read the migrations table: {err}")),
+            );
+        }
+    };
+    if versions.other_layout(per_hub) {
+        return Check::new(
+            "schema",
+            Err(format!(
+                "the tables under this schema and prefix are not of the layout tables_per_hub={per_hub}"
+            )),
+        );
+    }
+    let (version, latest) = (versions.version(per_hub), schema::latest_version(per_hub));
+    if versions.behind(per_hub) {
+        return Check::new(
+            "schema",
+            Err(format!(
+                "version {version}, this driver needs {latest}: connect once with create_schema=true or run the DDL"
+            )),
+        );
+    }
+    Check::new("schema", Ok(format!("version {version}, up to date")))
+}
+
+async fn app_lock(conn: &mut Conn, names: &Names) -> Check {
+    let mut lock = Query::new(sql::LOCK_SESSION);
+    lock.bind(names.lock.as_str());
+    let granted = match conn.rows(lock, "taking the migration lock").await {
+        Ok(rows) => rows
+            .first()
+            .and_then(|row| need::<i32>(row, 0, "taking the migration lock").ok())
+            .unwrap_or(-999),
+        Err(err) => return Check::new("migration lock", Err(err.to_string())),
+    };
+    if granted < 0 {
+        return Check::new(
+            "migration lock",
+            Err(format!(
+                "sp_getapplock returned {granted}: another session holds it"
+            )),
+        );
+    }
+    let mut unlock = Query::new(sql::UNLOCK_SESSION);
+    unlock.bind(names.lock.as_str());
+    match conn.rows(unlock, "releasing the migration lock").await {
+        Ok(_) => Check::new(
+            "migration lock",
+            Ok(format!("sp_getapplock on {:?} works", names.lock)),
+        ),
+        Err(err) => Check::new("migration lock", Err(err.to_string())),
+    }
+}
+
+/// Checks connectivity and TLS, the server's version, privileges, the schema version and the
+/// migration lock. Never fails: every problem is a failed [`Check`] with its reason.
+pub async fn doctor(options: &MssqlOptions) -> Vec<Check> {
+    let names = Names::new(options);
+    let mut checks = Vec::new();
+    if let Err(err) = options.validate() {
+        checks.push(Check::new("options", Err(err.to_string())));
+        return checks;
+    }
+    let config = options.tds_config(&options.endpoint.application_name);
+    let mut conn = match conn::open(&config, options.endpoint.connect_timeout).await {
+        Ok(conn) => conn,
+        Err(err) => {
+            checks.push(Check::new(
+                "connect",
+                Err(format!(
+                    "{}:{}: {}",
+                    options.endpoint.host,
+                    options.endpoint.port,
+                    crate::error::describe(&err)
+                )),
+            ));
+            return checks;
+        }
+    };
+    let tls = match (
+        options.endpoint.encrypt,
+        options.endpoint.trust_server_certificate,
+    ) {
+        (Encrypt::Required, false) => "encrypted, server certificate verified",
+        (Encrypt::Required, true) => {
+            "encrypted, server certificate NOT verified (TrustServerCertificate)"
+        }
+        (Encrypt::LoginOnly, _) => "only the login is encrypted (Encrypt=false)",
+    };
+    checks.push(Check::new(
+        "connect",
+        Ok(format!(
+            "{}:{} as {}; {tls}",
+            options.endpoint.host, options.endpoint.port, options.endpoint.user
+        )),
+    ));
+    checks.extend(server(&mut conn).await);
+    checks.push(permissions(&mut conn, options).await);
+    checks.push(schema_check(&mut conn, &names, options).await);
+    checks.push(app_lock(&mut conn, &names).await);
+    checks
+}

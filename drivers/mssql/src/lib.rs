@@ -1,0 +1,63 @@
+#![doc = include_str!("../README.md")]
+#![deny(rustdoc::broken_intra_doc_links)]
+
+mod backplane;
+mod batch;
+mod conn;
+mod doctor;
+mod error;
+mod options;
+mod poller;
+mod schema;
+mod sql;
+mod tables;
+
+pub use backplane::{MssqlBackplane, MssqlHeldAppend};
+pub use doctor::{Check, doctor};
+pub use error::{MssqlError, MssqlTableSetError, TRANSIENT_ERRORS, is_transient_number};
+pub use options::{Encrypt, MssqlOptions};
+
+/// Test support: statements the conformance suite's SQL Server factory runs on an admin
+/// connection. Not part of the stable API.
+#[doc(hidden)]
+pub mod testing {
+    use backplane_core::{Error, Result};
+    use tiberius::Query;
+
+    use crate::MssqlOptions;
+    use crate::conn;
+    use crate::error::db;
+    use crate::sql;
+
+    async fn admin(options: &MssqlOptions) -> Result<conn::Conn> {
+        conn::open(
+            &options.tds_config("backplane-conformance"),
+            options.endpoint.connect_timeout,
+        )
+        .await
+        .map_err(db("opening an admin connection"))
+    }
+
+    /// Drops `schema` with every table in it.
+    pub async fn drop_schema(options: &MssqlOptions, schema: &str) -> Result<()> {
+        let mut conn = admin(options).await?;
+        let mut query = Query::new(sql::DROP_SCHEMA);
+        query.bind(schema);
+        conn.rows(query, "dropping a test schema").await?;
+        Ok(())
+    }
+
+    /// Kills the sessions named `program` (the pollers of a deployment); returns how many.
+    pub async fn kill_sessions(options: &MssqlOptions, program: &str) -> Result<u64> {
+        let mut conn = admin(options).await?;
+        let mut query = Query::new(sql::KILL_PROGRAM);
+        query.bind(program);
+        let rows = conn.rows(query, "killing sessions").await?;
+        let n = rows
+            .first()
+            .map(|row| conn::need::<i32>(row, 0, "killing sessions"))
+            .transpose()?
+            .unwrap_or(0);
+        u64::try_from(n).map_err(|_| Error::Corrupt("negative session count".into()))
+    }
+}

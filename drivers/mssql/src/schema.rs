@@ -1,0 +1,765 @@
+//! Table names, quoting, slugs, and migrations.
+//!
+//! As in the PostgreSQL driver, the tables come in two parts, each versioned on its own in the
+//! migrations table (one row per scope and version): the shared tables (scope `shared`: nodes
+//! and the registry of hubs), and table sets (scope `tables` for the set every hub shares, or
+//! `hub/{slug}` for a hub's own set with tables per hub).
+
+use backplane_core::{Error, Result};
+use tiberius::Query;
+
+use crate::MssqlBackplane;
+use crate::conn::{Conn, need};
+use crate::error::{INVALID_OBJECT, MssqlTableSetError, db, number};
+use crate::options::MssqlOptions;
+use crate::sql;
+
+/// The migrations of the shared tables, in order.
+const SHARED: &[(i32, &str)] = &[(1, include_str!("../migrations/shared/0001_init.sql"))];
+
+/// The migrations of a table set, in order.
+const SET: &[(i32, &str)] = &[(1, include_str!("../migrations/tables/0001_init.sql"))];
+
+const SHARED_SCOPE: &str = "shared";
+const DEFAULT_SET_SCOPE: &str = "tables";
+
+fn hub_scope(slug: &str) -> String {
+    format!("hub/{slug}")
+}
+
+/// SQL Server's limit on identifiers, in characters.
+pub(crate) const MAX_IDENTIFIER: usize = 128;
+
+/// The longest table name suffix of a set.
+const LONGEST_TABLE: &str = "memberships";
+
+/// The bytes of a hub name the default slug keeps, before its hash.
+pub(crate) const SLUG_STEM: usize = 48;
+
+/// Quotes an identifier: wraps it in brackets and doubles any `]` inside.
+pub(crate) fn quote(ident: &str) -> String {
+    format!("[{}]", ident.replace(']', "]]"))
+}
+
+/// Quotes a Unicode string literal: `N'…'` with quotes doubled.
+pub(crate) fn quote_literal(value: &str) -> String {
+    format!("N'{}'", value.replace('\'', "''"))
+}
+
+/// A 64-bit FNV-1a hash, stable across processes and versions.
+fn fnv(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// The default slug of a hub: lowercased, `[a-z0-9_]` only, cut to [`SLUG_STEM`] bytes, then
+/// `_` and 8 hex digits of a hash of the exact name.
+pub(crate) fn default_slug(hub: &str) -> String {
+    let mut slug: String = hub
+        .chars()
+        .map(|c| {
+            let c = c.to_ascii_lowercase();
+            if c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(SLUG_STEM)
+        .collect();
+    let hash = fnv(hub);
+    slug.push_str(&format!("_{:08x}", (hash ^ (hash >> 32)) & 0xffff_ffff));
+    slug
+}
+
+fn table_error(err: MssqlTableSetError) -> Error {
+    Error::permanent(MssqlBackplane::NAME, err)
+}
+
+/// The checked slug of `hub`'s table set: not empty, no control characters, every table name
+/// within SQL Server's limit.
+pub(crate) fn slug(options: &MssqlOptions, hub: &str) -> Result<String> {
+    let slug = match &options.table_slug {
+        Some(custom) => custom.slug(hub),
+        None => default_slug(hub),
+    };
+    if slug.is_empty() {
+        return Err(table_error(MssqlTableSetError::EmptySlug {
+            hub: hub.to_owned(),
+        }));
+    }
+    if slug.chars().any(char::is_control) {
+        return Err(table_error(MssqlTableSetError::InvalidSlug {
+            hub: hub.to_owned(),
+            slug,
+        }));
+    }
+    let longest = format!("{}{slug}_{LONGEST_TABLE}", options.table_prefix);
+    let chars = longest.chars().count();
+    if chars > MAX_IDENTIFIER {
+        return Err(table_error(MssqlTableSetError::NameTooLong {
+            hub: hub.to_owned(),
+            table: longest,
+            chars,
+        }));
+    }
+    Ok(slug)
+}
+
+/// The quoted names of the shared tables, and what else is one per schema and prefix.
+#[derive(Debug, Clone)]
+pub(crate) struct Names {
+    pub(crate) schema: String,
+    pub(crate) nodes: String,
+    pub(crate) hubs: String,
+    pub(crate) migrations: String,
+    /// The `sp_getapplock` resource that serializes migrations and table set creation of this
+    /// schema and prefix (at most 255 characters).
+    pub(crate) lock: String,
+    /// The program name of this deployment's poller connections.
+    pub(crate) poller: String,
+}
+
+impl Names {
+    pub(crate) fn new(options: &MssqlOptions) -> Self {
+        let schema = quote(&options.schema);
+        let prefix = &options.table_prefix;
+        let table = |name: &str| format!("{schema}.{}", quote(&format!("{prefix}{name}")));
+        let raw = format!("{}.{}", options.schema, prefix);
+        let tag = if raw.chars().count() <= 90 {
+            raw.clone()
+        } else {
+            format!("{:016x}", fnv(&raw))
+        };
+        Self {
+            nodes: table("nodes"),
+            hubs: table("hubs"),
+            migrations: table("migrations"),
+            lock: format!("backplane.{tag}"),
+            poller: format!("backplane-poller {tag}"),
+            schema,
+        }
+    }
+}
+
+/// The quoted names of one table set and its migration scope.
+#[derive(Debug, Clone)]
+pub(crate) struct SetNames {
+    pub(crate) scope: String,
+    /// The set's table name prefix, unquoted.
+    pub(crate) base: String,
+    pub(crate) streams: String,
+    pub(crate) log: String,
+    pub(crate) connections: String,
+    pub(crate) memberships: String,
+    pub(crate) sessions: String,
+    pub(crate) messages: String,
+    pub(crate) attempts: String,
+}
+
+impl SetNames {
+    /// The set every hub shares.
+    pub(crate) fn shared(options: &MssqlOptions) -> Self {
+        Self::with(
+            options,
+            DEFAULT_SET_SCOPE.to_owned(),
+            options.table_prefix.clone(),
+        )
+    }
+
+    /// The set of the hub whose slug is `slug`.
+    pub(crate) fn hub(options: &MssqlOptions, slug: &str) -> Self {
+        Self::with(
+            options,
+            hub_scope(slug),
+            format!("{}{slug}_", options.table_prefix),
+        )
+    }
+
+    fn with(options: &MssqlOptions, scope: String, base: String) -> Self {
+        let schema = quote(&options.schema);
+        let table = |name: &str| format!("{schema}.{}", quote(&format!("{base}{name}")));
+        Self {
+            scope,
+            streams: table("streams"),
+            log: table("log"),
+            connections: table("connections"),
+            memberships: table("memberships"),
+            sessions: table("sessions"),
+            messages: table("messages"),
+            attempts: table("attempts"),
+            base,
+        }
+    }
+}
+
+/// Replaces each `{name}` placeholder in one pass, so a value that looks like a placeholder
+/// stays as it is.
+fn render(sql: &str, values: &[(&str, &str)]) -> String {
+    let mut out = String::with_capacity(sql.len() + 256);
+    let mut rest = sql;
+    'scan: while let Some(at) = rest.find('{') {
+        out.push_str(&rest[..at]);
+        rest = &rest[at..];
+        for (placeholder, value) in values {
+            if let Some(after) = rest.strip_prefix(placeholder) {
+                out.push_str(value);
+                rest = after;
+                continue 'scan;
+            }
+        }
+        out.push('{');
+        rest = &rest[1..];
+    }
+    out.push_str(rest);
+    out
+}
+
+fn render_shared(sql: &str, options: &MssqlOptions) -> String {
+    render(
+        sql,
+        &[
+            ("{schema}", &quote(&options.schema)),
+            ("{prefix}", &options.table_prefix.replace(']', "]]")),
+        ],
+    )
+}
+
+fn render_set(sql: &str, options: &MssqlOptions, set: &SetNames) -> String {
+    render(
+        sql,
+        &[
+            ("{schema}", &quote(&options.schema)),
+            ("{set}", &set.base.replace(']', "]]")),
+        ],
+    )
+}
+
+/// A migration as one batch: its statements and its bookkeeping row, in a transaction.
+fn migration_batch(names: &Names, scope: &str, version: i32, body: &str) -> String {
+    format!(
+        "SET XACT_ABORT ON;\nBEGIN TRANSACTION;\n{body}\nINSERT INTO {} (scope, version) VALUES ({}, {version});\nCOMMIT TRANSACTION;\n",
+        names.migrations,
+        quote_literal(scope)
+    )
+}
+
+/// The DDL for a schema and prefix, for a DBA to run once where the application may not
+/// create tables; with tables per hub, the shared tables only ([`hub_ddl`] gives each hub's).
+/// `GO` separates the batches, as `sqlcmd` and SSMS expect.
+pub(crate) fn ddl(options: &MssqlOptions) -> String {
+    let names = Names::new(options);
+    let mut out = format!(
+        "-- backplane schema for SQL Server 2016+ / Azure SQL.\nIF SCHEMA_ID({}) IS NULL EXEC (N'CREATE SCHEMA {}');\nGO\n{}\nGO\n",
+        quote_literal(&options.schema),
+        quote(&options.schema).replace('\'', "''"),
+        sql::migrations_table(&names)
+    );
+    for (version, body) in SHARED {
+        out.push_str(&format!("\n-- migration {SHARED_SCOPE} {version}\n"));
+        out.push_str(&migration_batch(
+            &names,
+            SHARED_SCOPE,
+            *version,
+            &render_shared(body, options),
+        ));
+        out.push_str("GO\n");
+    }
+    if options.tables_per_hub {
+        out.push_str(
+            "\n-- Every hub has a table set of its own (tables_per_hub): run the DDL of each hub\n-- (MssqlBackplane::hub_ddl) after this.\n",
+        );
+    } else {
+        let set = SetNames::shared(options);
+        for (version, body) in SET {
+            out.push_str(&format!("\n-- migration {} {version}\n", set.scope));
+            out.push_str(&migration_batch(
+                &names,
+                &set.scope,
+                *version,
+                &render_set(body, options, &set),
+            ));
+            out.push_str("GO\n");
+        }
+    }
+    out
+}
+
+/// The DDL of one hub's table set with its registry row, for tables per hub.
+pub(crate) fn hub_ddl(options: &MssqlOptions, hub: &str) -> Result<String> {
+    if !options.tables_per_hub {
+        return Err(Error::permanent(
+            MssqlBackplane::NAME,
+            "hub_ddl is for tables per hub (tables_per_hub=true); by default every hub shares the tables of MssqlBackplane::ddl",
+        ));
+    }
+    options.validate()?;
+    let names = Names::new(options);
+    let slug = slug(options, hub)?;
+    let set = SetNames::hub(options, &slug);
+    let mut out = format!(
+        "-- The tables of hub {}.\nINSERT INTO {} (hub, slug) VALUES ({}, {});\nGO\n",
+        quote_literal(hub),
+        names.hubs,
+        quote_literal(hub),
+        quote_literal(&slug)
+    );
+    for (version, body) in SET {
+        out.push_str(&migration_batch(
+            &names,
+            &set.scope,
+            *version,
+            &render_set(body, options, &set),
+        ));
+        out.push_str("GO\n");
+    }
+    Ok(out)
+}
+
+pub(crate) fn latest_shared() -> i32 {
+    SHARED.last().map_or(0, |(v, _)| *v)
+}
+
+pub(crate) fn latest_set() -> i32 {
+    SET.last().map_or(0, |(v, _)| *v)
+}
+
+/// What the migrations table says about a schema and prefix.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Versions {
+    pub(crate) shared: i32,
+    pub(crate) default_set: i32,
+    pub(crate) hub_sets: bool,
+}
+
+impl Versions {
+    /// Reads the versions; no migrations table (or no schema) means nothing is applied.
+    pub(crate) async fn read(conn: &mut Conn, names: &Names) -> Result<Self> {
+        let text = sql::versions(names);
+        let mut query = Query::new(text.as_str());
+        query.bind(SHARED_SCOPE);
+        query.bind(DEFAULT_SET_SCOPE);
+        let rows = match conn.try_rows(query).await {
+            Ok(rows) => rows,
+            Err(err) if number(&err) == Some(INVALID_OBJECT) => return Ok(Self::default()),
+            Err(err) => return Err(db("reading the schema version")(err)),
+        };
+        let Some(row) = rows.first() else {
+            return Ok(Self::default());
+        };
+        let context = "reading the schema version";
+        Ok(Self {
+            shared: need::<i32>(row, 0, context)?,
+            default_set: need::<i32>(row, 1, context)?,
+            hub_sets: need::<i32>(row, 2, context)? != 0,
+        })
+    }
+
+    pub(crate) fn version(&self, per_hub: bool) -> i32 {
+        if per_hub {
+            self.shared
+        } else {
+            self.shared.min(self.default_set)
+        }
+    }
+
+    pub(crate) fn other_layout(&self, per_hub: bool) -> bool {
+        if per_hub {
+            self.default_set > 0
+        } else {
+            self.hub_sets
+        }
+    }
+
+    pub(crate) fn behind(&self, per_hub: bool) -> bool {
+        self.shared < latest_shared() || (!per_hub && self.default_set < latest_set())
+    }
+}
+
+pub(crate) fn latest_version(per_hub: bool) -> i32 {
+    if per_hub {
+        latest_shared()
+    } else {
+        latest_shared().min(latest_set())
+    }
+}
+
+fn layout_error(options: &MssqlOptions) -> Error {
+    table_error(MssqlTableSetError::LayoutMismatch {
+        schema: options.schema.clone(),
+        prefix: options.table_prefix.clone(),
+        tables_per_hub: options.tables_per_hub,
+    })
+}
+
+/// Creates the schema and applies pending migrations under a session app lock, so nodes
+/// starting together neither race nor deadlock. `conn` is a connection of its own: the lock
+/// goes with the session if this fails half-way.
+pub(crate) async fn migrate(conn: &mut Conn, options: &MssqlOptions) -> Result<()> {
+    let names = Names::new(options);
+    let mut lock = Query::new(sql::LOCK_SESSION);
+    lock.bind(names.lock.as_str());
+    let rows = conn.rows(lock, "taking the migration lock").await?;
+    let granted = rows
+        .first()
+        .map(|row| need::<i32>(row, 0, "taking the migration lock"))
+        .transpose()?
+        .unwrap_or(-999);
+    if granted < 0 {
+        return Err(Error::transient(
+            MssqlBackplane::NAME,
+            format!("the migration lock was not granted (sp_getapplock returned {granted})"),
+        ));
+    }
+    let outcome = apply(conn, options, &names).await;
+    let mut unlock = Query::new(sql::UNLOCK_SESSION);
+    unlock.bind(names.lock.as_str());
+    let unlocked = conn.rows(unlock, "releasing the migration lock").await;
+    outcome.and(unlocked.map(drop))
+}
+
+async fn apply(conn: &mut Conn, options: &MssqlOptions, names: &Names) -> Result<()> {
+    let mut create = Query::new(sql::CREATE_SCHEMA);
+    create.bind(options.schema.as_str());
+    conn.rows(create, "creating the schema").await?;
+    conn.batch(
+        &sql::migrations_table(names),
+        "creating the migrations table",
+    )
+    .await?;
+    let versions = Versions::read(conn, names).await?;
+    if versions.other_layout(options.tables_per_hub) {
+        return Err(layout_error(options));
+    }
+    for (version, body) in SHARED.iter().filter(|(v, _)| *v > versions.shared) {
+        let batch = migration_batch(names, SHARED_SCOPE, *version, &render_shared(body, options));
+        conn.batch(&batch, "applying a migration").await?;
+        tracing::info!(schema = %options.schema, scope = SHARED_SCOPE, version, "applied migration");
+    }
+    if !options.tables_per_hub {
+        let set = SetNames::shared(options);
+        for (version, body) in SET.iter().filter(|(v, _)| *v > versions.default_set) {
+            let batch = migration_batch(
+                names,
+                &set.scope,
+                *version,
+                &render_set(body, options, &set),
+            );
+            conn.batch(&batch, "applying a migration").await?;
+            tracing::info!(schema = %options.schema, scope = %set.scope, version, "applied migration");
+        }
+    }
+    Ok(())
+}
+
+/// Checks that the schema exists, in this layout, at the version this driver needs.
+pub(crate) async fn check_version(
+    conn: &mut Conn,
+    names: &Names,
+    options: &MssqlOptions,
+) -> Result<()> {
+    let per_hub = options.tables_per_hub;
+    let versions = Versions::read(conn, names).await?;
+    if versions.other_layout(per_hub) {
+        return Err(layout_error(options));
+    }
+    if versions.behind(per_hub) {
+        return Err(Error::permanent(
+            MssqlBackplane::NAME,
+            format!(
+                "schema {} is at version {}, this driver needs {}: run the DDL from `MssqlBackplane::ddl` or enable create_schema",
+                names.schema,
+                versions.version(per_hub),
+                latest_version(per_hub)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+async fn hub_state(conn: &mut Conn, names: &Names, hub: &str) -> Result<Option<(String, i32)>> {
+    let text = sql::hub_state(names);
+    let mut query = Query::new(text.as_str());
+    query.bind(hub);
+    let rows = conn.rows(query, "looking up a hub's tables").await?;
+    rows.first()
+        .map(|row| {
+            let context = "looking up a hub's tables";
+            Ok((
+                need::<&str>(row, 0, context)?.to_owned(),
+                need::<i32>(row, 1, context)?,
+            ))
+        })
+        .transpose()
+}
+
+/// Makes sure `hub`'s table set exists at the latest version: registers the hub and creates or
+/// migrates its tables when allowed (in one transaction under the migration lock), or fails
+/// with an [`MssqlTableSetError`] naming the hub.
+pub(crate) async fn ensure_hub_set(
+    conn: &mut Conn,
+    options: &MssqlOptions,
+    names: &Names,
+    hub: &str,
+    slug: &str,
+) -> Result<()> {
+    let changed = |registered: String| {
+        table_error(MssqlTableSetError::SlugChanged {
+            hub: hub.to_owned(),
+            registered,
+            slug: slug.to_owned(),
+        })
+    };
+    let applied = match hub_state(conn, names, hub).await? {
+        Some((registered, _)) if registered != slug => return Err(changed(registered)),
+        Some((_, version)) if version >= latest_set() => return Ok(()),
+        state => state.map_or(0, |(_, version)| version),
+    };
+    if !options.create_schema {
+        return Err(table_error(MssqlTableSetError::Missing {
+            hub: hub.to_owned(),
+            version: applied,
+            needed: latest_set(),
+        }));
+    }
+    let outcome = create_hub_set(conn, options, names, hub, slug, changed).await;
+    if outcome.is_err() {
+        conn.rollback().await;
+    }
+    outcome
+}
+
+async fn create_hub_set(
+    conn: &mut Conn,
+    options: &MssqlOptions,
+    names: &Names,
+    hub: &str,
+    slug: &str,
+    changed: impl Fn(String) -> Error,
+) -> Result<()> {
+    let rows = conn
+        .batch(&sql::begin_locked(&names.lock), "taking the migration lock")
+        .await?;
+    let granted = rows
+        .first()
+        .map(|row| need::<i32>(row, 0, "taking the migration lock"))
+        .transpose()?
+        .unwrap_or(-999);
+    if granted < 0 {
+        return Err(Error::transient(
+            MssqlBackplane::NAME,
+            format!("the migration lock was not granted (sp_getapplock returned {granted})"),
+        ));
+    }
+    // Under the lock, what another node committed before is visible.
+    let applied = match hub_state(conn, names, hub).await? {
+        Some((registered, _)) if registered != slug => return Err(changed(registered)),
+        Some((_, version)) => version,
+        None => {
+            let text = sql::slug_holder(names);
+            let mut query = Query::new(text.as_str());
+            query.bind(slug);
+            let rows = conn.rows(query, "registering a hub").await?;
+            if let Some(row) = rows.first() {
+                return Err(table_error(MssqlTableSetError::SlugTaken {
+                    hub: hub.to_owned(),
+                    slug: slug.to_owned(),
+                    other: need::<&str>(row, 0, "registering a hub")?.to_owned(),
+                }));
+            }
+            let text = sql::register_hub(names);
+            let mut query = Query::new(text.as_str());
+            query.bind(hub);
+            query.bind(slug);
+            conn.rows(query, "registering a hub").await?;
+            0
+        }
+    };
+    let set = SetNames::hub(options, slug);
+    for (version, body) in SET.iter().filter(|(v, _)| *v > applied) {
+        // Nested in the locked transaction: its COMMIT only closes the inner level.
+        let batch = migration_batch(
+            names,
+            &set.scope,
+            *version,
+            &render_set(body, options, &set),
+        );
+        conn.batch(&batch, "creating a hub's tables").await?;
+        tracing::info!(schema = %options.schema, hub, scope = %set.scope, version, "applied migration");
+    }
+    conn.batch("COMMIT TRANSACTION", "committing a hub's tables")
+        .await?;
+    Ok(())
+}
+
+/// Every registered hub with its slug and table set version, in hub order.
+pub(crate) async fn registered_hubs(
+    conn: &mut Conn,
+    names: &Names,
+) -> Result<Vec<(String, String, i32)>> {
+    let text = sql::registered_hubs(names);
+    let rows = conn.rows(Query::new(text.as_str()), "listing hubs").await?;
+    rows.iter()
+        .map(|row| {
+            let context = "listing hubs";
+            Ok((
+                need::<&str>(row, 0, context)?.to_owned(),
+                need::<&str>(row, 1, context)?.to_owned(),
+                need::<i32>(row, 2, context)?,
+            ))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options() -> MssqlOptions {
+        MssqlOptions::new("h", "u", "p")
+    }
+
+    #[test]
+    fn identifiers_and_literals_are_quoted() {
+        assert_eq!(quote("Mixed Case"), "[Mixed Case]");
+        assert_eq!(quote("a]b"), "[a]]b]");
+        assert_eq!(quote("a[b"), "[a[b]");
+        assert_eq!(quote_literal("it's"), "N'it''s'");
+        assert_eq!(
+            quote_literal("'; DROP TABLE x; --"),
+            "N'''; DROP TABLE x; --'"
+        );
+        let set = SetNames::shared(&options().schema("Rt").table_prefix("p_"));
+        assert_eq!(set.log, "[Rt].[p_log]");
+        let set = SetNames::hub(&options().schema("R]t").table_prefix("p_"), "a]b");
+        assert_eq!(set.log, "[R]]t].[p_a]]b_log]");
+        assert_eq!(set.scope, "hub/a]b");
+    }
+
+    #[test]
+    fn ddl_is_rendered_and_quoted() {
+        let ddl = ddl(&options().schema("a b").table_prefix("x]_"));
+        assert!(ddl.contains("CREATE TABLE [a b].[x]]_log]"), "{ddl}");
+        assert!(ddl.contains("CREATE TABLE [a b].[x]]_nodes]"), "{ddl}");
+        assert!(ddl.contains("IF SCHEMA_ID(N'a b') IS NULL EXEC (N'CREATE SCHEMA [a b]');"));
+        assert!(!ddl.contains("{schema}") && !ddl.contains("{prefix}") && !ddl.contains("{set}"));
+        assert!(ddl.contains(
+            "INSERT INTO [a b].[x]]_migrations] (scope, version) VALUES (N'shared', 1);"
+        ));
+        assert!(ddl.contains(
+            "INSERT INTO [a b].[x]]_migrations] (scope, version) VALUES (N'tables', 1);"
+        ));
+        assert_eq!(
+            ddl.matches("BEGIN TRANSACTION").count(),
+            ddl.matches("COMMIT TRANSACTION").count()
+        );
+        // Every batch ends with GO on a line of its own.
+        assert!(ddl.trim_end().ends_with("GO"));
+    }
+
+    #[test]
+    fn per_hub_ddl_splits_shared_and_hub_tables() {
+        let options = options().schema("rt").tables_per_hub(true);
+        let shared = ddl(&options);
+        assert!(shared.contains("CREATE TABLE [rt].[hubs]"), "{shared}");
+        assert!(!shared.contains("[rt].[log]"), "{shared}");
+        let slug = default_slug("Chat");
+        let hub = hub_ddl(&options, "Chat").expect("a valid hub");
+        assert!(hub.contains(&format!(
+            "INSERT INTO [rt].[hubs] (hub, slug) VALUES (N'Chat', N'{slug}');"
+        )));
+        assert!(
+            hub.contains(&format!("CREATE TABLE [rt].[{slug}_log]")),
+            "{hub}"
+        );
+        assert!(
+            hub.contains(&format!("VALUES (N'hub/{slug}', 1);")),
+            "{hub}"
+        );
+        assert!(hub_ddl(&options.tables_per_hub(false), "Chat").is_err());
+    }
+
+    #[test]
+    fn default_slugs_are_safe_distinct_and_short() {
+        let long = "x".repeat(64);
+        let hubs = ["chat", "Chat", "CHAT", "a.b", "a-b", "a_b", long.as_str()];
+        let slugs: Vec<String> = hubs.iter().map(|h| default_slug(h)).collect();
+        for (hub, slug) in hubs.iter().zip(&slugs) {
+            assert!(slug.len() <= SLUG_STEM + 9, "{hub}: {slug}");
+            let options = options().table_prefix("p".repeat(20)).tables_per_hub(true);
+            assert_eq!(&super::slug(&options, hub).expect("fits"), slug);
+        }
+        let mut unique = slugs.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(unique.len(), slugs.len(), "{slugs:?}");
+        assert!(default_slug("Chat").starts_with("chat_"));
+    }
+
+    #[test]
+    fn custom_slugs_are_checked() {
+        let err = |options: MssqlOptions| match super::slug(&options, "chat") {
+            Err(Error::Driver { source, .. }) => *source
+                .downcast::<MssqlTableSetError>()
+                .expect("a table set error"),
+            other => panic!("unexpected {other:?}"),
+        };
+        assert!(matches!(
+            err(options().table_slug(|_| String::new())),
+            MssqlTableSetError::EmptySlug { .. }
+        ));
+        assert!(matches!(
+            err(options().table_slug(|h| format!("{h}\t"))),
+            MssqlTableSetError::InvalidSlug { .. }
+        ));
+        match err(options()
+            .table_prefix("pre_")
+            .table_slug(|_| "s".repeat(113)))
+        {
+            MssqlTableSetError::NameTooLong { chars, .. } => assert_eq!(chars, 129),
+            other => panic!("unexpected {other}"),
+        }
+        let fits = options()
+            .table_prefix("pre_")
+            .table_slug(|_| "s".repeat(112));
+        assert!(super::slug(&fits, "chat").is_ok());
+        let odd = options().table_slug(|h| format!("{h}]'; DROP TABLE x; --ü"));
+        let slug = super::slug(&odd, "chat").expect("quoted, so allowed");
+        let set = SetNames::hub(&odd, &slug);
+        assert!(
+            set.log.starts_with("[backplane].[chat]]'; DROP"),
+            "{}",
+            set.log
+        );
+    }
+
+    #[test]
+    fn lock_and_program_names_fit() {
+        let names = Names::new(
+            &options()
+                .schema("s".repeat(64))
+                .table_prefix("p".repeat(20)),
+        );
+        assert!(names.lock.chars().count() <= 255);
+        assert!(names.poller.chars().count() <= 128);
+        let other = Names::new(
+            &options()
+                .schema("s".repeat(64))
+                .table_prefix("q".repeat(20)),
+        );
+        assert_ne!(names.lock, other.lock);
+        assert_eq!(Names::new(&options()).poller, "backplane-poller backplane.");
+    }
+
+    #[test]
+    fn rendering_is_one_pass() {
+        assert_eq!(
+            render(
+                "{schema}.[{set}log] {other}",
+                &[("{schema}", "[{set}]"), ("{set}", "x_")]
+            ),
+            "[{set}].[x_log] {other}"
+        );
+    }
+}

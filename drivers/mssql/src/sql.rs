@@ -1,0 +1,703 @@
+//! Every T-SQL statement the driver runs, in one place, rendered once per schema and prefix
+//! (the shared tables) and once per table set. The migrations themselves are the `.sql` files
+//! under `migrations/`.
+//!
+//! Unless a statement says otherwise it runs on SQL Server 2008 and later. The driver as a
+//! whole needs SQL Server 2016 (13.x) or later, Azure SQL Database, Azure SQL Managed Instance
+//! or Azure SQL Edge, for `DATEDIFF_BIG` (times are read as microseconds since 1970 so that no
+//! date type crosses the wire).
+//!
+//! Parameters are `@P1`, `@P2`, … in the order the caller binds them. Statements that write more
+//! than one row run in one batch that begins and commits its own transaction, under
+//! `XACT_ABORT`, so an error rolls everything back and leaves no transaction open.
+
+use crate::schema::{Names, SetNames, quote_literal};
+
+/// The binary collation of names: code point order, case-sensitive, locale-independent.
+pub(crate) const COLLATION: &str = "Latin1_General_100_BIN2";
+
+/// Session settings for every connection, sent as a plain batch so they last for the session
+/// (SQL Server 2008+). These are the `SET` options SQL Server requires for indexes on computed
+/// columns and filtered indexes (the ones ODBC and ADO.NET use); `XACT_ABORT` makes any error
+/// roll back the whole transaction.
+pub(crate) const SESSION_SETTINGS: &str = "SET ANSI_NULLS ON; SET ANSI_PADDING ON; SET ANSI_WARNINGS ON; \
+     SET ARITHABORT ON; SET CONCAT_NULL_YIELDS_NULL ON; SET QUOTED_IDENTIFIER ON; \
+     SET NUMERIC_ROUNDABORT OFF; SET XACT_ABORT ON;";
+
+/// A `datetime2` column as microseconds since 1970 (`DATEDIFF_BIG`: SQL Server 2016+).
+fn micros(column: &str) -> String {
+    format!("DATEDIFF_BIG(microsecond, CAST('19700101' AS datetime2(6)), {column})")
+}
+
+/// The current time minus a duration given as whole seconds in `secs` and milliseconds in
+/// `millis` (both `int` parameters; `DATEADD` takes `int`).
+fn ago(secs: &str, millis: &str) -> String {
+    format!("DATEADD(millisecond, -{millis}, DATEADD(second, -{secs}, SYSUTCDATETIME()))")
+}
+
+/// The table variable that collects removed connections. Its text columns carry the tables'
+/// collation: a table variable's default comes from `tempdb` and would not compare.
+fn gone_table() -> String {
+    format!(
+        "DECLARE @gone TABLE (
+             hub nvarchar(64) COLLATE {COLLATION}, id nvarchar(128) COLLATE {COLLATION},
+             user_id varbinary(256), node nvarchar(64) COLLATE {COLLATION},
+             connected_at datetime2(6));"
+    )
+}
+
+/// Removes the connections of one set matching `condition` into `@gone` (memberships go by
+/// foreign-key cascade), and closes the sessions they leave without connections.
+fn remove_connections(n: &SetNames, condition: &str) -> String {
+    format!(
+        "DELETE FROM @gone;
+         DELETE FROM {c}
+         OUTPUT deleted.hub, deleted.id, deleted.user_id, deleted.node, deleted.connected_at
+         INTO @gone
+         WHERE {condition};
+         UPDATE s SET
+             connections = CASE WHEN s.connections - g.n > 0 THEN s.connections - g.n ELSE 0 END,
+             last_activity = SYSUTCDATETIME(),
+             ended_at = CASE WHEN s.connections - g.n <= 0 THEN SYSUTCDATETIME() ELSE s.ended_at END
+         FROM {s} AS s
+         JOIN (SELECT hub, user_id, COUNT(*) AS n FROM @gone WHERE user_id IS NOT NULL
+               GROUP BY hub, user_id) AS g
+           ON s.hub = g.hub AND s.user_id = g.user_id;",
+        c = n.connections,
+        s = n.sessions,
+    )
+}
+
+/// Marks the sessions of node `@P1`'s users active.
+fn touch_sessions(n: &SetNames) -> String {
+    format!(
+        "UPDATE s SET last_activity = SYSUTCDATETIME()
+         FROM {s} AS s
+         WHERE EXISTS (SELECT 1 FROM {c} AS c
+                       WHERE c.node = @P1 AND c.hub = s.hub AND c.user_id = s.user_id);",
+        s = n.sessions,
+        c = n.connections
+    )
+}
+
+/// The statements on the nodes table. Those that remove connections or touch sessions cover the
+/// table sets they are given, in the same batch and transaction.
+#[derive(Debug)]
+pub(crate) struct NodeSql {
+    nodes: String,
+    /// Inserts the node, or refreshes its heartbeat (`@P1` the id), under a key-range lock so
+    /// two registrations of one id do not race.
+    pub(crate) register_node: String,
+    pub(crate) live_nodes: String,
+}
+
+impl NodeSql {
+    pub(crate) fn new(names: &Names) -> Self {
+        let nodes = &names.nodes;
+        Self {
+            register_node: format!(
+                "SET XACT_ABORT ON;
+                 BEGIN TRANSACTION;
+                 UPDATE {nodes} WITH (UPDLOCK, SERIALIZABLE)
+                 SET last_heartbeat = SYSUTCDATETIME() WHERE id = @P1;
+                 IF @@ROWCOUNT = 0 INSERT INTO {nodes} (id) VALUES (@P1);
+                 COMMIT TRANSACTION;"
+            ),
+            live_nodes: format!(
+                "SELECT id, {}, {} FROM {nodes} ORDER BY id",
+                micros("started_at"),
+                micros("last_heartbeat")
+            ),
+            nodes: nodes.clone(),
+        }
+    }
+
+    /// Records node `@P1`'s heartbeat and touches its users' sessions in `sets`; returns one
+    /// row, the count of nodes updated (0 or 1).
+    pub(crate) fn heartbeat(&self, sets: &[&SetNames]) -> String {
+        let touch: String = sets.iter().map(|n| touch_sessions(n)).collect();
+        let touch = if touch.is_empty() {
+            String::new()
+        } else {
+            format!("IF @n > 0\n BEGIN\n {touch}\n END")
+        };
+        format!(
+            "SET XACT_ABORT ON;
+             DECLARE @n int;
+             BEGIN TRANSACTION;
+             UPDATE {nodes} SET last_heartbeat = SYSUTCDATETIME() WHERE id = @P1;
+             SET @n = @@ROWCOUNT;
+             {touch}
+             COMMIT TRANSACTION;
+             SELECT @n;",
+            nodes = self.nodes
+        )
+    }
+
+    /// Removes node `@P1` and its connections (with their memberships) in `sets`, and closes
+    /// the sessions left empty.
+    pub(crate) fn unregister_node(&self, sets: &[&SetNames]) -> String {
+        let remove: String = sets
+            .iter()
+            .map(|n| remove_connections(n, "node = @P1"))
+            .collect();
+        format!(
+            "SET XACT_ABORT ON;
+             {gone}
+             BEGIN TRANSACTION;
+             DELETE FROM {nodes} WHERE id = @P1;
+             {remove}
+             COMMIT TRANSACTION;",
+            gone = gone_table(),
+            nodes = self.nodes
+        )
+    }
+
+    /// Removes every node whose last heartbeat is older than `@P1` seconds plus `@P2`
+    /// milliseconds, with its connections in `sets`; returns the ids removed.
+    pub(crate) fn reap_nodes(&self, sets: &[&SetNames]) -> String {
+        let remove: String = sets
+            .iter()
+            .map(|n| remove_connections(n, "node IN (SELECT id FROM @dead)"))
+            .collect();
+        format!(
+            "SET XACT_ABORT ON;
+             DECLARE @dead TABLE (id nvarchar(64) COLLATE {COLLATION} PRIMARY KEY);
+             {gone}
+             BEGIN TRANSACTION;
+             DELETE FROM {nodes} OUTPUT deleted.id INTO @dead
+             WHERE last_heartbeat < {cutoff};
+             {remove}
+             COMMIT TRANSACTION;
+             SELECT id FROM @dead ORDER BY id;",
+            gone = gone_table(),
+            nodes = self.nodes,
+            cutoff = ago("@P1", "@P2")
+        )
+    }
+}
+
+/// The batch sizes an append statement is rendered for: a batch of `n` records uses the
+/// smallest size at or above `n`, its unused parameters NULL, so SQL Server caches a dozen plans
+/// rather than one per count.
+pub(crate) fn append_bucket(records: usize) -> usize {
+    records.max(1).next_power_of_two()
+}
+
+/// The statements of one table set.
+#[derive(Debug)]
+pub(crate) struct Sql {
+    names: SetNames,
+    pub(crate) create_stream: String,
+    pub(crate) tail: String,
+    pub(crate) read: String,
+    pub(crate) trim_streams: String,
+    pub(crate) trim: String,
+    pub(crate) add_connection: String,
+    pub(crate) remove_connection: String,
+    pub(crate) connection: String,
+    pub(crate) user_connections: String,
+    pub(crate) online_users: String,
+    pub(crate) user_session: String,
+    pub(crate) add_member: String,
+    pub(crate) remove_member: String,
+    pub(crate) group_members: String,
+    pub(crate) connection_groups: String,
+    pub(crate) enqueue: String,
+    pub(crate) pending: String,
+    pub(crate) durable_message: String,
+    pub(crate) acknowledge: String,
+    pub(crate) record_attempt: String,
+    pub(crate) attempts: String,
+    pub(crate) purge_expired: String,
+    pub(crate) pending_count: String,
+    /// `(hub, stream, next_offset)` of every stream, for the poller (`WHERE` added per poll).
+    pub(crate) poll: String,
+    appends: Vec<std::sync::OnceLock<String>>,
+}
+
+impl Sql {
+    pub(crate) fn new(n: &SetNames) -> Self {
+        let message_columns = format!(
+            "id, hub, user_id, sender, payload, {}, {}, acked_by, {}",
+            micros("created_at"),
+            micros("expires_at"),
+            micros("acked_at")
+        );
+        let connection_columns = format!("hub, id, user_id, node, {}", micros("connected_at"));
+        Self {
+            // One statement, atomic: the key-range lock of UPDLOCK + HOLDLOCK keeps two nodes
+            // from both inserting.
+            create_stream: format!(
+                "INSERT INTO {s} (hub, stream, epoch)
+                 SELECT @P1, @P2, @P3
+                 WHERE NOT EXISTS (SELECT 1 FROM {s} WITH (UPDLOCK, HOLDLOCK)
+                                   WHERE hub = @P1 AND stream = @P2)",
+                s = n.streams
+            ),
+            tail: format!(
+                "SELECT next_offset, epoch FROM {} WHERE hub = @P1 AND stream = @P2",
+                n.streams
+            ),
+            // OUTER APPLY and TOP (@var): SQL Server 2005+. One statement, so the stream row and
+            // the entries come from one consistent read (a trim holds the stream row's lock).
+            read: format!(
+                "SELECT s.first_offset, s.epoch, l.[offset], l.data
+                 FROM {streams} AS s
+                 OUTER APPLY (
+                     SELECT TOP (@P4) [offset], data FROM {log}
+                     WHERE stream_id = s.id AND [offset] >= @P3
+                     ORDER BY [offset]
+                 ) AS l
+                 WHERE s.hub = @P1 AND s.stream = @P2
+                 ORDER BY l.[offset]",
+                streams = n.streams,
+                log = n.log
+            ),
+            trim_streams: format!("SELECT id FROM {}", n.streams),
+            // Trims stream `@P1`: `@P2` seconds plus `@P3` milliseconds of age, `@P4` entries.
+            // The UPDLOCK on the stream row waits for appends in flight (they hold it until
+            // commit), so every entry below next_offset is visible to what follows.
+            trim: format!(
+                "SET XACT_ABORT ON;
+                 DECLARE @next bigint, @first bigint, @floor bigint, @young bigint, @new bigint,
+                         @removed bigint = 0;
+                 BEGIN TRANSACTION;
+                 SELECT @next = next_offset, @first = first_offset
+                 FROM {streams} WITH (UPDLOCK, ROWLOCK) WHERE id = @P1;
+                 IF @next IS NOT NULL
+                 BEGIN
+                     SET @floor = CASE WHEN @next - @P4 > @first THEN @next - @P4 ELSE @first END;
+                     SELECT TOP (1) @young = [offset] FROM {log}
+                     WHERE stream_id = @P1 AND [offset] >= @floor AND created_at >= {cutoff}
+                     ORDER BY [offset];
+                     SET @new = CASE WHEN @young IS NULL THEN @next
+                                     WHEN @young > @floor THEN @young ELSE @floor END;
+                     IF @new > @first
+                     BEGIN
+                         UPDATE {streams} SET first_offset = @new WHERE id = @P1;
+                         DELETE FROM {log} WHERE stream_id = @P1 AND [offset] < @new;
+                         SET @removed = @@ROWCOUNT;
+                     END
+                 END
+                 COMMIT TRANSACTION;
+                 SELECT @removed;",
+                streams = n.streams,
+                log = n.log,
+                cutoff = ago("@P2", "@P3")
+            ),
+            // The connection, then the user's session: updated under a key-range lock, or
+            // inserted when the user has none. A taken id fails with error 2627.
+            add_connection: format!(
+                "SET XACT_ABORT ON;
+                 BEGIN TRANSACTION;
+                 INSERT INTO {c} (hub, id, user_id, node) VALUES (@P1, @P2, @P3, @P4);
+                 IF @P3 IS NOT NULL
+                 BEGIN
+                     UPDATE {s} WITH (UPDLOCK, SERIALIZABLE) SET
+                         started_at = CASE WHEN connections = 0 THEN SYSUTCDATETIME() ELSE started_at END,
+                         ended_at = CASE WHEN connections = 0 THEN NULL ELSE ended_at END,
+                         connections = connections + 1,
+                         last_activity = SYSUTCDATETIME()
+                     WHERE hub = @P1 AND user_id = @P3;
+                     IF @@ROWCOUNT = 0
+                         INSERT INTO {s} (hub, user_id, started_at, connections, last_activity)
+                         VALUES (@P1, @P3, SYSUTCDATETIME(), 1, SYSUTCDATETIME());
+                 END
+                 COMMIT TRANSACTION;",
+                c = n.connections,
+                s = n.sessions
+            ),
+            remove_connection: format!(
+                "SET XACT_ABORT ON;
+                 {gone}
+                 BEGIN TRANSACTION;
+                 {remove}
+                 COMMIT TRANSACTION;
+                 SELECT hub, id, user_id, node, {at} FROM @gone;",
+                gone = gone_table(),
+                remove = remove_connections(n, "hub = @P1 AND id = @P2"),
+                at = micros("connected_at")
+            ),
+            connection: format!(
+                "SELECT {connection_columns} FROM {} WHERE hub = @P1 AND id = @P2",
+                n.connections
+            ),
+            user_connections: format!(
+                "SELECT {connection_columns} FROM {} WHERE hub = @P1 AND user_id = @P2",
+                n.connections
+            ),
+            online_users: format!(
+                "SELECT DISTINCT user_id FROM {} WHERE hub = @P1 AND user_id IS NOT NULL",
+                n.connections
+            ),
+            user_session: format!(
+                "SELECT {}, {}, connections, {} FROM {} WHERE hub = @P1 AND user_id = @P2",
+                micros("started_at"),
+                micros("ended_at"),
+                micros("last_activity"),
+                n.sessions
+            ),
+            // One statement under a key-range lock; returns the rows inserted (0 or 1). An
+            // unknown connection fails the foreign key with error 547.
+            add_member: format!(
+                "INSERT INTO {m} (hub, group_name, connection)
+                 SELECT @P1, @P2, @P3
+                 WHERE NOT EXISTS (SELECT 1 FROM {m} WITH (UPDLOCK, HOLDLOCK)
+                                   WHERE hub = @P1 AND group_name = @P2 AND connection = @P3);
+                 SELECT @@ROWCOUNT;",
+                m = n.memberships
+            ),
+            remove_member: format!(
+                "DELETE FROM {} WHERE hub = @P1 AND group_name = @P2 AND connection = @P3;
+                 SELECT @@ROWCOUNT;",
+                n.memberships
+            ),
+            group_members: format!(
+                "SELECT connection FROM {} WHERE hub = @P1 AND group_name = @P2",
+                n.memberships
+            ),
+            connection_groups: format!(
+                "SELECT group_name FROM {} WHERE hub = @P1 AND connection = @P2",
+                n.memberships
+            ),
+            // The expiry is `@P5` seconds plus `@P6` milliseconds from the server's clock.
+            enqueue: format!(
+                "INSERT INTO {} (hub, user_id, sender, payload, expires_at)
+                 OUTPUT inserted.id
+                 VALUES (@P1, @P2, @P3, @P4,
+                         DATEADD(millisecond, @P6, DATEADD(second, @P5, SYSUTCDATETIME())))",
+                n.messages
+            ),
+            pending: format!(
+                "SELECT {message_columns} FROM {}
+                 WHERE hub = @P1 AND user_id = @P2 AND acked_at IS NULL
+                   AND expires_at > SYSUTCDATETIME()
+                 ORDER BY id",
+                n.messages
+            ),
+            durable_message: format!(
+                "SELECT {message_columns} FROM {} WHERE hub = @P1 AND id = @P2",
+                n.messages
+            ),
+            acknowledge: format!(
+                "UPDATE {} SET acked_by = @P3, acked_at = SYSUTCDATETIME()
+                 WHERE hub = @P1 AND id = @P2 AND acked_at IS NULL;
+                 SELECT @@ROWCOUNT;",
+                n.messages
+            ),
+            record_attempt: format!(
+                "INSERT INTO {a} (message_id, connection, error)
+                 SELECT id, @P3, @P4 FROM {m} WHERE hub = @P1 AND id = @P2",
+                a = n.attempts,
+                m = n.messages
+            ),
+            attempts: format!(
+                "SELECT a.connection, {}, a.error
+                 FROM {a} AS a JOIN {m} AS m ON m.id = a.message_id
+                 WHERE m.hub = @P1 AND a.message_id = @P2
+                 ORDER BY a.id",
+                micros("a.at"),
+                a = n.attempts,
+                m = n.messages
+            ),
+            // Attempts go by foreign-key cascade; the count is of messages only.
+            purge_expired: format!(
+                "DELETE FROM {} WHERE expires_at <= SYSUTCDATETIME();
+                 SELECT @@ROWCOUNT;",
+                n.messages
+            ),
+            pending_count: format!(
+                "SELECT COUNT_BIG(*) FROM {} WHERE acked_at IS NULL AND expires_at > SYSUTCDATETIME()",
+                n.messages
+            ),
+            poll: format!("SELECT hub, stream, next_offset FROM {}", n.streams),
+            appends: (0..=MAX_BUCKET_BITS).map(|_| std::sync::OnceLock::new()).collect(),
+            names: n.clone(),
+        }
+    }
+
+    /// The append statement for a batch of up to `bucket` records (a power of two): `@P1` hub,
+    /// `@P2` stream, `@P3` the record count, then one parameter per record (NULL past the
+    /// count). In one batch and transaction: the stream row's `next_offset` is bumped (its lock
+    /// held until commit, so offsets commit in the order they are handed out; `OUTPUT … INTO`
+    /// returns the old value), the records are inserted at the offsets that gives, and the
+    /// first offset and the epoch are returned. No row: the stream does not exist yet.
+    pub(crate) fn append(&self, bucket: usize) -> &str {
+        let bits = bucket.max(1).trailing_zeros() as usize;
+        let Some(cell) = self.appends.get(bits) else {
+            return "THROW 50000, 'append batch too large', 1;";
+        };
+        cell.get_or_init(|| {
+            let rows: Vec<String> = (0..bucket).map(|i| format!("({i}, @P{})", i + 4)).collect();
+            format!(
+                "SET XACT_ABORT ON;
+                 DECLARE @a TABLE (id bigint, base bigint, epoch bigint);
+                 BEGIN TRANSACTION;
+                 UPDATE {streams} SET next_offset = next_offset + @P3
+                 OUTPUT inserted.id, deleted.next_offset, inserted.epoch INTO @a
+                 WHERE hub = @P1 AND stream = @P2;
+                 INSERT INTO {log} (stream_id, [offset], data)
+                 SELECT a.id, a.base + t.i, t.d
+                 FROM @a AS a
+                 CROSS JOIN (VALUES {rows}) AS t (i, d)
+                 WHERE t.i < @P3;
+                 COMMIT TRANSACTION;
+                 SELECT base, epoch FROM @a;",
+                streams = self.names.streams,
+                log = self.names.log,
+                rows = rows.join(", ")
+            )
+        })
+    }
+}
+
+impl Sql {
+    /// For appends of more records than one request can carry, inside a transaction the caller
+    /// opened: bumps stream `@P1`/`@P2` by `@P3` and returns its id, first offset and epoch.
+    pub(crate) fn reserve(&self) -> String {
+        format!(
+            "DECLARE @a TABLE (id bigint, base bigint, epoch bigint);
+             UPDATE {streams} SET next_offset = next_offset + @P3
+             OUTPUT inserted.id, deleted.next_offset, inserted.epoch INTO @a
+             WHERE hub = @P1 AND stream = @P2;
+             SELECT id, base, epoch FROM @a;",
+            streams = self.names.streams
+        )
+    }
+
+    /// Inserts up to `bucket` records of a reserved range: `@P1` the stream id, `@P2` the first
+    /// offset of this chunk, `@P3` the record count, then the records.
+    pub(crate) fn insert_chunk(&self, bucket: usize) -> String {
+        let rows: Vec<String> = (0..bucket).map(|i| format!("({i}, @P{})", i + 4)).collect();
+        format!(
+            "INSERT INTO {log} (stream_id, [offset], data)
+             SELECT @P1, @P2 + t.i, t.d FROM (VALUES {rows}) AS t (i, d) WHERE t.i < @P3",
+            log = self.names.log,
+            rows = rows.join(", ")
+        )
+    }
+}
+
+/// Appends are rendered for up to 2^10 = 1 024 records ([`crate::options::MAX_BATCH`]).
+const MAX_BUCKET_BITS: usize = 10;
+
+/// The poll of the streams of `hubs` in one table set.
+pub(crate) fn poll_hubs(sql: &Sql, hubs: &[&str]) -> String {
+    let list: Vec<String> = hubs.iter().map(|h| quote_literal(h)).collect();
+    format!("{} WHERE hub IN ({})", sql.poll, list.join(", "))
+}
+
+// ---- Schema management ----------------------------------------------------------------------
+
+/// Takes the migration lock for the session (`sp_getapplock`, SQL Server 2005+): `@P1` the
+/// resource. Returns the procedure's result: 0 or 1 granted, negative refused or timed out.
+pub(crate) const LOCK_SESSION: &str = "DECLARE @r int;
+     EXEC @r = sp_getapplock @Resource = @P1, @LockMode = 'Exclusive',
+                             @LockOwner = 'Session', @LockTimeout = 60000;
+     SELECT @r;";
+
+/// Releases the session's migration lock (`@P1` the resource).
+pub(crate) const UNLOCK_SESSION: &str =
+    "EXEC sp_releaseapplock @Resource = @P1, @LockOwner = 'Session';";
+
+/// Begins a transaction and takes the migration lock for it (released at commit or rollback).
+/// A plain batch: the transaction outlives it.
+pub(crate) fn begin_locked(resource: &str) -> String {
+    format!(
+        "SET XACT_ABORT ON;
+         BEGIN TRANSACTION;
+         DECLARE @r int;
+         EXEC @r = sp_getapplock @Resource = {}, @LockMode = 'Exclusive',
+                                 @LockOwner = 'Transaction', @LockTimeout = 60000;
+         SELECT @r;",
+        quote_literal(resource)
+    )
+}
+
+/// Creates schema `@P1` when missing. `CREATE SCHEMA` must be alone in its batch, hence the
+/// dynamic SQL.
+pub(crate) const CREATE_SCHEMA: &str = "IF SCHEMA_ID(@P1) IS NULL
+     BEGIN
+         DECLARE @ddl nvarchar(400) = N'CREATE SCHEMA ' + QUOTENAME(@P1);
+         EXEC (@ddl);
+     END";
+
+/// The migrations table, created when missing (`OBJECT_ID` takes the quoted name).
+pub(crate) fn migrations_table(names: &Names) -> String {
+    format!(
+        "IF OBJECT_ID({literal}, N'U') IS NULL
+         CREATE TABLE {m} (
+             scope      nvarchar(200) COLLATE {COLLATION} NOT NULL,
+             version    int           NOT NULL,
+             applied_at datetime2(6)  NOT NULL DEFAULT SYSUTCDATETIME(),
+             PRIMARY KEY (scope, version)
+         );",
+        literal = quote_literal(&names.migrations),
+        m = names.migrations
+    )
+}
+
+/// The versions of the shared tables (`@P1` scope), of the shared set (`@P2` scope), and
+/// whether any hub has a set of its own, in one row.
+pub(crate) fn versions(names: &Names) -> String {
+    format!(
+        "SELECT ISNULL(MAX(CASE WHEN scope = @P1 THEN version END), 0),
+                ISNULL(MAX(CASE WHEN scope = @P2 THEN version END), 0),
+                CASE WHEN EXISTS (SELECT 1 FROM {m} WHERE scope LIKE N'hub/%') THEN 1 ELSE 0 END
+         FROM {m}",
+        m = names.migrations
+    )
+}
+
+/// Hub `@P1`'s registered slug and its set's version.
+pub(crate) fn hub_state(names: &Names) -> String {
+    format!(
+        "SELECT h.slug, (SELECT ISNULL(MAX(m.version), 0) FROM {m} AS m
+                         WHERE m.scope = N'hub/' + h.slug)
+         FROM {h} AS h WHERE h.hub = @P1",
+        m = names.migrations,
+        h = names.hubs
+    )
+}
+
+/// The hub that has slug `@P1`.
+pub(crate) fn slug_holder(names: &Names) -> String {
+    format!("SELECT hub FROM {} WHERE slug = @P1", names.hubs)
+}
+
+/// Registers hub `@P1` with slug `@P2`.
+pub(crate) fn register_hub(names: &Names) -> String {
+    format!("INSERT INTO {} (hub, slug) VALUES (@P1, @P2)", names.hubs)
+}
+
+/// Every registered hub with its slug and set version, in hub order.
+pub(crate) fn registered_hubs(names: &Names) -> String {
+    format!(
+        "SELECT h.hub, h.slug, ISNULL(MAX(m.version), 0)
+         FROM {h} AS h LEFT JOIN {m} AS m ON m.scope = N'hub/' + h.slug
+         GROUP BY h.hub, h.slug
+         ORDER BY h.hub",
+        m = names.migrations,
+        h = names.hubs
+    )
+}
+
+// ---- Checks and tests ---------------------------------------------------------------------
+
+/// The server's version, edition and the database's name, compatibility level and whether
+/// readers use row versions (`READ_COMMITTED_SNAPSHOT`).
+pub(crate) const SERVER_INFO: &str =
+    "SELECT CAST(SERVERPROPERTY('ProductVersion') AS nvarchar(128)),
+            CAST(SERVERPROPERTY('Edition') AS nvarchar(128)),
+            DB_NAME(),
+            CAST(d.compatibility_level AS int),
+            CAST(d.is_read_committed_snapshot_on AS int)
+     FROM sys.databases AS d WHERE d.name = DB_NAME()";
+
+/// Whether the login may create tables in the database and use schema `@P1` (1 or 0 each).
+pub(crate) const PERMISSIONS: &str =
+    "SELECT ISNULL(HAS_PERMS_BY_NAME(DB_NAME(), 'DATABASE', 'CREATE TABLE'), 0),
+            ISNULL(HAS_PERMS_BY_NAME(@P1, 'SCHEMA', 'ALTER'), 0),
+            CASE WHEN SCHEMA_ID(@P1) IS NULL THEN 0 ELSE 1 END";
+
+/// Kills the sessions whose program name is `@P1` (needs `ALTER ANY CONNECTION`); returns how
+/// many there were.
+pub(crate) const KILL_PROGRAM: &str = "DECLARE @kill nvarchar(max) = N'', @n int;
+     SELECT @kill = @kill + N'KILL ' + CAST(session_id AS nvarchar(12)) + N'; ',
+            @n = ISNULL(@n, 0) + 1
+     FROM sys.dm_exec_sessions WHERE program_name = @P1 AND session_id <> @@SPID;
+     EXEC sp_executesql @kill;
+     SELECT ISNULL(@n, 0);";
+
+/// Drops schema `@P1` with every table in it: foreign keys first, then tables, then the schema
+/// (SQL Server has no `DROP SCHEMA … CASCADE`).
+pub(crate) const DROP_SCHEMA: &str = "DECLARE @drop nvarchar(max) = N'';
+     SELECT @drop = @drop + N'ALTER TABLE ' + QUOTENAME(s.name) + N'.' + QUOTENAME(t.name)
+                  + N' DROP CONSTRAINT ' + QUOTENAME(f.name) + N'; '
+     FROM sys.foreign_keys AS f
+     JOIN sys.tables AS t ON t.object_id = f.parent_object_id
+     JOIN sys.schemas AS s ON s.schema_id = t.schema_id
+     WHERE s.name = @P1;
+     SELECT @drop = @drop + N'DROP TABLE ' + QUOTENAME(s.name) + N'.' + QUOTENAME(t.name) + N'; '
+     FROM sys.tables AS t JOIN sys.schemas AS s ON s.schema_id = t.schema_id
+     WHERE s.name = @P1;
+     IF SCHEMA_ID(@P1) IS NOT NULL SET @drop = @drop + N'DROP SCHEMA ' + QUOTENAME(@P1) + N';';
+     EXEC sp_executesql @drop;";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::MssqlOptions;
+
+    fn set() -> SetNames {
+        SetNames::shared(&MssqlOptions::new("h", "u", "p").schema("rt"))
+    }
+
+    #[test]
+    fn appends_are_bucketed_and_cached() {
+        assert_eq!(append_bucket(0), 1);
+        assert_eq!(append_bucket(1), 1);
+        assert_eq!(append_bucket(3), 4);
+        assert_eq!(append_bucket(1000), 1024);
+        let sql = Sql::new(&set());
+        let four = sql.append(4);
+        assert!(four.contains("(3, @P7)"), "{four}");
+        assert!(!four.contains("@P8"), "{four}");
+        assert!(four.contains("OUTPUT inserted.id, deleted.next_offset, inserted.epoch INTO @a"));
+        assert!(four.contains("[rt].[log]"), "{four}");
+        assert!(std::ptr::eq(four, sql.append(4)), "rendered once");
+        // 1 024 records + 3 parameters stay under SQL Server's 2 100.
+        assert!(sql.append(1024).contains("@P1027"));
+        assert!(!sql.append(1024).contains("@P1028"));
+    }
+
+    #[test]
+    fn transactions_are_balanced() {
+        let sql = Sql::new(&set());
+        let node = NodeSql::new(&Names::new(&MssqlOptions::new("h", "u", "p")));
+        let s = set();
+        for text in [
+            sql.append(8).to_owned(),
+            sql.trim.clone(),
+            sql.add_connection.clone(),
+            sql.remove_connection.clone(),
+            node.register_node.clone(),
+            node.heartbeat(&[&s]),
+            node.heartbeat(&[]),
+            node.unregister_node(&[&s, &s]),
+            node.reap_nodes(&[]),
+        ] {
+            assert_eq!(
+                text.matches("BEGIN TRANSACTION").count(),
+                text.matches("COMMIT TRANSACTION").count(),
+                "{text}"
+            );
+            assert!(text.starts_with("SET XACT_ABORT ON;"), "{text}");
+        }
+        // No set, no empty BEGIN … END block (a syntax error in T-SQL).
+        assert!(!node.heartbeat(&[]).contains("IF @n > 0"));
+    }
+
+    #[test]
+    fn table_variables_carry_the_collation() {
+        let sql = Sql::new(&set());
+        let declared = sql
+            .remove_connection
+            .split("DECLARE @gone TABLE (")
+            .nth(1)
+            .and_then(|rest| rest.split(");").next())
+            .expect("a table variable");
+        assert_eq!(declared.matches("nvarchar").count(), 3);
+        assert_eq!(declared.matches(COLLATION).count(), 3);
+    }
+
+    #[test]
+    fn poll_lists_quote_hubs() {
+        let sql = Sql::new(&set());
+        assert_eq!(
+            poll_hubs(&sql, &["chat", "o'brien"]),
+            "SELECT hub, stream, next_offset FROM [rt].[streams] WHERE hub IN (N'chat', N'o''brien')"
+        );
+    }
+}

@@ -1,0 +1,125 @@
+//! Which table set serves a hub: the one every hub shares, or, with tables per hub, the hub's
+//! own, created on first use and cached per node.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+
+use backplane_core::{HubName, Result};
+use tokio::sync::OnceCell;
+
+use crate::MssqlBackplane;
+use crate::conn::Conn;
+use crate::options::MssqlOptions;
+use crate::schema::{self, SetNames};
+use crate::sql::Sql;
+
+/// A table set's names and its statements, rendered once.
+#[derive(Debug)]
+pub(crate) struct TableSet {
+    pub(crate) names: SetNames,
+    pub(crate) sql: Sql,
+}
+
+impl TableSet {
+    pub(crate) fn new(names: SetNames) -> Self {
+        let sql = Sql::new(&names);
+        Self { names, sql }
+    }
+}
+
+/// How a node finds a hub's tables.
+#[derive(Debug)]
+pub(crate) enum Layout {
+    /// One table set for every hub.
+    Shared(Arc<TableSet>),
+    /// A table set per hub.
+    PerHub(PerHub),
+}
+
+/// The table sets this node knows, with tables per hub. Locks here are never held across an
+/// await.
+#[derive(Debug, Default)]
+pub(crate) struct PerHub {
+    hubs: RwLock<HashMap<HubName, Arc<OnceCell<Arc<TableSet>>>>>,
+    by_slug: Mutex<HashMap<String, Arc<TableSet>>>,
+}
+
+impl PerHub {
+    fn cell(&self, hub: &HubName) -> Arc<OnceCell<Arc<TableSet>>> {
+        if let Some(cell) = self
+            .hubs
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(hub)
+        {
+            return cell.clone();
+        }
+        self.hubs
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(hub.clone())
+            .or_default()
+            .clone()
+    }
+
+    fn set(&self, options: &MssqlOptions, slug: &str) -> Arc<TableSet> {
+        let mut sets = self.by_slug.lock().unwrap_or_else(PoisonError::into_inner);
+        sets.entry(slug.to_owned())
+            .or_insert_with(|| Arc::new(TableSet::new(SetNames::hub(options, slug))))
+            .clone()
+    }
+}
+
+impl MssqlBackplane {
+    /// The table set of `hub`: the shared one, or with tables per hub the hub's own, made sure
+    /// to exist on the first call for the hub on this node.
+    pub(crate) async fn tables(&self, hub: &HubName) -> Result<Arc<TableSet>> {
+        let per_hub = match &self.inner().layout {
+            Layout::Shared(set) => return Ok(set.clone()),
+            Layout::PerHub(per_hub) => per_hub,
+        };
+        let cell = per_hub.cell(hub);
+        if let Some(set) = cell.get() {
+            return Ok(set.clone());
+        }
+        cell.get_or_try_init(|| async {
+            let options = &self.inner().options;
+            let slug = schema::slug(options, hub.as_str())?;
+            let mut conn = self.conn().await?;
+            schema::ensure_hub_set(&mut conn, options, &self.inner().names, hub.as_str(), &slug)
+                .await?;
+            Ok(per_hub.set(options, &slug))
+        })
+        .await
+        .cloned()
+    }
+
+    /// Every table set, for the calls that span hubs: with tables per hub, those of every hub in
+    /// the registry. A set behind the latest version is migrated first when this node may
+    /// create tables, and skipped with a warning otherwise.
+    pub(crate) async fn all_tables(&self, conn: &mut Conn) -> Result<Vec<Arc<TableSet>>> {
+        let per_hub = match &self.inner().layout {
+            Layout::Shared(set) => return Ok(vec![set.clone()]),
+            Layout::PerHub(per_hub) => per_hub,
+        };
+        let options = &self.inner().options;
+        let names = &self.inner().names;
+        let mut sets = Vec::new();
+        for (hub, slug, version) in schema::registered_hubs(conn, names).await? {
+            if version < schema::latest_set() {
+                if !options.create_schema {
+                    tracing::warn!(
+                        %hub,
+                        version,
+                        needed = schema::latest_set(),
+                        "skipping a hub whose tables are missing or old: run its DDL"
+                    );
+                    continue;
+                }
+                schema::ensure_hub_set(conn, options, names, &hub, &slug).await?;
+            }
+            sets.push(per_hub.set(options, &slug));
+        }
+        Ok(sets)
+    }
+}
