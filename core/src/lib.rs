@@ -12,6 +12,7 @@ mod observe;
 mod position;
 mod record;
 mod router;
+pub mod schema;
 #[cfg(feature = "signalr")]
 pub mod signalr;
 

@@ -276,7 +276,7 @@ impl MssqlBackplane {
     /// When the database cannot be reached.
     pub async fn schema_version(&self) -> Result<i32> {
         let mut conn = self.conn().await?;
-        let versions = schema::Versions::read(&mut conn, &self.inner.names).await?;
+        let versions = schema::read_versions(&mut conn, &self.inner.names).await?;
         Ok(versions.version(self.inner.options.tables_per_hub))
     }
 
@@ -301,6 +301,11 @@ impl MssqlBackplane {
         stream: u32,
         records: &[Bytes],
     ) -> Result<Position> {
+        if records.len() > MAX_BATCH {
+            // The stream row must exist before the transaction that reserves its offsets (and
+            // before this call holds a pooled connection).
+            self.tail(hub, stream).await?;
+        }
         let mut conn = self.conn().await?;
         let position = if records.len() > MAX_BATCH {
             self.write_chunked(&mut conn, set, hub, stream, records)
@@ -355,7 +360,6 @@ impl MssqlBackplane {
         records: &[Bytes],
     ) -> Result<Position> {
         let stream_db = stream_i32(stream)?;
-        self.tail(hub, stream).await?;
         let outcome = async {
             conn.batch(
                 "SET XACT_ABORT ON; BEGIN TRANSACTION;",

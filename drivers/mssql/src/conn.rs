@@ -72,16 +72,7 @@ impl Conn {
         query: Query<'_>,
         context: &'static str,
     ) -> Result<Vec<Row>> {
-        self.broken = true;
-        let outcome = async {
-            query
-                .query(&mut self.client)
-                .await?
-                .into_first_result()
-                .await
-        }
-        .await;
-        self.settle(outcome, context)
+        self.try_rows(query).await.map_err(db(context))
     }
 
     /// Runs a batch without parameters (DDL, transaction control) as a plain SQL batch, so
@@ -96,7 +87,7 @@ impl Conn {
                 .await
         }
         .await;
-        self.settle(outcome, context)
+        self.settle(outcome).map_err(db(context))
     }
 
     /// Like [`rows`](Self::rows), but hands back the raw error, for callers that map some
@@ -114,18 +105,18 @@ impl Conn {
                 .await
         }
         .await;
-        self.broken = !matches!(&outcome, Ok(_) | Err(tiberius::error::Error::Server(_)));
-        outcome
+        self.settle(outcome)
     }
 
-    fn settle(
+    /// Marks the connection broken unless the call succeeded or the server answered with an
+    /// error: a transport or protocol error leaves it out of step. Until this runs (a call that
+    /// was cancelled), it counts as broken.
+    fn settle<T>(
         &mut self,
-        outcome: Result<Vec<Row>, tiberius::error::Error>,
-        context: &'static str,
-    ) -> Result<Vec<Row>> {
-        // A server error leaves the connection in step; a transport or protocol error does not.
+        outcome: Result<T, tiberius::error::Error>,
+    ) -> Result<T, tiberius::error::Error> {
         self.broken = !matches!(&outcome, Ok(_) | Err(tiberius::error::Error::Server(_)));
-        outcome.map_err(db(context))
+        outcome
     }
 
     /// Rolls back a transaction this connection may have open; a connection where that fails

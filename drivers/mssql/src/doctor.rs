@@ -118,7 +118,7 @@ async fn permissions(conn: &mut Conn, options: &MssqlOptions) -> Check {
 
 async fn schema_check(conn: &mut Conn, names: &Names, options: &MssqlOptions) -> Check {
     let per_hub = options.tables_per_hub;
-    let versions = match schema::Versions::read(conn, names).await {
+    let versions = match schema::read_versions(conn, names).await {
         Ok(versions) => versions,
         Err(err) => {
             return Check::new(
@@ -136,7 +136,7 @@ async fn schema_check(conn: &mut Conn, names: &Names, options: &MssqlOptions) ->
         );
     }
     let (version, latest) = (versions.version(per_hub), schema::latest_version(per_hub));
-    if versions.behind(per_hub) {
+    if schema::behind(&versions, per_hub) {
         return Check::new(
             "schema",
             Err(format!(

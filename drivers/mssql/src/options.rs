@@ -2,9 +2,9 @@
 
 use std::fmt;
 use std::str::FromStr;
-use std::sync::Arc;
 use std::time::Duration;
 
+use backplane_core::schema::TableSlug;
 use backplane_core::{DEFAULT_STREAMS, Error};
 
 use crate::MssqlBackplane;
@@ -51,22 +51,6 @@ impl fmt::Debug for Endpoint {
             .field("ca_file", &self.ca_file)
             .field("application_name", &self.application_name)
             .finish_non_exhaustive()
-    }
-}
-
-/// A custom function from a hub name to the slug in its table names.
-#[derive(Clone)]
-pub(crate) struct TableSlug(Arc<dyn Fn(&str) -> String + Send + Sync + 'static>);
-
-impl TableSlug {
-    pub(crate) fn slug(&self, hub: &str) -> String {
-        (self.0)(hub)
-    }
-}
-
-impl fmt::Debug for TableSlug {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("<custom>")
     }
 }
 
@@ -448,7 +432,7 @@ impl MssqlOptions {
     /// and `_` replaced by `_`, cut to 48 bytes, then `_` and 8 hex digits of a hash of the
     /// exact name.
     pub fn table_slug(mut self, slug: impl Fn(&str) -> String + Send + Sync + 'static) -> Self {
-        self.table_slug = Some(TableSlug(Arc::new(slug)));
+        self.table_slug = Some(TableSlug::new(slug));
         self.tables_per_hub = true;
         self
     }

@@ -5,6 +5,7 @@
 //! and the registry of hubs), and table sets (scope `tables` for the set every hub shares, or
 //! `hub/{slug}` for a hub's own set with tables per hub).
 
+use backplane_core::schema::{Versions, default_table_slug, render, stable_hash};
 use backplane_core::{Error, Result};
 use tiberius::Query;
 
@@ -46,31 +47,10 @@ pub(crate) fn quote_literal(value: &str) -> String {
     format!("N'{}'", value.replace('\'', "''"))
 }
 
-/// A 64-bit FNV-1a hash, stable across processes and versions.
-fn fnv(s: &str) -> u64 {
-    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    })
-}
-
 /// The default slug of a hub: lowercased, `[a-z0-9_]` only, cut to [`SLUG_STEM`] bytes, then
 /// `_` and 8 hex digits of a hash of the exact name.
 pub(crate) fn default_slug(hub: &str) -> String {
-    let mut slug: String = hub
-        .chars()
-        .map(|c| {
-            let c = c.to_ascii_lowercase();
-            if c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .take(SLUG_STEM)
-        .collect();
-    let hash = fnv(hub);
-    slug.push_str(&format!("_{:08x}", (hash ^ (hash >> 32)) & 0xffff_ffff));
-    slug
+    default_table_slug(hub, SLUG_STEM)
 }
 
 fn table_error(err: MssqlTableSetError) -> Error {
@@ -130,7 +110,7 @@ impl Names {
         let tag = if raw.chars().count() <= 90 {
             raw.clone()
         } else {
-            format!("{:016x}", fnv(&raw))
+            format!("{:016x}", stable_hash(&raw))
         };
         Self {
             nodes: table("nodes"),
@@ -192,28 +172,6 @@ impl SetNames {
             base,
         }
     }
-}
-
-/// Replaces each `{name}` placeholder in one pass, so a value that looks like a placeholder
-/// stays as it is.
-fn render(sql: &str, values: &[(&str, &str)]) -> String {
-    let mut out = String::with_capacity(sql.len() + 256);
-    let mut rest = sql;
-    'scan: while let Some(at) = rest.find('{') {
-        out.push_str(&rest[..at]);
-        rest = &rest[at..];
-        for (placeholder, value) in values {
-            if let Some(after) = rest.strip_prefix(placeholder) {
-                out.push_str(value);
-                rest = after;
-                continue 'scan;
-            }
-        }
-        out.push('{');
-        rest = &rest[1..];
-    }
-    out.push_str(rest);
-    out
 }
 
 fn render_shared(sql: &str, options: &MssqlOptions) -> String {
@@ -325,64 +283,35 @@ pub(crate) fn latest_set() -> i32 {
     SET.last().map_or(0, |(v, _)| *v)
 }
 
-/// What the migrations table says about a schema and prefix.
-#[derive(Debug, Clone, Copy, Default)]
-pub(crate) struct Versions {
-    pub(crate) shared: i32,
-    pub(crate) default_set: i32,
-    pub(crate) hub_sets: bool,
+/// Reads the versions; no migrations table (or no schema) means nothing is applied.
+pub(crate) async fn read_versions(conn: &mut Conn, names: &Names) -> Result<Versions> {
+    let text = sql::versions(names);
+    let mut query = Query::new(text.as_str());
+    query.bind(SHARED_SCOPE);
+    query.bind(DEFAULT_SET_SCOPE);
+    let rows = match conn.try_rows(query).await {
+        Ok(rows) => rows,
+        Err(err) if number(&err) == Some(INVALID_OBJECT) => return Ok(Versions::default()),
+        Err(err) => return Err(db("reading the schema version")(err)),
+    };
+    let Some(row) = rows.first() else {
+        return Ok(Versions::default());
+    };
+    let context = "reading the schema version";
+    Ok(Versions {
+        shared: need::<i32>(row, 0, context)?,
+        default_set: need::<i32>(row, 1, context)?,
+        hub_sets: need::<i32>(row, 2, context)? != 0,
+    })
 }
 
-impl Versions {
-    /// Reads the versions; no migrations table (or no schema) means nothing is applied.
-    pub(crate) async fn read(conn: &mut Conn, names: &Names) -> Result<Self> {
-        let text = sql::versions(names);
-        let mut query = Query::new(text.as_str());
-        query.bind(SHARED_SCOPE);
-        query.bind(DEFAULT_SET_SCOPE);
-        let rows = match conn.try_rows(query).await {
-            Ok(rows) => rows,
-            Err(err) if number(&err) == Some(INVALID_OBJECT) => return Ok(Self::default()),
-            Err(err) => return Err(db("reading the schema version")(err)),
-        };
-        let Some(row) = rows.first() else {
-            return Ok(Self::default());
-        };
-        let context = "reading the schema version";
-        Ok(Self {
-            shared: need::<i32>(row, 0, context)?,
-            default_set: need::<i32>(row, 1, context)?,
-            hub_sets: need::<i32>(row, 2, context)? != 0,
-        })
-    }
-
-    pub(crate) fn version(&self, per_hub: bool) -> i32 {
-        if per_hub {
-            self.shared
-        } else {
-            self.shared.min(self.default_set)
-        }
-    }
-
-    pub(crate) fn other_layout(&self, per_hub: bool) -> bool {
-        if per_hub {
-            self.default_set > 0
-        } else {
-            self.hub_sets
-        }
-    }
-
-    pub(crate) fn behind(&self, per_hub: bool) -> bool {
-        self.shared < latest_shared() || (!per_hub && self.default_set < latest_set())
-    }
+/// Whether a migration of this layout is missing.
+pub(crate) fn behind(versions: &Versions, per_hub: bool) -> bool {
+    versions.behind(per_hub, latest_shared(), latest_set())
 }
 
 pub(crate) fn latest_version(per_hub: bool) -> i32 {
-    if per_hub {
-        latest_shared()
-    } else {
-        latest_shared().min(latest_set())
-    }
+    backplane_core::schema::latest_version(per_hub, latest_shared(), latest_set())
 }
 
 fn layout_error(options: &MssqlOptions) -> Error {
@@ -428,7 +357,7 @@ async fn apply(conn: &mut Conn, options: &MssqlOptions, names: &Names) -> Result
         "creating the migrations table",
     )
     .await?;
-    let versions = Versions::read(conn, names).await?;
+    let versions = read_versions(conn, names).await?;
     if versions.other_layout(options.tables_per_hub) {
         return Err(layout_error(options));
     }
@@ -460,11 +389,11 @@ pub(crate) async fn check_version(
     options: &MssqlOptions,
 ) -> Result<()> {
     let per_hub = options.tables_per_hub;
-    let versions = Versions::read(conn, names).await?;
+    let versions = read_versions(conn, names).await?;
     if versions.other_layout(per_hub) {
         return Err(layout_error(options));
     }
-    if versions.behind(per_hub) {
+    if behind(&versions, per_hub) {
         return Err(Error::permanent(
             MssqlBackplane::NAME,
             format!(
@@ -750,16 +679,5 @@ mod tests {
         );
         assert_ne!(names.lock, other.lock);
         assert_eq!(Names::new(&options()).poller, "backplane-poller backplane.");
-    }
-
-    #[test]
-    fn rendering_is_one_pass() {
-        assert_eq!(
-            render(
-                "{schema}.[{set}log] {other}",
-                &[("{schema}", "[{set}]"), ("{set}", "x_")]
-            ),
-            "[{set}].[x_log] {other}"
-        );
     }
 }

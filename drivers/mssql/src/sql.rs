@@ -692,6 +692,153 @@ mod tests {
         assert_eq!(declared.matches(COLLATION).count(), 3);
     }
 
+    /// Checks the lexical shape of a T-SQL text: `'…'` literals closed, `[…]` identifiers
+    /// closed (`]]` inside), parentheses balanced outside both, `BEGIN`/`END` blocks paired.
+    fn well_formed(text: &str) -> Result<(), String> {
+        let chars: Vec<char> = text.chars().collect();
+        let (mut depth, mut i) = (0i32, 0);
+        while i < chars.len() {
+            match chars[i] {
+                '\'' => {
+                    i += 1;
+                    loop {
+                        match chars.get(i) {
+                            None => return Err("an unclosed string literal".into()),
+                            Some('\'') if chars.get(i + 1) == Some(&'\'') => i += 2,
+                            Some('\'') => break,
+                            Some(_) => i += 1,
+                        }
+                    }
+                }
+                '[' => {
+                    i += 1;
+                    loop {
+                        match chars.get(i) {
+                            None => return Err("an unclosed [identifier]".into()),
+                            Some(']') if chars.get(i + 1) == Some(&']') => i += 2,
+                            Some(']') => break,
+                            Some(_) => i += 1,
+                        }
+                    }
+                }
+                '(' => depth += 1,
+                ')' => {
+                    depth -= 1;
+                    if depth < 0 {
+                        return Err("a ) without its (".into());
+                    }
+                }
+                _ => {}
+            }
+            i += 1;
+        }
+        if depth != 0 {
+            return Err(format!("{depth} unclosed parentheses"));
+        }
+        let words: Vec<String> = text
+            .split(|c: char| !c.is_ascii_alphanumeric() && c != '_')
+            .map(str::to_ascii_uppercase)
+            .collect();
+        let opened = words
+            .windows(2)
+            .filter(|w| w[0] == "BEGIN" && w[1] != "TRANSACTION")
+            .count();
+        let cases = words.iter().filter(|w| *w == "CASE").count();
+        let ends = words.iter().filter(|w| *w == "END").count();
+        if opened + cases != ends {
+            return Err(format!("{opened} BEGIN and {cases} CASE but {ends} END"));
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn every_statement_is_well_formed() {
+        let options = MssqlOptions::new("h", "u", "p")
+            .schema("we]ird sch'ema")
+            .table_prefix("p(");
+        let names = Names::new(&options);
+        let sets = [
+            SetNames::shared(&options),
+            SetNames::hub(&options, "o'dd]slug("),
+        ];
+        let node = NodeSql::new(&names);
+        let mut texts = vec![
+            SESSION_SETTINGS.to_owned(),
+            LOCK_SESSION.to_owned(),
+            UNLOCK_SESSION.to_owned(),
+            begin_locked(&names.lock),
+            CREATE_SCHEMA.to_owned(),
+            migrations_table(&names),
+            versions(&names),
+            hub_state(&names),
+            slug_holder(&names),
+            register_hub(&names),
+            registered_hubs(&names),
+            SERVER_INFO.to_owned(),
+            PERMISSIONS.to_owned(),
+            KILL_PROGRAM.to_owned(),
+            DROP_SCHEMA.to_owned(),
+            node.register_node.clone(),
+            node.live_nodes.clone(),
+            node.heartbeat(&[]),
+            node.heartbeat(&[&sets[0], &sets[1]]),
+            node.unregister_node(&[&sets[0], &sets[1]]),
+            node.reap_nodes(&[&sets[0], &sets[1]]),
+        ];
+        for set in &sets {
+            let sql = Sql::new(set);
+            texts.extend([
+                sql.create_stream.clone(),
+                sql.tail.clone(),
+                sql.read.clone(),
+                sql.trim_streams.clone(),
+                sql.trim.clone(),
+                sql.add_connection.clone(),
+                sql.remove_connection.clone(),
+                sql.connection.clone(),
+                sql.user_connections.clone(),
+                sql.online_users.clone(),
+                sql.user_session.clone(),
+                sql.add_member.clone(),
+                sql.remove_member.clone(),
+                sql.group_members.clone(),
+                sql.connection_groups.clone(),
+                sql.enqueue.clone(),
+                sql.pending.clone(),
+                sql.durable_message.clone(),
+                sql.acknowledge.clone(),
+                sql.record_attempt.clone(),
+                sql.attempts.clone(),
+                sql.purge_expired.clone(),
+                sql.pending_count.clone(),
+                sql.reserve(),
+                sql.insert_chunk(4),
+                poll_hubs(&sql, &["a", "b'c"]),
+            ]);
+            for bucket in [1, 2, 64, 1024] {
+                texts.push(sql.append(bucket).to_owned());
+            }
+        }
+        texts.push(crate::schema::ddl(&options));
+        texts.push(crate::schema::ddl(&options.clone().tables_per_hub(true)));
+        for text in &texts {
+            // Comments may hold anything; the migrations' comments are plain prose.
+            let code: String = text
+                .lines()
+                .map(|line| line.split("--").next().unwrap_or(""))
+                .collect::<Vec<_>>()
+                .join("\n");
+            if let Err(problem) = well_formed(&code) {
+                panic!("{problem} in:\n{text}");
+            }
+        }
+        assert!(well_formed("SELECT (1").is_err());
+        assert!(well_formed("SELECT 'a").is_err());
+        assert!(well_formed("SELECT [a").is_err());
+        assert!(well_formed("IF 1 = 1 BEGIN SELECT 1").is_err());
+        assert!(well_formed("SELECT N'it''s', [a]]b] WHERE (1 = 1)").is_ok());
+    }
+
     #[test]
     fn poll_lists_quote_hubs() {
         let sql = Sql::new(&set());

@@ -1,11 +1,10 @@
 //! Which table set serves a hub: the one every hub shares, or, with tables per hub, the hub's
 //! own, created on first use and cached per node.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::Arc;
 
+use backplane_core::schema::HubTables;
 use backplane_core::{HubName, Result};
-use tokio::sync::OnceCell;
 
 use crate::MssqlBackplane;
 use crate::conn::Conn;
@@ -36,38 +35,12 @@ pub(crate) enum Layout {
     PerHub(PerHub),
 }
 
-/// The table sets this node knows, with tables per hub. Locks here are never held across an
-/// await.
-#[derive(Debug, Default)]
-pub(crate) struct PerHub {
-    hubs: RwLock<HashMap<HubName, Arc<OnceCell<Arc<TableSet>>>>>,
-    by_slug: Mutex<HashMap<String, Arc<TableSet>>>,
-}
+/// The table sets this node knows, with tables per hub.
+pub(crate) type PerHub = HubTables<TableSet>;
 
-impl PerHub {
-    fn cell(&self, hub: &HubName) -> Arc<OnceCell<Arc<TableSet>>> {
-        if let Some(cell) = self
-            .hubs
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(hub)
-        {
-            return cell.clone();
-        }
-        self.hubs
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .entry(hub.clone())
-            .or_default()
-            .clone()
-    }
-
-    fn set(&self, options: &MssqlOptions, slug: &str) -> Arc<TableSet> {
-        let mut sets = self.by_slug.lock().unwrap_or_else(PoisonError::into_inner);
-        sets.entry(slug.to_owned())
-            .or_insert_with(|| Arc::new(TableSet::new(SetNames::hub(options, slug))))
-            .clone()
-    }
+/// The rendered set of the hub whose slug is `slug`.
+fn hub_set(per_hub: &PerHub, options: &MssqlOptions, slug: &str) -> Arc<TableSet> {
+    per_hub.set(slug, || TableSet::new(SetNames::hub(options, slug)))
 }
 
 impl MssqlBackplane {
@@ -88,7 +61,7 @@ impl MssqlBackplane {
             let mut conn = self.conn().await?;
             schema::ensure_hub_set(&mut conn, options, &self.inner().names, hub.as_str(), &slug)
                 .await?;
-            Ok(per_hub.set(options, &slug))
+            Ok(hub_set(per_hub, options, &slug))
         })
         .await
         .cloned()
@@ -118,7 +91,7 @@ impl MssqlBackplane {
                 }
                 schema::ensure_hub_set(conn, options, names, &hub, &slug).await?;
             }
-            sets.push(per_hub.set(options, &slug));
+            sets.push(hub_set(per_hub, options, &slug));
         }
         Ok(sets)
     }

@@ -365,7 +365,7 @@ impl PgBackplane {
     /// When the database cannot be reached.
     pub async fn schema_version(&self) -> Result<i32> {
         let client = self.client().await?;
-        let versions = schema::Versions::read(&**client, &self.inner.names).await?;
+        let versions = schema::read_versions(&**client, &self.inner.names).await?;
         Ok(versions.version(self.inner.options.tables_per_hub))
     }
 

@@ -34,7 +34,7 @@ async fn schema_check(
     options: &PgOptions,
 ) -> Result<String, String> {
     let per_hub = options.tables_per_hub;
-    let versions = schema::Versions::read(client, names)
+    let versions = schema::read_versions(client, names)
         .await
         .map_err(|err| format!("could not read the migrations table: {err}"))?;
     if versions.other_layout(per_hub) {
@@ -43,7 +43,7 @@ async fn schema_check(
         ));
     }
     let (version, latest) = (versions.version(per_hub), schema::latest_version(per_hub));
-    if versions.behind(per_hub) {
+    if schema::behind(&versions, per_hub) {
         return Err(format!(
             "version {version}, this driver needs {latest}: connect once with create_schema=true or run the DDL"
         ));

@@ -2,9 +2,9 @@
 
 use std::fmt;
 use std::str::FromStr;
-use std::sync::Arc;
 use std::time::Duration;
 
+use backplane_core::schema::TableSlug;
 use backplane_core::{DEFAULT_STREAMS, Error};
 
 use crate::PgBackplane;
@@ -79,22 +79,6 @@ const OWN_PARAMS: &[&str] = &[
     "create_schema",
     "tables_per_hub",
 ];
-
-/// A custom function from a hub name to the slug in its table names.
-#[derive(Clone)]
-pub(crate) struct TableSlug(Arc<dyn Fn(&str) -> String + Send + Sync + 'static>);
-
-impl TableSlug {
-    pub(crate) fn slug(&self, hub: &str) -> String {
-        (self.0)(hub)
-    }
-}
-
-impl fmt::Debug for TableSlug {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("<custom>")
-    }
-}
 
 /// A boolean query parameter: `true`, `1` or `yes`; `false`, `0` or `no`.
 fn boolean(key: &str, value: &str) -> Result<bool, Error> {
@@ -248,7 +232,7 @@ impl PgOptions {
     /// # Ok::<(), backplane_core::Error>(())
     /// ```
     pub fn table_slug(mut self, slug: impl Fn(&str) -> String + Send + Sync + 'static) -> Self {
-        self.table_slug = Some(TableSlug(Arc::new(slug)));
+        self.table_slug = Some(TableSlug::new(slug));
         self.tables_per_hub = true;
         self
     }

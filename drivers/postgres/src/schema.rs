@@ -10,6 +10,7 @@
 //!   per hub (scope `hub/{slug}`, named `{prefix}{slug}_streams` and so on), created on the
 //!   hub's first use.
 
+use backplane_core::schema::{Versions, default_table_slug, render, stable_hash};
 use backplane_core::{Error, Result};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, GenericClient};
@@ -62,32 +63,11 @@ pub(crate) fn quote_literal(value: &str) -> String {
     }
 }
 
-/// A 64-bit FNV-1a hash, stable across processes and versions.
-fn fnv(s: &str) -> u64 {
-    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    })
-}
-
 /// The default slug of a hub: the name lowercased, every character outside `[a-z0-9_]` turned
 /// into `_`, cut to [`SLUG_STEM`] bytes, then `_` and 8 hex digits of a hash of the exact name,
 /// so names that differ only in case or past the cut still get tables of their own.
 pub(crate) fn default_slug(hub: &str) -> String {
-    let mut slug: String = hub
-        .chars()
-        .map(|c| {
-            let c = c.to_ascii_lowercase();
-            if c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .take(SLUG_STEM)
-        .collect();
-    let hash = fnv(hub);
-    slug.push_str(&format!("_{:08x}", (hash ^ (hash >> 32)) & 0xffff_ffff));
-    slug
+    default_table_slug(hub, SLUG_STEM)
 }
 
 /// The slug of `hub`'s table set under `options`, checked: not empty, no control characters,
@@ -143,14 +123,14 @@ impl Names {
         let channel = if raw.len() <= MAX_IDENTIFIER {
             raw.clone()
         } else {
-            format!("backplane.{:016x}", fnv(&raw))
+            format!("backplane.{:016x}", stable_hash(&raw))
         };
         Self {
             nodes: table("nodes"),
             hubs: table("hubs"),
             migrations: table("migrations"),
             channel,
-            lock_key: i64::from_le_bytes(fnv(&raw).to_le_bytes()),
+            lock_key: i64::from_le_bytes(stable_hash(&raw).to_le_bytes()),
             schema,
         }
     }
@@ -205,28 +185,6 @@ impl SetNames {
             base,
         }
     }
-}
-
-/// Replaces each `{name}` placeholder in one pass, so a value that looks like a placeholder
-/// stays as it is.
-fn render(sql: &str, values: &[(&str, &str)]) -> String {
-    let mut out = String::with_capacity(sql.len() + 256);
-    let mut rest = sql;
-    'scan: while let Some(at) = rest.find('{') {
-        out.push_str(&rest[..at]);
-        rest = &rest[at..];
-        for (placeholder, value) in values {
-            if let Some(after) = rest.strip_prefix(placeholder) {
-                out.push_str(value);
-                rest = after;
-                continue 'scan;
-            }
-        }
-        out.push('{');
-        rest = &rest[1..];
-    }
-    out.push_str(rest);
-    out
 }
 
 /// Renders a shared migration for a schema and prefix. The prefix is placed inside quoted
@@ -341,83 +299,46 @@ pub(crate) fn latest_set() -> i32 {
     SET.last().map_or(0, |(v, _)| *v)
 }
 
-/// What the migrations table says about a schema and prefix.
-#[derive(Debug, Clone, Copy, Default)]
-pub(crate) struct Versions {
-    /// The shared tables' version, 0 when none.
-    pub(crate) shared: i32,
-    /// The version of the table set every hub shares, 0 when none.
-    pub(crate) default_set: i32,
-    /// Whether any hub has a table set of its own.
-    pub(crate) hub_sets: bool,
+/// Reads the versions; no migrations table (or no schema) means nothing is applied.
+pub(crate) async fn read_versions(client: &impl GenericClient, names: &Names) -> Result<Versions> {
+    let sql = format!(
+        "SELECT coalesce(max(version) FILTER (WHERE scope = $1), 0),
+                coalesce(max(version) FILTER (WHERE scope = $2), 0),
+                EXISTS (SELECT 1 FROM {m} WHERE scope LIKE 'hub/%')
+         FROM {m}",
+        m = names.migrations
+    );
+    let row = match client
+        .query_one(&sql, &[&SHARED_SCOPE, &DEFAULT_SET_SCOPE])
+        .await
+    {
+        Ok(row) => row,
+        Err(err)
+            if matches!(
+                err.code(),
+                Some(&SqlState::UNDEFINED_TABLE) | Some(&SqlState::INVALID_SCHEMA_NAME)
+            ) =>
+        {
+            return Ok(Versions::default());
+        }
+        Err(err) => return Err(db("reading the schema version")(err)),
+    };
+    let e = || db("reading the schema version");
+    Ok(Versions {
+        shared: row.try_get(0).map_err(e())?,
+        default_set: row.try_get(1).map_err(e())?,
+        hub_sets: row.try_get(2).map_err(e())?,
+    })
 }
 
-impl Versions {
-    /// Reads the versions; no migrations table (or no schema) means nothing is applied.
-    pub(crate) async fn read(client: &impl GenericClient, names: &Names) -> Result<Self> {
-        let sql = format!(
-            "SELECT coalesce(max(version) FILTER (WHERE scope = $1), 0),
-                    coalesce(max(version) FILTER (WHERE scope = $2), 0),
-                    EXISTS (SELECT 1 FROM {m} WHERE scope LIKE 'hub/%')
-             FROM {m}",
-            m = names.migrations
-        );
-        let row = match client
-            .query_one(&sql, &[&SHARED_SCOPE, &DEFAULT_SET_SCOPE])
-            .await
-        {
-            Ok(row) => row,
-            Err(err)
-                if matches!(
-                    err.code(),
-                    Some(&SqlState::UNDEFINED_TABLE) | Some(&SqlState::INVALID_SCHEMA_NAME)
-                ) =>
-            {
-                return Ok(Self::default());
-            }
-            Err(err) => return Err(db("reading the schema version")(err)),
-        };
-        let e = || db("reading the schema version");
-        Ok(Self {
-            shared: row.try_get(0).map_err(e())?,
-            default_set: row.try_get(1).map_err(e())?,
-            hub_sets: row.try_get(2).map_err(e())?,
-        })
-    }
-
-    /// The schema version for the layout of `options`: the shared tables' version with tables
-    /// per hub (each hub's set is checked on its first use), else the lower of the shared
-    /// tables' and the shared set's.
-    pub(crate) fn version(&self, per_hub: bool) -> i32 {
-        if per_hub {
-            self.shared
-        } else {
-            self.shared.min(self.default_set)
-        }
-    }
-
-    /// Whether the tables are those of the other layout.
-    pub(crate) fn other_layout(&self, per_hub: bool) -> bool {
-        if per_hub {
-            self.default_set > 0
-        } else {
-            self.hub_sets
-        }
-    }
-
-    /// Whether a migration of this layout is missing.
-    pub(crate) fn behind(&self, per_hub: bool) -> bool {
-        self.shared < latest_shared() || (!per_hub && self.default_set < latest_set())
-    }
+/// Whether a migration of this layout is missing.
+pub(crate) fn behind(versions: &Versions, per_hub: bool) -> bool {
+    versions.behind(per_hub, latest_shared(), latest_set())
 }
 
 /// The schema version this driver needs for the layout of `options`.
 pub(crate) fn latest_version(per_hub: bool) -> i32 {
-    if per_hub {
-        latest_shared()
-    } else {
-        latest_shared().min(latest_set())
-    }
+    backplane_core::schema::latest_version(per_hub, latest_shared(), latest_set())
 }
 
 /// An error for tables of the other layout under this schema and prefix: nodes of both
@@ -460,7 +381,7 @@ async fn apply(client: &mut Client, options: &PgOptions, names: &Names) -> Resul
         ))
         .await
         .map_err(db("creating the schema"))?;
-    let versions = Versions::read(client, names).await?;
+    let versions = read_versions(client, names).await?;
     if versions.other_layout(options.tables_per_hub) {
         return Err(layout_error(options));
     }
@@ -521,11 +442,11 @@ pub(crate) async fn check_version(
     options: &PgOptions,
 ) -> Result<()> {
     let per_hub = options.tables_per_hub;
-    let versions = Versions::read(client, names).await?;
+    let versions = read_versions(client, names).await?;
     if versions.other_layout(per_hub) {
         return Err(layout_error(options));
     }
-    if versions.behind(per_hub) {
+    if behind(&versions, per_hub) {
         return Err(Error::permanent(
             PgBackplane::NAME,
             format!(
@@ -747,17 +668,6 @@ mod tests {
         );
         assert!(hub.contains(&format!("VALUES ('hub/{slug}', 1);")), "{hub}");
         assert!(hub_ddl(&options.tables_per_hub(false), "Chat").is_err());
-    }
-
-    #[test]
-    fn rendering_is_one_pass() {
-        assert_eq!(
-            render(
-                "{schema}.\"{set}log\" {other}",
-                &[("{schema}", "\"{set}\""), ("{set}", "x_")]
-            ),
-            "\"{set}\".\"x_log\" {other}"
-        );
     }
 
     #[test]

@@ -1,11 +1,10 @@
 //! Which table set serves a hub: the one every hub shares, or, with tables per hub, the hub's
 //! own, created on first use and cached per node.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::Arc;
 
+use backplane_core::schema::HubTables;
 use backplane_core::{HubName, Result};
-use tokio::sync::OnceCell;
 
 use crate::PgBackplane;
 use crate::options::PgOptions;
@@ -35,46 +34,12 @@ pub(crate) enum Layout {
     PerHub(PerHub),
 }
 
-/// The table sets this node knows, with tables per hub. Locks here are never held across an
-/// await.
-#[derive(Debug, Default)]
-pub(crate) struct PerHub {
-    /// Hubs this node has used: the cell fills once the hub's tables are known to exist, and
-    /// stays empty after a failure, so the next call tries again.
-    hubs: RwLock<HashMap<HubName, Arc<OnceCell<Arc<TableSet>>>>>,
-    /// Rendered sets by slug, shared by hubs this node used and hubs it only found in the
-    /// registry.
-    by_slug: Mutex<HashMap<String, Arc<TableSet>>>,
-}
+/// The table sets this node knows, with tables per hub.
+pub(crate) type PerHub = HubTables<TableSet>;
 
-impl PerHub {
-    fn cell(&self, hub: &HubName) -> Arc<OnceCell<Arc<TableSet>>> {
-        if let Some(cell) = self
-            .hubs
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(hub)
-        {
-            return cell.clone();
-        }
-        self.hubs
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .entry(hub.clone())
-            .or_default()
-            .clone()
-    }
-
-    /// The set with this slug, rendered on first request.
-    fn set(&self, options: &PgOptions, slug: &str) -> Arc<TableSet> {
-        let mut sets = self.by_slug.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(set) = sets.get(slug) {
-            return set.clone();
-        }
-        let set = Arc::new(TableSet::new(SetNames::hub(options, slug)));
-        sets.insert(slug.to_owned(), set.clone());
-        set
-    }
+/// The rendered set of the hub whose slug is `slug`.
+fn hub_set(per_hub: &PerHub, options: &PgOptions, slug: &str) -> Arc<TableSet> {
+    per_hub.set(slug, || TableSet::new(SetNames::hub(options, slug)))
 }
 
 impl PgBackplane {
@@ -105,7 +70,7 @@ impl PgBackplane {
                 &slug,
             )
             .await?;
-            Ok(per_hub.set(options, &slug))
+            Ok(hub_set(per_hub, options, &slug))
         })
         .await
         .cloned()
@@ -138,7 +103,7 @@ impl PgBackplane {
                 }
                 schema::ensure_hub_set(client, options, names, &hub, &slug).await?;
             }
-            sets.push(per_hub.set(options, &slug));
+            sets.push(hub_set(per_hub, options, &slug));
         }
         Ok(sets)
     }
