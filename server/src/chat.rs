@@ -8,6 +8,7 @@
 //! | `SendToGroup(group, message)` | the group receives `ReceiveGroupMessage(group, user, message)` |
 //! | `SendToUser(user, message)` | every connection of that user receives `ReceiveNotification(fromUser, message)`, durably: an offline user receives it once, on their next connect |
 //! | `GetOnlineUsers()` | returns the ids of the users connected to the hub, on any node |
+//! | `UploadMessages(stream)` | a client-to-server stream: every item goes to every connection as `ReceiveMessage(user, item)`, in order; the result is how many were sent |
 //! | `Ask(user, question)` | one connection of that user is asked `Ask(fromUser, question)` and the value its handler returns is the caller's result (a SignalR client result, on any node) |
 
 use std::time::Duration;
@@ -49,6 +50,24 @@ pub fn hub() -> Hub {
                 .await?;
             Ok(Value::Null)
         })
+        .upload(
+            "UploadMessages",
+            0,
+            1,
+            |ctx, _args, mut streams| async move {
+                let mut sent = 0u64;
+                if let Some(messages) = streams.first_mut() {
+                    while let Some(message) = messages.next_as::<String>().await? {
+                        ctx.clients()
+                            .all()
+                            .send("ReceiveMessage", vec![json!(who(&ctx)), json!(message)])
+                            .await?;
+                        sent += 1;
+                    }
+                }
+                Ok(json!(sent))
+            },
+        )
         .method("JoinGroup", 1, |ctx, args| async move {
             let group = group(args.get(0)?)?;
             ctx.groups().add(ctx.connection_id(), &group).await?;

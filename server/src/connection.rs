@@ -18,7 +18,7 @@ use tokio::io::WriteHalf;
 use tokio::sync::{mpsc, watch};
 use tokio::task::AbortHandle;
 
-use crate::hub::{Arguments, Context, Handler, Hub, StreamSender};
+use crate::hub::{Arguments, Context, Handler, Hub, StreamReceiver, StreamSender, Upload};
 use crate::metrics::Metrics;
 use crate::protocol::{self, Handshake, HubMessage, Outcome, Protocol, RecordBuffer};
 use crate::server::Limits;
@@ -287,6 +287,7 @@ pub(crate) async fn serve(mut ws: WebSocket<Socket>, setup: Setup) {
         out: out_tx.clone(),
         worker: None,
         streams: streams.clone(),
+        uploads: HashMap::new(),
     };
 
     // Records that came in the handshake's frame.
@@ -495,6 +496,12 @@ struct Work {
     arguments: Vec<Value>,
 }
 
+/// Items a client may send on one stream before the reader waits for the method to take them.
+const UPLOAD_QUEUE: usize = 32;
+
+/// Streams from one client that may be open at once.
+const MAX_UPLOADS: usize = 64;
+
 struct Dispatch {
     /// The hub protocol the client chose.
     wire: Protocol,
@@ -516,6 +523,8 @@ struct Dispatch {
     /// that never invokes anything does not pay for it.
     worker: Option<(mpsc::Sender<Box<Work>>, tokio::task::JoinHandle<()>)>,
     streams: Streams,
+    /// The client's open streams to uploading methods, by stream id.
+    uploads: HashMap<String, mpsc::Sender<Upload>>,
 }
 
 impl Dispatch {
@@ -589,6 +598,29 @@ impl Dispatch {
                 self.invoke(Some(invocation_id), &target, arguments, stream_ids, true)
                     .await;
             }
+            HubMessage::StreamItem {
+                invocation_id,
+                item,
+            } => {
+                // A stream the method stopped reading (it returned) is forgotten.
+                if let Some(tx) = self.uploads.get(&invocation_id)
+                    && tx.send(Upload::Item(item)).await.is_err()
+                {
+                    self.uploads.remove(&invocation_id);
+                }
+            }
+            HubMessage::Completion {
+                invocation_id,
+                outcome,
+            } if self.uploads.contains_key(&invocation_id) => {
+                if let Some(tx) = self.uploads.remove(&invocation_id) {
+                    let end = match outcome {
+                        Outcome::Error(error) => Upload::Error(error),
+                        _ => Upload::End,
+                    };
+                    let _ = tx.send(end).await;
+                }
+            }
             HubMessage::Completion {
                 invocation_id,
                 outcome,
@@ -621,10 +653,7 @@ impl Dispatch {
                 }
             }
             HubMessage::Close { .. } => return Some(End::ClientClosed),
-            HubMessage::Ping
-            | HubMessage::Ack { .. }
-            | HubMessage::Sequence { .. }
-            | HubMessage::StreamItem { .. } => {}
+            HubMessage::Ping | HubMessage::Ack { .. } | HubMessage::Sequence { .. } => {}
         }
         None
     }
@@ -645,15 +674,34 @@ impl Dispatch {
             .await;
             return;
         };
-        if !stream_ids.is_empty() {
-            self.complete(
-                invocation_id,
-                Outcome::Error(format!(
-                    "'{}' does not accept client-to-server streams",
-                    method.name
-                )),
-            )
-            .await;
+        if stream_ids.len() != method.uploads {
+            let error = if method.uploads == 0 {
+                format!("'{}' does not accept client-to-server streams", method.name)
+            } else {
+                format!(
+                    "'{}' takes {} stream(s) from the client, the invocation names {}",
+                    method.name,
+                    method.uploads,
+                    stream_ids.len()
+                )
+            };
+            self.complete(invocation_id, Outcome::Error(error)).await;
+            return;
+        }
+        // Streams whose method has returned are forgotten; the rest count against the limit.
+        self.uploads.retain(|_, tx| !tx.is_closed());
+        if self.uploads.len() + stream_ids.len() > MAX_UPLOADS {
+            let error =
+                format!("at most {MAX_UPLOADS} streams from the client may be open at once");
+            self.complete(invocation_id, Outcome::Error(error)).await;
+            return;
+        }
+        if let Some(taken) = stream_ids.iter().find(|id| {
+            self.uploads.contains_key(*id)
+                || stream_ids.iter().filter(|other| other == id).count() > 1
+        }) {
+            let error = format!("stream id '{taken}' is already in use");
+            self.complete(invocation_id, Outcome::Error(error)).await;
             return;
         }
         if arguments.len() != method.arity {
@@ -681,6 +729,25 @@ impl Dispatch {
             self.complete(invocation_id, Outcome::Error(error)).await;
             return;
         }
+        let uploads: Vec<StreamReceiver> = stream_ids
+            .into_iter()
+            .map(|id| {
+                let (tx, rx) = mpsc::channel(UPLOAD_QUEUE);
+                self.uploads.insert(id, tx);
+                StreamReceiver::new(rx)
+            })
+            .collect();
+        if let Handler::Uploading(handler) = &method.handler {
+            let args = Arguments::new(&method.name, arguments);
+            let call = tokio::spawn(handler(self.ctx.clone(), args, uploads));
+            let (out, wire, name) = (self.out.clone(), self.wire, method.name.clone());
+            tokio::spawn(async move {
+                if let Some(record) = completion(call, &name, invocation_id, wire).await {
+                    let _ = out.send(Out::Record(record)).await;
+                }
+            });
+            return;
+        }
         let (work, _) = self.worker.get_or_insert_with(|| {
             let (work, queue) = mpsc::channel::<Box<Work>>(INVOCATION_QUEUE);
             let handle = tokio::spawn(worker(
@@ -702,7 +769,35 @@ impl Dispatch {
     }
 }
 
-/// Runs a connection's invocations one at a time, in order (streams run beside it).
+/// Waits for a unary or uploading call and encodes its completion (none without an
+/// invocation id).
+async fn completion(
+    call: tokio::task::JoinHandle<crate::hub::HubResult>,
+    name: &str,
+    invocation_id: Option<String>,
+    wire: Protocol,
+) -> Option<Vec<u8>> {
+    let outcome = match call.await {
+        Ok(Ok(Value::Null)) => Outcome::Void,
+        Ok(Ok(value)) => Outcome::Result(value),
+        Ok(Err(err)) => Outcome::Error(err.message().to_owned()),
+        Err(join) => {
+            tracing::error!(method = %name, error = %join, "a hub method failed");
+            Outcome::Error(format!(
+                "An unexpected error occurred invoking '{name}' on the server."
+            ))
+        }
+    };
+    let invocation_id = invocation_id?;
+    Some(wire.encode(&HubMessage::Completion {
+        invocation_id,
+        outcome,
+    }))
+}
+
+/// Runs a connection's invocations one at a time, in order (streams, and methods that take
+/// streams from the client, run beside it: they wait for the client's next items, which must
+/// not hold up the calls behind them).
 async fn worker(
     mut work: mpsc::Receiver<Box<Work>>,
     ctx: Context,
@@ -712,32 +807,22 @@ async fn worker(
 ) {
     while let Some(item) = work.recv().await {
         let args = Arguments::new(&item.method.name, item.arguments);
-        match item.method.handler {
-            Handler::Unary(handler) => {
-                let name = item.method.name.clone();
-                let result = tokio::spawn(handler(ctx.clone(), args)).await;
-                let outcome = match result {
-                    Ok(Ok(Value::Null)) => Outcome::Void,
-                    Ok(Ok(value)) => Outcome::Result(value),
-                    Ok(Err(err)) => Outcome::Error(err.message().to_owned()),
-                    Err(join) => {
-                        tracing::error!(method = %name, error = %join, "a hub method failed");
-                        Outcome::Error(format!(
-                            "An unexpected error occurred invoking '{name}' on the server."
-                        ))
-                    }
-                };
-                if let Some(invocation_id) = item.invocation_id {
-                    let record = wire.encode(&HubMessage::Completion {
-                        invocation_id,
-                        outcome,
-                    });
-                    if out.send(Out::Record(record)).await.is_err() {
-                        return;
-                    }
+        let call = match item.method.handler.clone() {
+            Handler::Unary(handler) => Ok(tokio::spawn(handler(ctx.clone(), args))),
+            Handler::Streaming(handler) => Err((handler, args)),
+            // Run beside the worker, from `invoke`.
+            Handler::Uploading(_) => continue,
+        };
+        match call {
+            Ok(call) => {
+                let record = completion(call, &item.method.name, item.invocation_id, wire).await;
+                if let Some(record) = record
+                    && out.send(Out::Record(record)).await.is_err()
+                {
+                    return;
                 }
             }
-            Handler::Streaming(handler) => {
+            Err((handler, args)) => {
                 let Some(invocation_id) = item.invocation_id else {
                     continue;
                 };

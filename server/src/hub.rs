@@ -168,7 +168,78 @@ impl StreamSender {
     }
 }
 
+/// What a client sent on one of its streams to a hub method.
+#[derive(Debug)]
+pub(crate) enum Upload {
+    /// One item.
+    Item(Value),
+    /// The client completed the stream.
+    End,
+    /// The client ended the stream with an error.
+    Error(String),
+}
+
+/// Items a client streams to a hub method (a SignalR client-to-server stream: a `Subject` in
+/// the JavaScript client, a `ChannelReader` or `IAsyncEnumerable` in .NET), in order.
+#[derive(Debug)]
+pub struct StreamReceiver {
+    rx: mpsc::Receiver<Upload>,
+    done: bool,
+}
+
+impl StreamReceiver {
+    pub(crate) fn new(rx: mpsc::Receiver<Upload>) -> Self {
+        Self { rx, done: false }
+    }
+
+    /// The next item; `None` once the client has completed the stream.
+    ///
+    /// # Errors
+    ///
+    /// The client ended the stream with an error, or went away before completing it.
+    pub async fn next(&mut self) -> HubResult<Option<Value>> {
+        if self.done {
+            return Ok(None);
+        }
+        match self.rx.recv().await {
+            Some(Upload::Item(item)) => Ok(Some(item)),
+            Some(Upload::End) => {
+                self.done = true;
+                Ok(None)
+            }
+            Some(Upload::Error(error)) => {
+                self.done = true;
+                Err(HubError::new(format!(
+                    "the client ended the stream: {error}"
+                )))
+            }
+            None => {
+                self.done = true;
+                Err(HubError::new(
+                    "the client went away before completing the stream",
+                ))
+            }
+        }
+    }
+
+    /// The next item converted to `T`; `None` once the client has completed the stream.
+    ///
+    /// # Errors
+    ///
+    /// As [`next`](Self::next), and when an item is not a `T`.
+    pub async fn next_as<T: DeserializeOwned>(&mut self) -> HubResult<Option<T>> {
+        match self.next().await? {
+            Some(item) => T::deserialize(item)
+                .map(Some)
+                .map_err(|e| HubError::new(format!("a stream item has the wrong type: {e}"))),
+            None => Ok(None),
+        }
+    }
+}
+
 type Unary = Arc<dyn Fn(Context, Arguments) -> BoxFuture<HubResult> + Send + Sync>;
+type Uploading =
+    Arc<dyn Fn(Context, Arguments, Vec<StreamReceiver>) -> BoxFuture<HubResult> + Send + Sync>;
 type Streaming =
     Arc<dyn Fn(Context, Arguments, StreamSender) -> BoxFuture<HubResult<()>> + Send + Sync>;
 type Hook = Arc<dyn Fn(Context) -> BoxFuture<HubResult<()>> + Send + Sync>;
@@ -177,12 +248,15 @@ type Hook = Arc<dyn Fn(Context) -> BoxFuture<HubResult<()>> + Send + Sync>;
 pub(crate) enum Handler {
     Unary(Unary),
     Streaming(Streaming),
+    Uploading(Uploading),
 }
 
 #[derive(Clone)]
 pub(crate) struct Method {
     pub(crate) name: String,
     pub(crate) arity: usize,
+    /// How many streams the client sends to it (uploading methods only).
+    pub(crate) uploads: usize,
     pub(crate) handler: Handler,
 }
 
@@ -268,19 +342,36 @@ impl HubBuilder {
         Fut: Future<Output = HubResult> + Send + 'static,
     {
         let handler: Unary = Arc::new(move |ctx, args| Box::pin(handler(ctx, args)));
-        self.add(name, arity, Handler::Unary(handler))
+        self.add(name, arity, 0, Handler::Unary(handler))
     }
 
-    fn add(mut self, name: &str, arity: usize, handler: Handler) -> Self {
+    fn add(mut self, name: &str, arity: usize, uploads: usize, handler: Handler) -> Self {
         self.hub.methods.insert(
             name.to_ascii_lowercase(),
             Method {
                 name: name.to_owned(),
                 arity,
+                uploads,
                 handler,
             },
         );
         self
+    }
+
+    /// Adds a method that takes `arity` arguments and `streams` streams from the client (its
+    /// invocation names them in `streamIds`; the client sends their items as `StreamItem`
+    /// messages and ends each with a completion). The handler reads each stream with a
+    /// [`StreamReceiver`], in the order of the stream ids; the caller's completion carries its
+    /// result. Items wait in a small queue per stream: a client that sends faster than the
+    /// handler reads is slowed down, not buffered without bound.
+    pub fn upload<F, Fut>(self, name: &str, arity: usize, streams: usize, handler: F) -> Self
+    where
+        F: Fn(Context, Arguments, Vec<StreamReceiver>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = HubResult> + Send + 'static,
+    {
+        let handler: Uploading =
+            Arc::new(move |ctx, args, streams| Box::pin(handler(ctx, args, streams)));
+        self.add(name, arity, streams.max(1), Handler::Uploading(handler))
     }
 
     /// Adds a streaming method: the caller receives what the handler sends, then a completion.
@@ -291,7 +382,7 @@ impl HubBuilder {
     {
         let handler: Streaming =
             Arc::new(move |ctx, args, items| Box::pin(handler(ctx, args, items)));
-        self.add(name, arity, Handler::Streaming(handler))
+        self.add(name, arity, 0, Handler::Streaming(handler))
     }
 
     /// Runs after a connection's handshake, before its first invocation.

@@ -33,6 +33,6 @@ pub use api::api_token;
 pub use auth::user_token;
 pub use hub::{
     Arguments, BoxFuture, Client, Clients, Context, Groups, Hub, HubBuilder, HubError, HubResult,
-    Recipients, StreamSender,
+    Recipients, StreamReceiver, StreamSender,
 };
 pub use server::{Limits, Running, Security, Server};

@@ -29,6 +29,16 @@ fn test_hub() -> Hub {
                 .invoke("Question", vec![json!(question)], Duration::from_secs(5))
                 .await
         })
+        .upload("Sum", 1, 2, |_ctx, args, mut streams| async move {
+            let scale: i64 = args.get(0)?;
+            let mut total = 0;
+            for stream in &mut streams {
+                while let Some(n) = stream.next_as::<i64>().await? {
+                    total += n * scale;
+                }
+            }
+            Ok(json!(total))
+        })
         .stream("Counter", 1, |_ctx, args, items| async move {
             let count: u64 = args.get(0)?;
             for i in 0..count {
@@ -141,6 +151,120 @@ async fn streams_send_items_then_a_completion() {
             "the cancelled stream sent more than items: {m}"
         );
     }
+    running.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn client_to_server_streams_reach_the_method_in_order() {
+    let running = server(vec![test_hub()], limits()).await;
+    let mut c = RawClient::connect(running.local_addr(), "test", "u1").await;
+    // Two streams; items interleaved, the second stream completed first.
+    c.send(
+        br#"{"type":1,"invocationId":"i1","target":"Sum","arguments":[10],"streamIds":["a","b"]}"#,
+    )
+    .await;
+    for record in [
+        &br#"{"type":2,"invocationId":"b","item":100}"#[..],
+        br#"{"type":2,"invocationId":"a","item":1}"#,
+        br#"{"type":2,"invocationId":"a","item":2}"#,
+        br#"{"type":3,"invocationId":"b"}"#,
+        br#"{"type":2,"invocationId":"a","item":3}"#,
+        br#"{"type":3,"invocationId":"a"}"#,
+    ] {
+        c.send(record).await;
+    }
+    let m = c.next_message().await.expect("a completion");
+    assert_eq!(m, json!({"type":3,"invocationId":"i1","result":1060}));
+
+    // A stream the client ends with an error fails the call with that error.
+    c.send(
+        br#"{"type":1,"invocationId":"i2","target":"Sum","arguments":[1],"streamIds":["c","d"]}"#,
+    )
+    .await;
+    c.send(br#"{"type":2,"invocationId":"c","item":5}"#).await;
+    c.send(br#"{"type":3,"invocationId":"c","error":"the upload broke"}"#)
+        .await;
+    let m = c.next_message().await.expect("a completion");
+    assert_eq!(m["invocationId"], "i2");
+    assert!(
+        m["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("the upload broke")),
+        "{m}"
+    );
+
+    // Wrong stream counts, reused ids, wrong item types and streams to other methods get
+    // error completions; the connection lives on.
+    let cases: [(&[u8], &str); 4] = [
+        (
+            br#"{"type":1,"invocationId":"e1","target":"Sum","arguments":[1],"streamIds":["x"]}"#,
+            "takes 2 stream(s) from the client, the invocation names 1",
+        ),
+        (
+            br#"{"type":1,"invocationId":"e2","target":"Sum","arguments":[1],"streamIds":["y","y"]}"#,
+            "stream id 'y' is already in use",
+        ),
+        (
+            br#"{"type":1,"invocationId":"e3","target":"Echo","arguments":[1],"streamIds":["z"]}"#,
+            "does not accept client-to-server streams",
+        ),
+        (
+            br#"{"type":1,"invocationId":"e4","target":"Sum","arguments":[1]}"#,
+            "takes 2 stream(s) from the client, the invocation names 0",
+        ),
+    ];
+    for (record, expected) in cases {
+        c.send(record).await;
+        let m = c.next_message().await.expect("a completion");
+        assert!(
+            m["error"].as_str().is_some_and(|e| e.contains(expected)),
+            "{m} should say {expected:?}"
+        );
+    }
+    c.send(
+        br#"{"type":1,"invocationId":"i3","target":"Sum","arguments":[1],"streamIds":["p","q"]}"#,
+    )
+    .await;
+    c.send(br#"{"type":2,"invocationId":"p","item":"not a number"}"#)
+        .await;
+    let m = c.next_message().await.expect("a completion");
+    assert!(
+        m["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("wrong type")),
+        "{m}"
+    );
+    // Open streams are bounded: 32 calls with 2 streams each fill the 64 places (the one
+    // stream "q" above is forgotten once its method returned), the next call is refused.
+    for i in 0..32 {
+        let record = format!(
+            r#"{{"type":1,"invocationId":"o{i}","target":"Sum","arguments":[1],"streamIds":["o{i}a","o{i}b"]}}"#
+        );
+        c.send(record.as_bytes()).await;
+    }
+    c.send(br#"{"type":1,"invocationId":"full","target":"Sum","arguments":[1],"streamIds":["f1","f2"]}"#)
+        .await;
+    let m = c.next_message().await.expect("a completion");
+    assert_eq!(m["invocationId"], "full", "{m}");
+    assert!(
+        m["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("at most 64 streams")),
+        "{m}"
+    );
+    // Ending one call's streams frees its places (and answers it).
+    c.send(br#"{"type":3,"invocationId":"o0a"}"#).await;
+    c.send(br#"{"type":3,"invocationId":"o0b"}"#).await;
+    let m = c.next_message().await.expect("a completion");
+    assert_eq!(m, json!({"type":3,"invocationId":"o0","result":0}));
+    // Items for a stream nobody reads any more, or that never existed, are ignored.
+    c.send(br#"{"type":2,"invocationId":"q","item":1}"#).await;
+    c.send(br#"{"type":2,"invocationId":"nope","item":1}"#)
+        .await;
+    c.send(br#"{"type":1,"invocationId":"after","target":"Echo","arguments":["ok"]}"#)
+        .await;
+    let m = c.next_message().await.expect("a completion");
+    assert_eq!(m, json!({"type":3,"invocationId":"after","result":"ok"}));
     running.shutdown(Duration::from_secs(5)).await;
 }
 

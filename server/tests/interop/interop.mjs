@@ -215,6 +215,34 @@ scenario("completions carry results and errors", async () => {
   await c.stop();
 });
 
+scenario("client-to-server streams: a Subject's items reach every node, in order", async () => {
+  for (const msgpack of [false, true]) {
+    const uploader = await new Client(A, `uploader-${msgpack}-${unique}`, { msgpack }).start();
+    const reader = await new Client(B, `reader-${msgpack}-${unique}`).start();
+    const subject = new signalR.Subject();
+    const sent = uploader.connection.invoke("UploadMessages", subject);
+    const items = ["one", "two", "three"].map((w) => `${w}-${msgpack}-${unique}`);
+    for (const item of items) subject.next(item);
+    subject.complete();
+    const count = await within(sent, "the upload's completion");
+    check(Number(count) === items.length, `the upload reported ${count}`);
+    await reader.waitFor("the last streamed message", (e) => e.method === "ReceiveMessage" && e.args[1] === items[2]);
+    const seen = reader.events.filter((e) => e.method === "ReceiveMessage" && items.includes(e.args[1])).map((e) => e.args[1]);
+    check(JSON.stringify(seen) === JSON.stringify(items), `order ${JSON.stringify(seen)}`);
+    check(seen.every((_, i) => reader.events.find((e) => e.args[1] === items[i]).args[0] === uploader.user), "sender names");
+    // A stream the client ends with an error fails the call with it.
+    const broken = new signalR.Subject();
+    const failing = uploader.connection.invoke("UploadMessages", broken);
+    broken.next(`before the error-${msgpack}-${unique}`);
+    broken.error(new Error("upload interrupted"));
+    await within(failing.then(
+      () => check(false, "an errored stream completed normally"),
+      (e) => check(/upload interrupted/.test(e.message), e.message),
+    ), "the failed upload's completion");
+    await Promise.all([uploader.stop(), reader.stop()]);
+  }
+});
+
 scenario("client results: a hub method gets the value an .on handler returns, across nodes", async () => {
   const asker = await new Client(A, `asker-${unique}`).start();
   const oracle = await new Client(B, `oracle-${unique}`).start();
