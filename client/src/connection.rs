@@ -622,20 +622,65 @@ impl HubConnection {
             stream_ids: Vec::new(),
         };
         shared.queue(&call, Some((id.clone(), Pending::Invoke(tx))))?;
-        let outcome = match shared.config.invocation_timeout {
-            None => rx.await,
-            Some(after) => match tokio::time::timeout(after, rx).await {
-                Ok(outcome) => outcome,
-                Err(_) => {
-                    shared.live().pending.remove(&id);
-                    return Err(Error::Timeout {
-                        what: "the invocation",
-                        after,
-                    });
-                }
-            },
+        completion(shared.clone(), id, rx).await
+    }
+
+    /// Calls a hub method that takes `streams` streams from the client (an upload method), and
+    /// returns a handle for each, in order, with the future of the method's result. The call
+    /// goes out at once; send each stream's items with [`UploadStream::send`] and end it with
+    /// [`UploadStream::complete`] (or [`UploadStream::fail`]): the method returns once it has
+    /// read what it wants. A handle dropped without either ends its stream with an error.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn run(connection: backplane_client::HubConnection) -> backplane_client::Result<()> {
+    /// use serde_json::json;
+    ///
+    /// let (mut streams, sent) = connection.invoke_with_streams("UploadMessages", vec![], 1)?;
+    /// let lines = streams.remove(0);
+    /// for line in ["one", "two"] {
+    ///     lines.send(json!(line))?;
+    /// }
+    /// lines.complete()?;
+    /// let count = sent.await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// The connection is not connected. The result future fails as [`invoke`](Self::invoke)
+    /// does.
+    pub fn invoke_with_streams(
+        &self,
+        method: &str,
+        arguments: Vec<Value>,
+        streams: usize,
+    ) -> Result<(
+        Vec<UploadStream>,
+        impl Future<Output = Result<Value>> + Send + 'static,
+    )> {
+        let shared = &self.shared;
+        let id = shared.next_id();
+        let stream_ids: Vec<String> = (0..streams).map(|_| shared.next_id()).collect();
+        let (tx, rx) = oneshot::channel();
+        let call = HubMessage::Invocation {
+            invocation_id: Some(id.clone()),
+            target: method.to_owned(),
+            arguments,
+            stream_ids: stream_ids.clone(),
         };
-        outcome.unwrap_or(Err(Error::ConnectionLost(None)))
+        shared.queue(&call, Some((id.clone(), Pending::Invoke(tx))))?;
+        let uploads = stream_ids
+            .into_iter()
+            .map(|id| UploadStream {
+                id,
+                shared: shared.clone(),
+                ended: false,
+            })
+            .collect();
+        Ok((uploads, completion(shared.clone(), id, rx)))
     }
 
     /// Calls a hub method and converts its result.
@@ -675,6 +720,95 @@ impl HubConnection {
             shared: shared.clone(),
             ended: false,
         })
+    }
+}
+
+/// Waits for the completion of invocation `id`, within the invocation timeout.
+async fn completion(
+    shared: Arc<Shared>,
+    id: String,
+    rx: oneshot::Receiver<Result<Value>>,
+) -> Result<Value> {
+    let outcome = match shared.config.invocation_timeout {
+        None => rx.await,
+        Some(after) => match tokio::time::timeout(after, rx).await {
+            Ok(outcome) => outcome,
+            Err(_) => {
+                shared.live().pending.remove(&id);
+                return Err(Error::Timeout {
+                    what: "the invocation",
+                    after,
+                });
+            }
+        },
+    };
+    outcome.unwrap_or(Err(Error::ConnectionLost(None)))
+}
+
+/// One stream of items to an upload method; see [`HubConnection::invoke_with_streams`].
+/// Items are queued to the socket without waiting; the server slows a client that sends faster
+/// than the method reads.
+pub struct UploadStream {
+    id: String,
+    shared: Arc<Shared>,
+    ended: bool,
+}
+
+impl fmt::Debug for UploadStream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UploadStream")
+            .field("id", &self.id)
+            .finish()
+    }
+}
+
+impl UploadStream {
+    /// Sends one item.
+    ///
+    /// # Errors
+    ///
+    /// The connection is not connected.
+    pub fn send(&self, item: Value) -> Result<()> {
+        let message = HubMessage::StreamItem {
+            invocation_id: self.id.clone(),
+            item,
+        };
+        self.shared.queue(&message, None)
+    }
+
+    /// Ends the stream: the method sees its end.
+    ///
+    /// # Errors
+    ///
+    /// The connection is not connected.
+    pub fn complete(mut self) -> Result<()> {
+        self.end(Outcome::Void)
+    }
+
+    /// Ends the stream with an error, which the method sees.
+    ///
+    /// # Errors
+    ///
+    /// The connection is not connected.
+    pub fn fail(mut self, error: impl Into<String>) -> Result<()> {
+        self.end(Outcome::Error(error.into()))
+    }
+
+    fn end(&mut self, outcome: Outcome) -> Result<()> {
+        self.ended = true;
+        let message = HubMessage::Completion {
+            invocation_id: self.id.clone(),
+            outcome,
+        };
+        self.shared.queue(&message, None)
+    }
+}
+
+impl Drop for UploadStream {
+    fn drop(&mut self) {
+        if !self.ended {
+            let _ = self.end(Outcome::Error("the client dropped the stream".into()));
+        }
     }
 }
 

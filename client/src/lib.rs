@@ -9,6 +9,6 @@ mod transport;
 
 pub use backplane_core::signalr::Protocol;
 pub use builder::{BoxFuture, HubConnectionBuilder};
-pub use connection::{ConnectionEvent, ConnectionState, HubConnection, HubStream};
+pub use connection::{ConnectionEvent, ConnectionState, HubConnection, HubStream, UploadStream};
 pub use error::{Error, Result};
 pub use reconnect::ReconnectPolicy;

@@ -45,6 +45,16 @@ fn test_hub() -> Hub {
         .method("WhoAmI", 0, |ctx, _args| async move {
             Ok(json!(ctx.user().map(ToString::to_string)))
         })
+        .upload("Join", 1, 2, |_ctx, args, mut streams| async move {
+            let separator: String = args.get(0)?;
+            let mut words = Vec::new();
+            for stream in &mut streams {
+                while let Some(word) = stream.next_as::<String>().await? {
+                    words.push(word);
+                }
+            }
+            Ok(json!(words.join(&separator)))
+        })
         .stream("Count", 1, |_ctx, args, items| async move {
             let count: u64 = args.get(0)?;
             for i in 0..count {
@@ -275,6 +285,68 @@ async fn streams_deliver_items_then_end() {
             .expect("a result"),
         json!(1)
     );
+}
+
+#[tokio::test]
+async fn streams_to_the_server_reach_an_upload_method() {
+    let running = serve().await;
+    for protocol in [Protocol::Json, Protocol::MessagePack] {
+        let connection =
+            connected(HubConnectionBuilder::new(url(&running)).protocol(protocol)).await;
+        let (mut streams, joined) = connection
+            .invoke_with_streams("Join", vec![json!("-")], 2)
+            .expect("the call goes out");
+        let second = streams.pop().expect("two streams");
+        let first = streams.pop().expect("two streams");
+        second.send(json!("c")).expect("sent");
+        first.send(json!("a")).expect("sent");
+        first.send(json!("b")).expect("sent");
+        second.complete().expect("ended");
+        first.complete().expect("ended");
+        let joined = tokio::time::timeout(WAIT, joined)
+            .await
+            .expect("in time")
+            .expect("a result");
+        assert_eq!(joined, json!("a-b-c"), "{protocol:?}");
+
+        // A failed or dropped stream fails the call with the reason.
+        let (mut streams, failed) = connection
+            .invoke_with_streams("Join", vec![json!("-")], 2)
+            .expect("the call goes out");
+        streams.remove(0).fail("no more words").expect("ended");
+        let err = tokio::time::timeout(WAIT, failed)
+            .await
+            .expect("in time")
+            .expect_err("the stream failed");
+        assert!(err.to_string().contains("no more words"), "{err}");
+        let (streams, dropped) = connection
+            .invoke_with_streams("Join", vec![json!("-")], 2)
+            .expect("the call goes out");
+        drop(streams);
+        let err = tokio::time::timeout(WAIT, dropped)
+            .await
+            .expect("in time")
+            .expect_err("the stream was dropped");
+        assert!(err.to_string().contains("dropped"), "{err}");
+
+        // A wrong stream count is the server's error; the connection goes on.
+        let (_streams, wrong) = connection
+            .invoke_with_streams("Join", vec![json!("-")], 1)
+            .expect("the call goes out");
+        let err = tokio::time::timeout(WAIT, wrong)
+            .await
+            .expect("in time")
+            .expect_err("one stream is not two");
+        assert!(err.to_string().contains("takes 2 stream(s)"), "{err}");
+        assert_eq!(
+            connection
+                .invoke("Echo", vec![json!(1)])
+                .await
+                .expect("a result"),
+            json!(1)
+        );
+        connection.stop().await;
+    }
 }
 
 #[tokio::test]
