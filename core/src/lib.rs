@@ -30,5 +30,5 @@ pub use observe::{NodeObserver, PoolStatus};
 pub use position::Position;
 pub use router::{
     Connection, Delivery, DeliveryKind, Job, JobStatus, Node, NodeEvent, NodeOptions, NodeStats,
-    Published,
+    PendingPublish, Published,
 };

@@ -14,6 +14,10 @@
 //!   `BENCH_MESSAGES` (20 000) messages (delivered messages per second per receiver), and
 //!   latency p50/p99 at a paced 1 000 messages per second.
 //!
+//! Our server runs with `--invocations-per-second 0` (no rate limit) and `--connection-buffer
+//! 32768` (a whole burst fits a receiver's queue); the publisher sends without invocation ids,
+//! as Socket.IO's `emit` does, so its calls are pipelined.
+//!
 //! `BENCH_FILTER` runs only the scenarios whose name contains it. PostgreSQL is a throwaway
 //! cluster, or `BACKPLANE_TEST_PG_URL`. The peer's npm packages are pinned by
 //! `benches/peer/package-lock.json` and installed with `npm ci` when missing.
@@ -131,6 +135,10 @@ impl Process {
         command
             .args(["--listen", "127.0.0.1:0", "--backplane", backplane])
             .args(["--allow-anonymous", "--invocations-per-second", "0"])
+            // Room for a whole 20,000-message burst per connection, as Socket.IO's unbounded
+            // buffers have: with the default 1,024, receivers that fall that far behind are
+            // closed as slow consumers (by design) and the burst counts them as losses.
+            .args(["--connection-buffer", "32768"])
             .env("BACKPLANE_TOKEN_SECRET", "bench-connection-tokens")
             .env("RUST_LOG", "warn");
         Self::start(command, "backplane-server")

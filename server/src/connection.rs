@@ -808,7 +808,16 @@ async fn worker(
     while let Some(item) = work.recv().await {
         let args = Arguments::new(&item.method.name, item.arguments);
         let call = match item.method.handler.clone() {
-            Handler::Unary(handler) => Ok(tokio::spawn(handler(ctx.clone(), args))),
+            // A call without an invocation id is not waited for: its sends need not wait for
+            // the log either (see `Recipients::send`).
+            Handler::Unary(handler) => Ok(tokio::spawn(handler(
+                if item.invocation_id.is_some() {
+                    ctx.clone()
+                } else {
+                    ctx.not_awaited()
+                },
+                args,
+            ))),
             Handler::Streaming(handler) => Err((handler, args)),
             // Run beside the worker, from `invoke`.
             Handler::Uploading(_) => continue,

@@ -420,6 +420,9 @@ pub struct Context {
     user: Option<UserId>,
     metrics: Option<Arc<Metrics>>,
     max_groups: usize,
+    /// Whether the caller waits for this invocation's completion; see
+    /// [`Recipients::send`].
+    awaited: bool,
 }
 
 impl fmt::Debug for Context {
@@ -448,7 +451,22 @@ impl Context {
             user,
             metrics,
             max_groups,
+            awaited: true,
         }
+    }
+
+    /// The context of an invocation the caller does not wait for (sent without an invocation
+    /// id): its sends return once queued in order.
+    pub(crate) fn not_awaited(&self) -> Self {
+        Self {
+            awaited: false,
+            ..self.clone()
+        }
+    }
+
+    /// Whether the caller waits for this invocation's completion (it sent an invocation id).
+    pub fn is_awaited(&self) -> bool {
+        self.awaited
     }
 
     /// The caller's connection id.
@@ -478,6 +496,7 @@ impl Context {
             hub: self.hub.clone(),
             caller: Some(self.connection.clone()),
             metrics: self.metrics.clone(),
+            awaited: self.awaited,
         }
     }
 
@@ -507,6 +526,7 @@ pub struct Clients {
     hub: HubName,
     caller: Option<ConnectionId>,
     metrics: Option<Arc<Metrics>>,
+    awaited: bool,
 }
 
 impl Clients {
@@ -518,6 +538,7 @@ impl Clients {
             hub,
             caller: None,
             metrics: None,
+            awaited: true,
         }
     }
 
@@ -535,6 +556,7 @@ impl Clients {
             sender: self.caller.clone(),
             durable: None,
             metrics: self.metrics.clone(),
+            awaited: self.awaited,
         }
     }
 
@@ -618,6 +640,7 @@ pub struct Recipients {
     sender: Option<ConnectionId>,
     durable: Option<Duration>,
     metrics: Option<Arc<Metrics>>,
+    awaited: bool,
 }
 
 impl Recipients {
@@ -637,12 +660,20 @@ impl Recipients {
     /// Invokes `method` with `arguments` on every target client, without waiting for answers.
     /// Returns once the message is stored (or delivered, for local-only targets).
     ///
+    /// In an invocation the caller does not wait for (sent without an invocation id, see
+    /// [`Context::is_awaited`]), it returns as soon as the message has its place in the
+    /// caller's order, with the durable copies already stored: the caller's next invocation
+    /// runs meanwhile, and a burst of sends from one client shares appends. Messages still
+    /// reach everyone in the order sent; a failure to store one is logged (nobody is waiting
+    /// for it), and the returned [`Published`] then has no position.
+    ///
     /// # Errors
     ///
     /// The message could not be stored: it was not sent.
     pub async fn send(self, method: &str, arguments: Vec<Value>) -> HubResult<Published> {
         let payload = protocol::invocation(method, &arguments);
         let kind = self.target.kind();
+        let hub = self.hub.clone();
         let mut message = Message::new(self.hub, self.target, payload).except(self.except);
         if let Some(sender) = self.sender {
             message = message.sender(sender);
@@ -651,11 +682,28 @@ impl Recipients {
             message = message.durable(ttl);
         }
         let started = std::time::Instant::now();
-        let published = self.node.publish(message).await?;
-        if let Some(metrics) = &self.metrics {
-            metrics.sent(kind, started.elapsed());
+        let pending = self.node.publish_in_order(message).await?;
+        if self.awaited {
+            let published = pending.wait().await?;
+            if let Some(metrics) = &self.metrics {
+                metrics.sent(kind, started.elapsed());
+            }
+            return Ok(published);
         }
-        Ok(published)
+        let metrics = self.metrics;
+        tokio::spawn(async move {
+            match pending.wait().await {
+                Ok(_) => {
+                    if let Some(metrics) = &metrics {
+                        metrics.sent(kind, started.elapsed());
+                    }
+                }
+                Err(err) => {
+                    tracing::warn!(%hub, %err, "a message sent by a call nobody waits for could not be stored");
+                }
+            }
+        });
+        Ok(Published::default())
     }
 }
 

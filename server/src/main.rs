@@ -80,6 +80,10 @@ struct Args {
     /// The most connections this node accepts [default: 100000].
     #[arg(long, env = "BACKPLANE_MAX_CONNECTIONS")]
     max_connections: Option<usize>,
+    /// Messages that may wait for one connection; a client further behind is closed as a slow
+    /// consumer [default: 1024].
+    #[arg(long, env = "BACKPLANE_CONNECTION_BUFFER")]
+    connection_buffer: Option<usize>,
     /// How often this node writes its heartbeat [default: 30s].
     #[arg(long, env = "BACKPLANE_HEARTBEAT_INTERVAL", value_parser = duration)]
     heartbeat_interval: Option<Duration>,
@@ -116,6 +120,7 @@ struct FileConfig {
     invocations_per_second: Option<u32>,
     max_groups_per_connection: Option<usize>,
     max_connections: Option<usize>,
+    connection_buffer: Option<usize>,
     heartbeat_interval: Option<String>,
     node_timeout: Option<String>,
     cleanup_interval: Option<String>,
@@ -186,6 +191,9 @@ fn resolve(args: Args) -> Result<Config, String> {
     }
     if let Some(max) = args.max_connections.or(file.max_connections) {
         node = node.max_connections(max);
+    }
+    if let Some(capacity) = args.connection_buffer.or(file.connection_buffer) {
+        node = node.connection_buffer(capacity);
     }
     if let Some(d) = args.heartbeat_interval.or(file_duration(
         file.heartbeat_interval,

@@ -792,6 +792,41 @@ async fn a_flood_of_invocations_is_paced_not_dropped() {
     running.shutdown(Duration::from_secs(5)).await;
 }
 
+#[tokio::test]
+async fn sends_nobody_waits_for_arrive_in_order_and_awaited_calls_after_them() {
+    let running = server(vec![chat::hub()], limits()).await;
+    let mut reader = RawClient::connect(running.local_addr(), "chat", "reader").await;
+    let mut writer = RawClient::connect(running.local_addr(), "chat", "writer").await;
+    // A burst of calls without invocation ids, then one the writer waits for.
+    for i in 0..150 {
+        let call = format!(r#"{{"type":1,"target":"SendMessage","arguments":["m{i}"]}}"#);
+        writer.send(call.as_bytes()).await;
+    }
+    writer
+        .send(br#"{"type":1,"invocationId":"last","target":"SendMessage","arguments":["last"]}"#)
+        .await;
+    // The awaited call completes after everything before it is stored.
+    loop {
+        let m = writer.next_message().await.expect("a message");
+        if m["type"] == 3 {
+            assert_eq!(m, json!({"type":3,"invocationId":"last"}));
+            break;
+        }
+    }
+    for i in 0..150 {
+        let m = reader.next_message().await.expect("a broadcast");
+        assert_eq!(m["target"], "ReceiveMessage", "{m}");
+        assert_eq!(
+            m["arguments"],
+            json!(["writer", format!("m{i}")]),
+            "in order"
+        );
+    }
+    let m = reader.next_message().await.expect("the last broadcast");
+    assert_eq!(m["arguments"], json!(["writer", "last"]));
+    running.shutdown(Duration::from_secs(5)).await;
+}
+
 /// The next record that is not a ping.
 async fn next_non_ping(c: &mut RawClient) -> Value {
     loop {

@@ -5,6 +5,7 @@ mod invocations;
 mod jobs;
 mod local;
 mod options;
+mod publish;
 mod reader;
 
 use std::collections::{HashMap, HashSet};
@@ -13,7 +14,7 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGua
 use std::time::SystemTime;
 
 use bytes::Bytes;
-use tokio::sync::{OnceCell, broadcast, mpsc, watch};
+use tokio::sync::{OnceCell, broadcast, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::backplane::NewDurableMessage;
@@ -27,6 +28,7 @@ use crate::record::{Envelope, Record};
 pub use jobs::{Job, JobStatus};
 pub use local::{Delivery, DeliveryKind};
 pub use options::NodeOptions;
+pub use publish::PendingPublish;
 
 use invocations::Invocations;
 use local::{LocalConnection, LocalIndex};
@@ -159,6 +161,9 @@ pub(crate) struct Inner {
     orphans: Mutex<Vec<(HubName, ConnectionId)>>,
     /// Receives measurements once [`Node::observe`] sets it.
     observer: crate::observe::ObserverSlot,
+    /// The queues of the tasks that append and deliver what this node publishes, one per hub
+    /// and stream.
+    pipelines: Mutex<HashMap<(HubName, u32), mpsc::Sender<publish::Request>>>,
 }
 
 /// One server process's membership in the backplane.
@@ -238,6 +243,7 @@ impl Node {
             tasks: Mutex::default(),
             sequence: AtomicU64::new(0),
             counters: Counters::default(),
+            pipelines: Mutex::default(),
             jobs: jobs::JobTable::default(),
             orphans: Mutex::default(),
         });
@@ -529,11 +535,13 @@ impl Node {
         outcome
     }
 
-    /// Publishes a message to every matching connection on every node.
+    /// Publishes a message to every matching connection on every node, and waits until it is
+    /// stored and delivered locally: [`publish_in_order`](Self::publish_in_order), then
+    /// [`PendingPublish::wait`].
     ///
-    /// Local recipients get it at once; other nodes read it from the log. A connection-targeted
-    /// message for local connections only never touches the log. A durable message is stored in
-    /// each target user's inbox before anything is sent.
+    /// Local recipients get it once it is stored; other nodes read it from the log. A
+    /// connection-targeted message for local connections only never touches the log. A durable
+    /// message is stored in each target user's inbox before anything is sent.
     ///
     /// # Errors
     ///
@@ -541,6 +549,20 @@ impl Node {
     /// connection target that exists nowhere (nothing is sent then), or the driver's error: a
     /// message that could not be stored is never reported as sent.
     pub async fn publish(&self, message: Message) -> Result<Published> {
+        self.publish_in_order(message).await?.wait().await
+    }
+
+    /// Takes a message's place in its sender's order and returns without waiting for the log:
+    /// the checks, the durable copies in the users' inboxes and the queueing are done when this
+    /// returns, and messages of one sender published one after the other are stored and
+    /// delivered in that order. The returned [`PendingPublish`] says when (and whether) the
+    /// message was stored and delivered locally; a sender that does not need to know can drop
+    /// it and publish its next message meanwhile, so a burst from one sender shares appends.
+    ///
+    /// # Errors
+    ///
+    /// As [`publish`](Self::publish), for what fails before the message is queued.
+    pub async fn publish_in_order(&self, message: Message) -> Result<PendingPublish> {
         message.validate(self.inner.options.max_payload)?;
         let state = self.hub(&message.hub).await?;
         let hub = &message.hub;
@@ -594,51 +616,67 @@ impl Node {
             }
         }
 
-        if !records.is_empty() {
-            let encoded: Vec<Bytes> = records
-                .iter()
-                .map(|(target, durable)| {
-                    Record::Message(Envelope {
-                        origin: self.inner.id.clone(),
-                        target: target.clone(),
-                        except: message.except.clone(),
-                        durable: *durable,
-                        payload: message.payload.clone(),
-                    })
-                    .encode()
+        let encoded: Vec<Bytes> = records
+            .iter()
+            .map(|(target, durable)| {
+                Record::Message(Envelope {
+                    origin: self.inner.id.clone(),
+                    target: target.clone(),
+                    except: message.except.clone(),
+                    durable: *durable,
+                    payload: message.payload.clone(),
                 })
-                .collect();
-            let stream = self.stream_for(message.sender.as_ref());
-            let position = self.inner.backplane.append(hub, stream, &encoded).await?;
-            state
-                .own
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .insert(position, encoded.len() as u64);
-            published.position = Some(position);
-        }
-        self.inner
-            .counters
-            .published
-            .fetch_add(1, Ordering::Relaxed);
+                .encode()
+            })
+            .collect();
+        let stream = self.stream_for(message.sender.as_ref());
+        let (reply, answer) = oneshot::channel();
+        let local =
+            if records.is_empty() || !matches!(message.durability, Durability::Durable { .. }) {
+                vec![(message.target, None)]
+            } else {
+                records
+                    .into_iter()
+                    .map(|(target, durable)| (target, durable.map(|(id, _)| id)))
+                    .collect()
+            };
+        let request = publish::Request {
+            state,
+            encoded,
+            local,
+            except: message.except,
+            payload: message.payload,
+            reply,
+        };
+        self.pipeline(hub, stream)
+            .send(request)
+            .await
+            .map_err(|_| Error::Shutdown)?;
+        Ok(PendingPublish { answer, published })
+    }
 
-        if records.is_empty() || !matches!(message.durability, Durability::Durable { .. }) {
-            self.deliver_local(
-                &state,
-                &message.target,
-                &message.except,
-                &message.payload,
-                None,
-            )
-            .await;
-        } else {
-            for (target, durable) in &records {
-                let id = durable.map(|(id, _)| id);
-                self.deliver_local(&state, target, &message.except, &message.payload, id)
-                    .await;
-            }
+    /// The queue of the task that appends and delivers `stream` of `hub` for this node, started
+    /// on first use.
+    fn pipeline(&self, hub: &HubName, stream: u32) -> mpsc::Sender<publish::Request> {
+        let mut pipelines = self
+            .inner
+            .pipelines
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(tx) = pipelines.get(&(hub.clone(), stream)) {
+            return tx.clone();
         }
-        Ok(published)
+        let (tx, rx) = mpsc::channel(publish::QUEUE);
+        pipelines.insert((hub.clone(), stream), tx.clone());
+        drop(pipelines);
+        self.spawn(publish::run(
+            self.clone(),
+            hub.clone(),
+            stream,
+            rx,
+            self.inner.shutdown.subscribe(),
+        ));
+        tx
     }
 
     /// Hands a message to the matching local connections.
