@@ -19,18 +19,35 @@ use backplane_conformance::{
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let filters: Vec<&str> = args
-        .iter()
-        .filter(|a| !a.starts_with('-'))
-        .map(String::as_str)
-        .collect();
+    // libtest's options that take a value; `--skip NAME` excludes, bare words select.
+    const WITH_VALUE: &[&str] = &[
+        "--test-threads",
+        "--format",
+        "--color",
+        "--logfile",
+        "-Z",
+        "--report-time",
+        "--shuffle-seed",
+    ];
+    let (mut filters, mut skips) = (Vec::new(), Vec::new());
+    let mut words = args.iter().map(String::as_str);
+    while let Some(arg) = words.next() {
+        if arg == "--skip" {
+            skips.extend(words.next());
+        } else if WITH_VALUE.contains(&arg) {
+            words.next();
+        } else if !arg.starts_with('-') {
+            filters.push(arg);
+        }
+    }
     let layouts = ["shared_tables", "tables_per_hub"];
     let selected: Vec<(&str, &backplane_conformance::Case)> = layouts
         .iter()
         .flat_map(|layout| cases().iter().map(move |case| (*layout, case)))
         .filter(|(layout, case)| {
             let full = format!("mssql::{layout}::{}", case.name);
-            filters.is_empty() || filters.iter().any(|f| full.contains(f))
+            (filters.is_empty() || filters.iter().any(|f| full.contains(f)))
+                && !skips.iter().any(|f| full.contains(f))
         })
         .collect();
     if args.iter().any(|a| a == "--list") {

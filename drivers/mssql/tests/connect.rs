@@ -58,10 +58,11 @@ async fn server_that_hangs_up_is_transient() {
 async fn silent_server_times_out() {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let port = listener.local_addr().expect("addr").port();
+    let (done, finished) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(async move {
         let (socket, _) = listener.accept().await.expect("accept");
-        // Hold the socket open without answering.
-        tokio::time::sleep(LIMIT).await;
+        // Hold the socket open without answering, until the test is over.
+        let _ = finished.await;
         drop(socket);
     });
     let started = Instant::now();
@@ -72,5 +73,6 @@ async fn silent_server_times_out() {
         "{:?}",
         started.elapsed()
     );
-    server.abort();
+    drop(done);
+    server.await.expect("the silent server ends");
 }
