@@ -362,8 +362,11 @@ impl HubBuilder {
     /// invocation names them in `streamIds`; the client sends their items as `StreamItem`
     /// messages and ends each with a completion). The handler reads each stream with a
     /// [`StreamReceiver`], in the order of the stream ids; the caller's completion carries its
-    /// result. Items wait in a small queue per stream: a client that sends faster than the
-    /// handler reads is slowed down, not buffered without bound.
+    /// result. Items wait in a small queue per stream (32): a client that sends faster than
+    /// the handler reads is slowed down, not buffered without bound. While one stream's queue
+    /// is full, nothing more is read from the connection, so a method with several streams
+    /// that the client may interleave should read them concurrently (`tokio::join!`), not one
+    /// after the other.
     pub fn upload<F, Fut>(self, name: &str, arity: usize, streams: usize, handler: F) -> Self
     where
         F: Fn(Context, Arguments, Vec<StreamReceiver>) -> Fut + Send + Sync + 'static,
