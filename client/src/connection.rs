@@ -1286,9 +1286,12 @@ async fn resume_loop(shared: &Arc<Shared>, stop: &mut watch::Receiver<bool>) -> 
     while lost_at.elapsed() < shared.config.server_timeout {
         if attempt > 0 {
             let delay = backoff.delay(attempt - 1, lost_at.elapsed())?;
-            tokio::select! {
-                _ = tokio::time::sleep(delay) => {}
-                _ = stop.wait_for(|stop| *stop) => return None,
+            // The backoff: a stop within it ends the attempts.
+            if tokio::time::timeout(delay, stop.wait_for(|stop| *stop))
+                .await
+                .is_ok()
+            {
+                return None;
             }
         }
         attempt = attempt.saturating_add(1);

@@ -223,10 +223,19 @@ impl Poller {
                     continue;
                 }
             }
-            tokio::select! {
-                _ = tokio::time::sleep(interval) => {}
-                _ = self.state.fast.notified() => interval = self.min,
-                _ = self.shutdown.changed() => break,
+            // Until the next poll: an append by this node polls at once, a drop ends the task.
+            let (fast, shutdown) = (&self.state.fast, &mut self.shutdown);
+            let woken = tokio::time::timeout(interval, async {
+                tokio::select! {
+                    _ = fast.notified() => false,
+                    _ = shutdown.changed() => true,
+                }
+            })
+            .await;
+            match woken {
+                Ok(true) => break,
+                Ok(false) => interval = self.min,
+                Err(_) => {}
             }
         }
         self.state.wakeups.close_all();
@@ -234,9 +243,9 @@ impl Poller {
 
     /// Waits `pause`; `true` when the backplane was dropped meanwhile.
     async fn pause(&mut self, pause: Duration) -> bool {
-        tokio::select! {
-            _ = tokio::time::sleep(pause) => *self.shutdown.borrow(),
-            _ = self.shutdown.changed() => true,
+        match tokio::time::timeout(pause, self.shutdown.changed()).await {
+            Ok(_) => true,
+            Err(_) => *self.shutdown.borrow(),
         }
     }
 }
