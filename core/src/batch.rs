@@ -8,7 +8,7 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::position::Position;
 
 /// One caller's append, waiting for its batch.
@@ -27,15 +27,6 @@ pub struct BatchLimits {
     pub delay: Duration,
     /// The most records in one batch.
     pub max_records: usize,
-}
-
-/// The same error for every caller of a failed batch.
-fn share(driver: &'static str, err: &Error) -> Error {
-    if err.is_transient() {
-        Error::transient(driver, err.to_string())
-    } else {
-        Error::permanent(driver, err.to_string())
-    }
 }
 
 /// Collects appends to one stream into batches of at most `limits.max_records` records, each
@@ -104,7 +95,7 @@ pub async fn run<W, F>(
         for request in batch {
             let reply = match &result {
                 Ok(position) => Ok(position.at(position.offset + skip)),
-                Err(err) => Err(share(driver, err)),
+                Err(err) => Err(err.copy_for(driver)),
             };
             skip += request.records.len() as u64;
             let _ = request.reply.send(reply);
@@ -115,6 +106,7 @@ pub async fn run<W, F>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::Error;
 
     #[tokio::test]
     async fn queued_appends_share_a_batch_and_keep_their_offsets() {

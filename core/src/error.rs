@@ -126,6 +126,20 @@ impl Error {
         }
     }
 
+    /// A copy for each of several callers that one failed call served (a batch): the same
+    /// text and retry class, from the error's own driver, or `driver` for other errors.
+    pub(crate) fn copy_for(&self, driver: &'static str) -> Self {
+        let driver = match self {
+            Self::Driver { driver, .. } => driver,
+            _ => driver,
+        };
+        if self.is_transient() {
+            Self::transient(driver, self.to_string())
+        } else {
+            Self::permanent(driver, self.to_string())
+        }
+    }
+
     /// Whether the same call may succeed if retried later.
     pub fn is_transient(&self) -> bool {
         matches!(

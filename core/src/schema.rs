@@ -190,6 +190,25 @@ impl<T> HubTables<T> {
             .clone()
     }
 
+    /// `hub`'s set: the one this node already knows, or the one `init` makes sure exists.
+    /// Concurrent first calls for a hub run `init` once; a failure is not kept, so the next
+    /// call tries again.
+    ///
+    /// # Errors
+    ///
+    /// What `init` failed with.
+    pub async fn get_or_try_init<E, F, Fut>(&self, hub: &HubName, init: F) -> Result<Arc<T>, E>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<Arc<T>, E>>,
+    {
+        let cell = self.cell(hub);
+        if let Some(set) = cell.get() {
+            return Ok(set.clone());
+        }
+        cell.get_or_try_init(init).await.cloned()
+    }
+
     /// The set with this slug, made by `make` on first request.
     pub fn set(&self, slug: &str, make: impl FnOnce() -> T) -> Arc<T> {
         self.by_slug

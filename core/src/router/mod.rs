@@ -212,13 +212,6 @@ pub(crate) fn unix_ms(at: SystemTime) -> u64 {
         .unwrap_or(0)
 }
 
-/// A stable hash (FNV-1a) of a name, to pick a stream.
-fn stream_hash(s: &str) -> u64 {
-    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    })
-}
-
 impl Node {
     /// Registers a new node on `backplane` and starts its background jobs.
     ///
@@ -386,7 +379,7 @@ impl Node {
     fn stream_for(&self, sender: Option<&ConnectionId>) -> u32 {
         let key = sender.map_or(self.inner.id.as_str(), ConnectionId::as_str);
         let streams = u64::from(self.inner.backplane.stream_count().max(1));
-        u32::try_from(stream_hash(key) % streams).unwrap_or(0)
+        u32::try_from(crate::schema::stable_hash(key) % streams).unwrap_or(0)
     }
 
     /// Registers a connection on this node. A random id is chosen when `id` is `None`.
@@ -817,7 +810,7 @@ impl Node {
             // The owning node reloads the connection's groups when it reads this entry. It goes
             // to every stream, so whichever stream a later message takes, the change precedes it.
             let record = Record::GroupsChanged {
-                change: self.next_sequence() ^ stream_hash(self.inner.id.as_str()),
+                change: self.next_sequence() ^ crate::schema::stable_hash(self.inner.id.as_str()),
                 connection: id.clone(),
             }
             .encode();

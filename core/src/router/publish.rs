@@ -56,19 +56,6 @@ impl PendingPublish {
     }
 }
 
-/// The same error for every message of a failed append.
-fn share(err: &Error) -> Error {
-    let driver = match err {
-        Error::Driver { driver, .. } => driver,
-        _ => "backplane",
-    };
-    if err.is_transient() {
-        Error::transient(driver, err.to_string())
-    } else {
-        Error::permanent(driver, err.to_string())
-    }
-}
-
 /// Appends and delivers the messages of `stream` of `hub` until the node shuts down.
 pub(super) async fn run(
     node: Node,
@@ -96,16 +83,23 @@ pub(super) async fn run(
                 Err(_) => break,
             }
         }
-        let all: Vec<Bytes> = batch
-            .iter()
-            .flat_map(|r| r.encoded.iter().cloned())
-            .collect();
+        // One message (the common case when the load is light) appends its own records.
+        let joined: Vec<Bytes>;
+        let all: &[Bytes] = if let [only] = batch.as_slice() {
+            &only.encoded
+        } else {
+            joined = batch
+                .iter()
+                .flat_map(|r| r.encoded.iter().cloned())
+                .collect();
+            &joined
+        };
         let appended = if all.is_empty() {
             Ok(None)
         } else {
             node.inner
                 .backplane
-                .append(&hub, stream, &all)
+                .append(&hub, stream, all)
                 .await
                 .map(Some)
         };
@@ -119,7 +113,9 @@ pub(super) async fn run(
                     let reply = if i == last {
                         original.take().unwrap_or(Error::Shutdown)
                     } else {
-                        original.as_ref().map_or(Error::Shutdown, share)
+                        original
+                            .as_ref()
+                            .map_or(Error::Shutdown, |e| e.copy_for("backplane"))
                     };
                     let _ = request.reply.send(Err(reply));
                 }

@@ -494,6 +494,19 @@ impl MssqlBackplane {
         let rows = conn.rows(query, context).await?;
         rows.iter().map(decode).collect()
     }
+
+    /// Like [`list`](Self::list), for a lookup of at most one row.
+    async fn first<T>(
+        &self,
+        sql: &str,
+        hub: &HubName,
+        key: Key<'_>,
+        context: &'static str,
+        decode: impl Fn(&Row) -> Result<T>,
+    ) -> Result<Option<T>> {
+        let rows = self.list(sql, hub, key, context, decode).await?;
+        Ok(rows.into_iter().next())
+    }
 }
 
 /// The second parameter of a lookup: a name stored as text, or as UTF-8 bytes.
@@ -743,16 +756,14 @@ impl Backplane for MssqlBackplane {
         connection: &ConnectionId,
     ) -> Result<Option<ConnectionInfo>> {
         let set = self.tables(hub).await?;
-        let removed = self
-            .list(
-                &set.sql.remove_connection,
-                hub,
-                Key::Text(connection.as_str()),
-                "removing a connection",
-                connection_info,
-            )
-            .await?;
-        Ok(removed.into_iter().next())
+        self.first(
+            &set.sql.remove_connection,
+            hub,
+            Key::Text(connection.as_str()),
+            "removing a connection",
+            connection_info,
+        )
+        .await
     }
 
     async fn connection(
@@ -761,16 +772,14 @@ impl Backplane for MssqlBackplane {
         connection: &ConnectionId,
     ) -> Result<Option<ConnectionInfo>> {
         let set = self.tables(hub).await?;
-        let found = self
-            .list(
-                &set.sql.connection,
-                hub,
-                Key::Text(connection.as_str()),
-                "looking up a connection",
-                connection_info,
-            )
-            .await?;
-        Ok(found.into_iter().next())
+        self.first(
+            &set.sql.connection,
+            hub,
+            Key::Text(connection.as_str()),
+            "looking up a connection",
+            connection_info,
+        )
+        .await
     }
 
     async fn user_connections(&self, hub: &HubName, user: &UserId) -> Result<Vec<ConnectionInfo>> {
@@ -808,25 +817,23 @@ impl Backplane for MssqlBackplane {
 
     async fn user_session(&self, hub: &HubName, user: &UserId) -> Result<Option<UserSession>> {
         let set = self.tables(hub).await?;
-        let found = self
-            .list(
-                &set.sql.user_session,
-                hub,
-                Key::Bytes(user.as_str()),
-                "reading a user session",
-                |row| {
-                    let context = "reading a user session";
-                    Ok(UserSession {
-                        user: user.clone(),
-                        started_at: need_time(row, 0, context)?,
-                        ended_at: time(row, 1, context)?,
-                        connections: u32::try_from(need::<i32>(row, 2, context)?).unwrap_or(0),
-                        last_activity: need_time(row, 3, context)?,
-                    })
-                },
-            )
-            .await?;
-        Ok(found.into_iter().next())
+        self.first(
+            &set.sql.user_session,
+            hub,
+            Key::Bytes(user.as_str()),
+            "reading a user session",
+            |row| {
+                let context = "reading a user session";
+                Ok(UserSession {
+                    user: user.clone(),
+                    started_at: need_time(row, 0, context)?,
+                    ended_at: time(row, 1, context)?,
+                    connections: u32::try_from(need::<i32>(row, 2, context)?).unwrap_or(0),
+                    last_activity: need_time(row, 3, context)?,
+                })
+            },
+        )
+        .await
     }
 
     async fn add_to_group(
@@ -943,16 +950,14 @@ impl Backplane for MssqlBackplane {
         id: MessageId,
     ) -> Result<Option<DurableMessage>> {
         let set = self.tables(hub).await?;
-        let found = self
-            .list(
-                &set.sql.durable_message,
-                hub,
-                Key::Id(to_i64(id.0, "message id")?),
-                "reading a durable message",
-                durable_message,
-            )
-            .await?;
-        Ok(found.into_iter().next())
+        self.first(
+            &set.sql.durable_message,
+            hub,
+            Key::Id(to_i64(id.0, "message id")?),
+            "reading a durable message",
+            durable_message,
+        )
+        .await
     }
 
     async fn acknowledge(

@@ -51,20 +51,22 @@ impl MssqlBackplane {
             Layout::Shared(set) => return Ok(set.clone()),
             Layout::PerHub(per_hub) => per_hub,
         };
-        let cell = per_hub.cell(hub);
-        if let Some(set) = cell.get() {
-            return Ok(set.clone());
-        }
-        cell.get_or_try_init(|| async {
-            let options = &self.inner().options;
-            let slug = schema::slug(options, hub.as_str())?;
-            let mut conn = self.conn().await?;
-            schema::ensure_hub_set(&mut conn, options, &self.inner().names, hub.as_str(), &slug)
+        per_hub
+            .get_or_try_init(hub, || async {
+                let options = &self.inner().options;
+                let slug = schema::slug(options, hub.as_str())?;
+                let mut conn = self.conn().await?;
+                schema::ensure_hub_set(
+                    &mut conn,
+                    options,
+                    &self.inner().names,
+                    hub.as_str(),
+                    &slug,
+                )
                 .await?;
-            Ok(hub_set(per_hub, options, &slug))
-        })
-        .await
-        .cloned()
+                Ok(hub_set(per_hub, options, &slug))
+            })
+            .await
     }
 
     /// Every table set, for the calls that span hubs: with tables per hub, those of every hub in
