@@ -10,6 +10,7 @@ mod message;
 mod name;
 mod observe;
 mod position;
+pub mod queue;
 mod record;
 mod router;
 pub mod schema;

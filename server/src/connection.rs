@@ -4,17 +4,17 @@
 
 use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use backplane_core::queue;
 use backplane_core::{ConnectionId, Delivery, DeliveryKind, Error, InvocationId, Node, UserId};
 use bytes::Bytes;
-use fastwebsockets::{FragmentCollectorRead, Frame, OpCode, Payload, WebSocket, WebSocketWrite};
+use fastwebsockets::{Frame, OpCode, Payload};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
-use hyper::upgrade::Upgraded;
-use hyper_util::rt::TokioIo;
 use serde_json::Value;
-use tokio::io::WriteHalf;
+use tokio::io::{ReadHalf, WriteHalf};
 use tokio::sync::{mpsc, watch};
 use tokio::task::AbortHandle;
 
@@ -22,14 +22,20 @@ use crate::hub::{Arguments, Context, Handler, Hub, StreamReceiver, StreamSender,
 use crate::metrics::Metrics;
 use crate::protocol::{self, Handshake, HubMessage, Outcome, Protocol, RecordBuffer};
 use crate::server::Limits;
-
-type Socket = TokioIo<Upgraded>;
+use crate::socket::{FrameReader, FrameWriter, ReadError, Socket};
 
 /// How many bytes of queued records one frame carries at most.
 const FRAME_BYTES: usize = 64 * 1024;
 
 /// How many invocations may wait for the connection's worker before the reader waits too.
 const INVOCATION_QUEUE: usize = 64;
+
+/// How many records (completions, stream items, pongs) may wait for the writer before their
+/// senders wait too.
+const OUT_QUEUE: usize = 256;
+
+/// How long a closed connection keeps reading, for the client to answer the close frame.
+const CLOSE_LINGER: Duration = Duration::from_secs(1);
 
 /// What the writer sends.
 enum Out {
@@ -61,8 +67,8 @@ pub(crate) struct Setup {
     pub(crate) sessions: Sessions,
 }
 
-type Reader = FragmentCollectorRead<tokio::io::ReadHalf<Socket>>;
-type Writer = WebSocketWrite<WriteHalf<Socket>>;
+type Reader = FrameReader<ReadHalf<Socket>>;
+type Writer = FrameWriter<WriteHalf<Socket>>;
 
 /// The logical connections that may resume on a new socket (stateful reconnect), by id.
 pub(crate) type Sessions = Arc<Mutex<HashMap<ConnectionId, mpsc::Sender<(Reader, Writer)>>>>;
@@ -72,25 +78,24 @@ pub(crate) type Sessions = Arc<Mutex<HashMap<ConnectionId, mpsc::Sender<(Reader,
 /// never does).
 const RESUME_BUFFER_BYTES: usize = 1024 * 1024;
 
-fn configure(ws: &mut WebSocket<Socket>, limits: &Limits) {
-    ws.set_auto_close(false);
-    ws.set_auto_pong(false);
-    ws.set_max_message_size(limits.max_message_size);
+/// The two halves of a new socket.
+fn halves(socket: Socket, limits: &Limits) -> (Reader, Writer) {
+    let (read, write) = tokio::io::split(socket);
+    (
+        FrameReader::new(read, limits.max_message_size),
+        FrameWriter::new(write),
+    )
 }
 
 /// Hands a new socket to the stateful connection it resumes. There is no handshake: the
 /// client sends `Sequence` and resends what it has not seen acknowledged. When that
 /// connection has just ended, the socket is closed.
 pub(crate) async fn resume(
-    mut ws: WebSocket<Socket>,
+    socket: Socket,
     limits: Limits,
     session: mpsc::Sender<(Reader, Writer)>,
 ) {
-    configure(&mut ws, &limits);
-    let (read, write) = ws.split(tokio::io::split);
-    if let Err(mpsc::error::SendError((_, mut write))) = session
-        .send((FragmentCollectorRead::new(read), write))
-        .await
+    if let Err(mpsc::error::SendError((_, mut write))) = session.send(halves(socket, &limits)).await
     {
         let _ = put(
             &mut write,
@@ -101,119 +106,31 @@ pub(crate) async fn resume(
     }
 }
 
-/// A noop for the read half's obligated sends: auto pong and auto close are off, and the
-/// reader answers pings and closes through the writer instead.
-async fn no_obligations(_: Frame<'_>) -> Result<(), std::io::Error> {
-    Ok(())
+/// What the handshake established.
+struct Opened {
+    wire: Protocol,
+    stateful: bool,
+    /// Records that came in the handshake's frame.
+    records: Vec<Vec<u8>>,
+    connection: backplane_core::Connection,
 }
 
 /// Serves one upgraded WebSocket until it closes.
-pub(crate) async fn serve(mut ws: WebSocket<Socket>, setup: Setup) {
-    configure(&mut ws, &setup.limits);
-    let (read, mut write) = ws.split(tokio::io::split);
-    let mut obligations = no_obligations;
-    let mut read = FragmentCollectorRead::new(read);
+pub(crate) async fn serve(socket: Box<Socket>, setup: Box<Setup>) {
+    let (mut read, mut write) = halves(*socket, &setup.limits);
     let mut buffer = RecordBuffer::default();
-
-    // The handshake: the first record, within the handshake timeout.
-    let first = tokio::time::timeout(setup.limits.handshake_timeout, async {
-        loop {
-            let frame = read
-                .read_frame(&mut no_obligations)
-                .await
-                .map_err(|e| e.to_string())?;
-            match frame.opcode {
-                OpCode::Text | OpCode::Binary => {
-                    // Bytes that are no handshake are answered (below); a failed socket is not.
-                    match buffer.push_handshake(&frame.payload, setup.limits.max_message_size) {
-                        Ok(Some(handshake)) => return Ok::<_, String>(Ok(handshake)),
-                        Ok(None) => {}
-                        Err(err) => return Ok(Err(err)),
-                    }
-                }
-                OpCode::Close => return Err("the client closed before its handshake".into()),
-                _ => {}
-            }
-        }
-    })
-    .await;
-    let handshake = match first {
-        Ok(Ok(record)) => record.and_then(|record| Handshake::parse(&record)),
-        Ok(Err(reason)) => {
-            setup.metrics.refused("handshake");
-            tracing::debug!(connection = %setup.id, %reason, "handshake failed");
-            return;
-        }
-        Err(_) => {
-            setup.metrics.refused("handshake");
-            let reason = "no handshake within the handshake timeout";
-            reject(&mut write, reason, setup.limits.handshake_timeout).await;
-            tracing::debug!(connection = %setup.id, reason, "handshake failed");
-            return;
-        }
-    };
-    if !matches!(&handshake, Ok(h) if Protocol::from_name(&h.protocol).is_some() && h.version >= 1 && h.version <= protocol::MAX_VERSION)
-    {
-        setup.metrics.refused("handshake");
-    }
-    let handshake = match handshake {
-        Ok(h) if Protocol::from_name(&h.protocol).is_none() => {
-            let reason = format!("The protocol '{}' is not supported.", h.protocol);
-            reject(&mut write, &reason, setup.limits.handshake_timeout).await;
-            return;
-        }
-        Ok(h) if h.version == 0 || h.version > protocol::MAX_VERSION => {
-            let reason = format!(
-                "The server does not support version {} of the '{}' protocol.",
-                h.version, h.protocol
-            );
-            reject(&mut write, &reason, setup.limits.handshake_timeout).await;
-            return;
-        }
-        Ok(h) => h,
-        Err(err) => {
-            reject(&mut write, &err.0, setup.limits.handshake_timeout).await;
-            return;
-        }
-    };
-    tracing::trace!(connection = %setup.id, protocol = %handshake.protocol, version = handshake.version, "handshake");
-    let wire = Protocol::from_name(&handshake.protocol).unwrap_or(Protocol::Json);
-    buffer.switch_to(wire);
-    let records = match buffer.drain(setup.limits.max_message_size) {
-        Ok(records) => records,
-        Err(err) => {
-            setup.metrics.refused("handshake");
-            reject(&mut write, &err.0, setup.limits.handshake_timeout).await;
-            return;
-        }
-    };
-
-    let hub_name = setup.hub.name().clone();
-    let connection = match setup
-        .node
-        .connect(&hub_name, Some(setup.id.clone()), setup.user.clone())
-        .await
-    {
-        Ok(c) => c,
-        Err(err) => {
-            setup.metrics.refused(match &err {
-                Error::TooManyConnections { .. } => "limit",
-                _ => "register",
-            });
-            let reason = match &err {
-                Error::TooManyConnections { .. } => "The server is at its connection limit.".into(),
-                Error::DuplicateConnection(_) => "This connection id is already connected.".into(),
-                other => format!("The connection could not be registered: {other}"),
-            };
-            reject(&mut write, &reason, setup.limits.handshake_timeout).await;
-            return;
-        }
-    };
-    let accepted = Frame::text(Payload::Owned(protocol::handshake_response(None)));
-    if !put(&mut write, accepted, setup.limits.handshake_timeout).await {
-        let _ = setup.node.disconnect(&hub_name, &setup.id).await;
+    // Each phase that runs once is boxed, so the connection's task is sized for the loop that
+    // serves it, not for the handshake or the registration.
+    let Some(opened) = Box::pin(open(&mut read, &mut write, &mut buffer, &setup)).await else {
         return;
-    }
+    };
+    let Opened {
+        wire,
+        stateful,
+        records,
+        connection,
+    } = opened;
+    let hub_name = setup.hub.name().clone();
 
     let ctx = Context::new(
         setup.node.clone(),
@@ -226,10 +143,8 @@ pub(crate) async fn serve(mut ws: WebSocket<Socket>, setup: Setup) {
     let metrics = setup.metrics.clone();
     metrics.connects.inc();
     metrics.connections.inc();
-    let (out_tx, out_rx) = mpsc::channel::<Out>(256);
-    let (writer_done_tx, mut writer_done) = watch::channel(false);
-    let (ending_tx, ending) = watch::channel(false);
-    let stateful = handshake.version >= 2;
+    let (out_tx, out_rx) = queue::bounded::<Out>(OUT_QUEUE);
+    let ending = Arc::new(AtomicBool::new(false));
     // Only stateful connections take new sockets (a channel's first block is allocated with
     // it: idle connections must not pay for what they never use).
     let (swap_tx, swap_rx, mut attach_rx) = if stateful {
@@ -244,20 +159,19 @@ pub(crate) async fn serve(mut ws: WebSocket<Socket>, setup: Setup) {
     } else {
         (None, None, None)
     };
-    let writer = tokio::spawn(writer(
+    let mut writer = tokio::spawn(writer(Box::new(WriterParts {
         write,
         connection,
-        out_rx,
-        setup.node.clone(),
-        ctx.clone(),
-        setup.limits,
-        setup.shutdown.clone(),
-        writer_done_tx,
-        ending,
-        metrics.clone(),
-        swap_rx,
+        out: out_rx,
+        node: setup.node.clone(),
+        ctx: ctx.clone(),
+        limits: setup.limits,
+        shutdown: setup.shutdown.clone(),
+        ending: ending.clone(),
+        metrics: metrics.clone(),
+        resume: swap_rx,
         wire,
-    ));
+    })));
 
     if let Err(err) = setup.hub.connected(ctx.clone()).await {
         let _ = out_tx
@@ -293,13 +207,17 @@ pub(crate) async fn serve(mut ws: WebSocket<Socket>, setup: Setup) {
     // Records that came in the handshake's frame.
     let mut end = None;
     for record in records {
-        if let Some(reason) = dispatch.record(&record).await {
+        if let Some(reason) = Box::pin(dispatch.record(&record)).await {
             end = Some(reason);
             break;
         }
     }
+    // Set once the writer task has ended (its handle is then not awaited again).
+    let mut writer_ended = false;
+    // Whether the socket failed or the client hung up (nothing left to read).
+    let mut dropped;
     'socket: loop {
-        let mut dropped = false;
+        dropped = false;
         while end.is_none() {
             if dispatch.ack_due {
                 dispatch.ack_due = false;
@@ -309,8 +227,11 @@ pub(crate) async fn serve(mut ws: WebSocket<Socket>, setup: Setup) {
                 let _ = out_tx.send(Out::Control(ack)).await;
             }
             let frame = tokio::select! {
-                frame = tokio::time::timeout(setup.limits.client_timeout, read.read_frame(&mut obligations)) => frame,
-                _ = writer_done.changed() => break 'socket,
+                frame = Box::pin(tokio::time::timeout(setup.limits.client_timeout, read.read())) => frame,
+                _ = &mut writer => {
+                    writer_ended = true;
+                    break 'socket;
+                }
             };
             let frame = match frame {
                 Err(_) => {
@@ -320,8 +241,16 @@ pub(crate) async fn serve(mut ws: WebSocket<Socket>, setup: Setup) {
                     ));
                     break;
                 }
-                Ok(Err(fastwebsockets::WebSocketError::FrameTooLarge)) => {
+                Ok(Err(ReadError::TooLarge)) => {
                     end = Some(End::TooLarge);
+                    break;
+                }
+                Ok(Err(err)) if err.close_code().is_some() => {
+                    let code = err.close_code().unwrap_or(1002);
+                    end = Some(End::Protocol(
+                        format!("Connection closed with an error: {err}"),
+                        code,
+                    ));
                     break;
                 }
                 Ok(Err(err)) => {
@@ -336,7 +265,7 @@ pub(crate) async fn serve(mut ws: WebSocket<Socket>, setup: Setup) {
                     match buffer.push(&frame.payload, setup.limits.max_message_size) {
                         Ok(records) => {
                             for record in records {
-                                if let Some(reason) = dispatch.record(&record).await {
+                                if let Some(reason) = Box::pin(dispatch.record(&record)).await {
                                     end = Some(reason);
                                     break;
                                 }
@@ -365,14 +294,17 @@ pub(crate) async fn serve(mut ws: WebSocket<Socket>, setup: Setup) {
         // socket fail, and sends them again on the new one.
         let resumed = tokio::select! {
             resumed = tokio::time::timeout(setup.limits.client_timeout, attach_rx.recv()) => resumed,
-            _ = writer_done.changed() => break,
+            _ = &mut writer => {
+                writer_ended = true;
+                break;
+            }
         };
         match resumed {
             Ok(Some((new_read, new_write))) => {
                 tracing::debug!(connection = %setup.id, "connection resumed on a new socket");
                 read = new_read;
                 buffer = RecordBuffer::new(wire);
-                if swap_tx.send(new_write).await.is_err() {
+                if Box::pin(swap_tx.send(new_write)).await.is_err() {
                     break;
                 }
             }
@@ -414,10 +346,10 @@ pub(crate) async fn serve(mut ws: WebSocket<Socket>, setup: Setup) {
             allow_reconnect: false,
             code: 1009,
         }),
-        Some(End::Protocol(error)) => Some(Out::Close {
+        Some(End::Protocol(error, code)) => Some(Out::Close {
             error: Some(error),
             allow_reconnect: false,
-            code: 1002,
+            code,
         }),
         Some(End::ClientClosed) => Some(Out::Close {
             error: None,
@@ -426,23 +358,144 @@ pub(crate) async fn serve(mut ws: WebSocket<Socket>, setup: Setup) {
         }),
         None => None,
     };
-    // Unregister before the last frame goes out: a client whose close was answered is gone
-    // from presence and groups on every node. The writer is told first, so the end of its
-    // delivery channel is not mistaken for a slow consumer.
-    let _ = ending_tx.send(true);
-    if let Err(err) = setup.node.disconnect(&hub_name, &setup.id).await {
-        tracing::warn!(connection = %setup.id, %err, "could not unregister a connection");
+    Box::pin(async move {
+        // Unregister before the last frame goes out: a client whose close was answered is
+        // gone from presence and groups on every node. The writer is told first, so the end
+        // of its delivery channel is not mistaken for a slow consumer.
+        ending.store(true, Ordering::Release);
+        if let Err(err) = setup.node.disconnect(&hub_name, &setup.id).await {
+            tracing::warn!(connection = %setup.id, %err, "could not unregister a connection");
+        }
+        if let Some(close) = close {
+            let _ = out_tx.send(close).await;
+        }
+        drop(out_tx);
+        if !writer_ended {
+            let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
+        }
+        if !dropped {
+            // The close frame is out: let the client answer and hang up.
+            let _ = tokio::time::timeout(CLOSE_LINGER, read.drain()).await;
+        }
+        metrics.disconnects.inc();
+        metrics.connections.dec();
+        if let Err(err) = setup.hub.disconnected(ctx).await {
+            tracing::warn!(connection = %setup.id, %err, "the hub's disconnect hook failed");
+        }
+    })
+    .await;
+}
+
+/// Reads the handshake, registers the connection and accepts it; `None` when refused (the
+/// client was told why).
+async fn open(
+    read: &mut Reader,
+    write: &mut Writer,
+    buffer: &mut RecordBuffer,
+    setup: &Setup,
+) -> Option<Opened> {
+    // The handshake: the first record, within the handshake timeout.
+    let first = tokio::time::timeout(setup.limits.handshake_timeout, async {
+        loop {
+            let frame = read.read().await.map_err(|e| e.to_string())?;
+            match frame.opcode {
+                OpCode::Text | OpCode::Binary => {
+                    // Bytes that are no handshake are answered (below); a failed socket is not.
+                    match buffer.push_handshake(&frame.payload, setup.limits.max_message_size) {
+                        Ok(Some(handshake)) => return Ok::<_, String>(Ok(handshake)),
+                        Ok(None) => {}
+                        Err(err) => return Ok(Err(err)),
+                    }
+                }
+                OpCode::Close => return Err("the client closed before its handshake".into()),
+                _ => {}
+            }
+        }
+    })
+    .await;
+    let handshake = match first {
+        Ok(Ok(record)) => record.and_then(|record| Handshake::parse(&record)),
+        Ok(Err(reason)) => {
+            setup.metrics.refused("handshake");
+            tracing::debug!(connection = %setup.id, %reason, "handshake failed");
+            return None;
+        }
+        Err(_) => {
+            setup.metrics.refused("handshake");
+            let reason = "no handshake within the handshake timeout";
+            reject(write, reason, setup.limits.handshake_timeout).await;
+            tracing::debug!(connection = %setup.id, reason, "handshake failed");
+            return None;
+        }
+    };
+    if !matches!(&handshake, Ok(h) if Protocol::from_name(&h.protocol).is_some() && h.version >= 1 && h.version <= protocol::MAX_VERSION)
+    {
+        setup.metrics.refused("handshake");
     }
-    if let Some(close) = close {
-        let _ = out_tx.send(close).await;
+    let handshake = match handshake {
+        Ok(h) if Protocol::from_name(&h.protocol).is_none() => {
+            let reason = format!("The protocol '{}' is not supported.", h.protocol);
+            reject(write, &reason, setup.limits.handshake_timeout).await;
+            return None;
+        }
+        Ok(h) if h.version == 0 || h.version > protocol::MAX_VERSION => {
+            let reason = format!(
+                "The server does not support version {} of the '{}' protocol.",
+                h.version, h.protocol
+            );
+            reject(write, &reason, setup.limits.handshake_timeout).await;
+            return None;
+        }
+        Ok(h) => h,
+        Err(err) => {
+            reject(write, &err.0, setup.limits.handshake_timeout).await;
+            return None;
+        }
+    };
+    tracing::trace!(connection = %setup.id, protocol = %handshake.protocol, version = handshake.version, "handshake");
+    let wire = Protocol::from_name(&handshake.protocol).unwrap_or(Protocol::Json);
+    buffer.switch_to(wire);
+    let records = match buffer.drain(setup.limits.max_message_size) {
+        Ok(records) => records,
+        Err(err) => {
+            setup.metrics.refused("handshake");
+            reject(write, &err.0, setup.limits.handshake_timeout).await;
+            return None;
+        }
+    };
+
+    let hub_name = setup.hub.name().clone();
+    let connection = match setup
+        .node
+        .connect(&hub_name, Some(setup.id.clone()), setup.user.clone())
+        .await
+    {
+        Ok(c) => c,
+        Err(err) => {
+            setup.metrics.refused(match &err {
+                Error::TooManyConnections { .. } => "limit",
+                _ => "register",
+            });
+            let reason = match &err {
+                Error::TooManyConnections { .. } => "The server is at its connection limit.".into(),
+                Error::DuplicateConnection(_) => "This connection id is already connected.".into(),
+                other => format!("The connection could not be registered: {other}"),
+            };
+            reject(write, &reason, setup.limits.handshake_timeout).await;
+            return None;
+        }
+    };
+    let accepted = Frame::text(Payload::Owned(protocol::handshake_response(None)));
+    if !put(write, accepted, setup.limits.handshake_timeout).await {
+        let _ = setup.node.disconnect(&hub_name, &setup.id).await;
+        return None;
     }
-    drop(out_tx);
-    let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
-    metrics.disconnects.inc();
-    metrics.connections.dec();
-    if let Err(err) = setup.hub.disconnected(ctx).await {
-        tracing::warn!(connection = %setup.id, %err, "the hub's disconnect hook failed");
-    }
+    Some(Opened {
+        wire,
+        stateful: handshake.version >= 2,
+        records,
+        connection,
+    })
 }
 
 /// A frame of records: binary for MessagePack, text for JSON.
@@ -455,7 +508,7 @@ fn frame_of(wire: Protocol, payload: Payload<'_>) -> Frame<'_> {
 }
 
 /// Sends a handshake error and closes.
-async fn reject(write: &mut WebSocketWrite<WriteHalf<Socket>>, reason: &str, limit: Duration) {
+async fn reject(write: &mut Writer, reason: &str, limit: Duration) {
     let response = protocol::handshake_response(Some(reason));
     if put(write, Frame::text(Payload::Owned(response)), limit).await {
         let _ = put(write, Frame::close(1002, reason.as_bytes()), limit).await;
@@ -463,14 +516,11 @@ async fn reject(write: &mut WebSocketWrite<WriteHalf<Socket>>, reason: &str, lim
 }
 
 /// Writes one frame, giving up after `limit`: a client that stops reading must not hold its
-/// writer (and the deliveries queued behind it) forever.
-async fn put(
-    write: &mut WebSocketWrite<WriteHalf<Socket>>,
-    frame: Frame<'_>,
-    limit: Duration,
-) -> bool {
+/// writer (and the deliveries queued behind it) forever. The write and its timer are boxed
+/// while they run, so the writer task is not sized for them while it waits.
+async fn put(write: &mut Writer, frame: Frame<'_>, limit: Duration) -> bool {
     matches!(
-        tokio::time::timeout(limit, write.write_frame(frame)).await,
+        Box::pin(tokio::time::timeout(limit, write.write(frame))).await,
         Ok(Ok(()))
     )
 }
@@ -481,8 +531,9 @@ enum End {
     Close(String),
     /// A message over the size limit.
     TooLarge,
-    /// A record that is not the hub protocol.
-    Protocol(String),
+    /// A record that is not the hub protocol, or a frame that is not WebSocket: the error
+    /// and the close code.
+    Protocol(String, u16),
     /// The client sent a hub `Close` or a WebSocket close.
     ClientClosed,
 }
@@ -518,7 +569,7 @@ struct Dispatch {
     metrics: Arc<Metrics>,
     hub: Arc<Hub>,
     ctx: Context,
-    out: mpsc::Sender<Out>,
+    out: queue::Sender<Out>,
     /// The queue of the task that runs invocations, started by the first one: a connection
     /// that never invokes anything does not pay for it.
     worker: Option<(mpsc::Sender<Box<Work>>, tokio::task::JoinHandle<()>)>,
@@ -544,9 +595,10 @@ impl Dispatch {
         let message = match self.wire.parse(record) {
             Ok(m) => m,
             Err(err) => {
-                return Some(End::Protocol(format!(
-                    "Connection closed with an error: invalid message: {err}"
-                )));
+                return Some(End::Protocol(
+                    format!("Connection closed with an error: invalid message: {err}"),
+                    1002,
+                ));
             }
         };
         if self.stateful {
@@ -801,7 +853,7 @@ async fn completion(
 async fn worker(
     mut work: mpsc::Receiver<Box<Work>>,
     ctx: Context,
-    out: mpsc::Sender<Out>,
+    out: queue::Sender<Out>,
     streams: Streams,
     wire: Protocol,
 ) {
@@ -935,6 +987,22 @@ impl Unacked {
     }
 }
 
+/// What the writer task works with.
+struct WriterParts {
+    write: Writer,
+    connection: backplane_core::Connection,
+    out: queue::Receiver<Out>,
+    node: Node,
+    ctx: Context,
+    limits: Limits,
+    shutdown: watch::Receiver<bool>,
+    ending: Arc<AtomicBool>,
+    metrics: Arc<Metrics>,
+    /// New sockets of a stateful connection.
+    resume: Option<mpsc::Receiver<Writer>>,
+    wire: Protocol,
+}
+
 /// The frame being assembled: its bytes, how many deliveries it carries, and their durable ids.
 struct Pending {
     bytes: Vec<u8>,
@@ -946,23 +1014,23 @@ struct Pending {
 /// worker queue, coalesced into frames of up to [`FRAME_BYTES`], plus keep-alive pings. With
 /// stateful reconnect (`resume` is set), sequenced messages are kept until the client
 /// acknowledges them, and a new socket from `resume` gets them again after a `Sequence`.
-#[allow(clippy::too_many_arguments)]
-async fn writer(
-    write: Writer,
-    mut connection: backplane_core::Connection,
-    mut out: mpsc::Receiver<Out>,
-    node: Node,
-    ctx: Context,
-    limits: Limits,
-    mut shutdown: watch::Receiver<bool>,
-    done: watch::Sender<bool>,
-    ending: watch::Receiver<bool>,
-    metrics: Arc<Metrics>,
-    mut resume: Option<mpsc::Receiver<Writer>>,
-    wire: Protocol,
-) {
+///
+/// Its parts come boxed: the task keeps one copy of them, not the arguments and the locals.
+async fn writer(parts: Box<WriterParts>) {
+    let WriterParts {
+        write,
+        mut connection,
+        mut out,
+        node,
+        ctx,
+        limits,
+        mut shutdown,
+        ending,
+        metrics,
+        mut resume,
+        wire,
+    } = *parts;
     let stateful = resume.is_some();
-    let ping_record = wire.encode(&HubMessage::Ping);
     let mut write = Some(write);
     let mut unacked = Unacked::default();
     let mut connection_open = true;
@@ -1049,7 +1117,7 @@ async fn writer(
                         frame.acks.push(id);
                     }
                 }
-                None if *ending.borrow() => connection_open = false,
+                None if ending.load(Ordering::Acquire) => connection_open = false,
                 None => {
                     // The node dropped the connection: it fell behind, or the node stops.
                     let record = wire.encode(&HubMessage::Close {
@@ -1061,7 +1129,7 @@ async fn writer(
             },
             _ = ping.tick() => {
                 if !wrote_since_tick && attached {
-                    frame.bytes.extend_from_slice(&ping_record);
+                    frame.bytes.extend_from_slice(&wire.encode(&HubMessage::Ping));
                 }
                 wrote_since_tick = false;
             }
@@ -1088,16 +1156,16 @@ async fn writer(
                     }
                 }
                 match out.try_recv() {
-                    Ok(Out::Record(record)) => {
+                    Some(Out::Record(record)) => {
                         sequenced(&mut frame, &mut unacked, &record, attached)
                     }
-                    Ok(Out::Control(record)) => {
+                    Some(Out::Control(record)) => {
                         if attached {
                             frame.bytes.extend_from_slice(&record);
                         }
                     }
-                    Ok(Out::Acked(id)) => unacked.acked(id),
-                    Ok(Out::Pong(payload)) => {
+                    Some(Out::Acked(id)) => unacked.acked(id),
+                    Some(Out::Pong(payload)) => {
                         if let Some(w) = write.as_mut() {
                             let _ = put(
                                 w,
@@ -1107,7 +1175,7 @@ async fn writer(
                             .await;
                         }
                     }
-                    Ok(Out::Close {
+                    Some(Out::Close {
                         error,
                         allow_reconnect,
                         code,
@@ -1119,7 +1187,7 @@ async fn writer(
                         closing = Some((code, Some(record)));
                         break;
                     }
-                    Err(_) => break,
+                    None => break,
                 }
             }
         }
@@ -1152,7 +1220,9 @@ async fn writer(
         unwritten_acks.append(&mut frame.acks);
         if write.is_some() && !frame.bytes.is_empty() {
             for id in unwritten_acks.drain(..) {
-                if let Err(err) = node.acknowledge(ctx.hub(), ctx.connection_id(), id).await {
+                if let Err(err) =
+                    Box::pin(node.acknowledge(ctx.hub(), ctx.connection_id(), id)).await
+                {
                     tracing::warn!(connection = %ctx.connection_id(), %err, "could not acknowledge a durable message");
                 }
             }
@@ -1179,5 +1249,4 @@ async fn writer(
             break;
         }
     }
-    let _ = done.send(true);
 }

@@ -25,6 +25,7 @@ mod connection;
 mod hub;
 mod metrics;
 mod server;
+mod socket;
 
 /// The SignalR hub protocol codecs the server speaks.
 pub use backplane_core::signalr as protocol;

@@ -544,7 +544,7 @@ fn upgrade(mut req: Request<Incoming>, shared: &Arc<Shared>, hub: &str) -> Respo
         let limits = shared.limits;
         tokio::spawn(async move {
             match socket.await {
-                Ok(ws) => connection::resume(ws, limits, session).await,
+                Ok(ws) => connection::resume(ws.into_inner(), limits, session).await,
                 Err(err) => tracing::debug!(%err, "websocket upgrade failed"),
             }
         });
@@ -565,7 +565,7 @@ fn upgrade(mut req: Request<Incoming>, shared: &Arc<Shared>, hub: &str) -> Respo
     tokio::spawn(async move {
         let _guard = guard;
         match socket.await {
-            Ok(ws) => connection::serve(ws, setup).await,
+            Ok(ws) => connection::serve(Box::new(ws.into_inner()), Box::new(setup)).await,
             Err(err) => tracing::debug!(%err, "websocket upgrade failed"),
         }
     });

@@ -207,7 +207,7 @@ impl Node {
         connection: &ConnectionId,
         caller: NodeId,
         payload: Bytes,
-        tx: &tokio::sync::mpsc::Sender<Delivery>,
+        tx: &crate::queue::Sender<Delivery>,
     ) {
         self.inner.invocations.lock().sent.insert(
             id.clone(),

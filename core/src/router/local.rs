@@ -2,7 +2,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use tokio::sync::mpsc;
+use crate::queue;
 
 use crate::message::{InvocationId, MessageId, Target};
 use crate::name::{ConnectionId, GroupName, UserId};
@@ -34,7 +34,7 @@ pub enum DeliveryKind {
 #[derive(Debug)]
 pub(crate) struct LocalConnection {
     pub(crate) user: Option<UserId>,
-    pub(crate) tx: mpsc::Sender<Delivery>,
+    pub(crate) tx: queue::Sender<Delivery>,
     pub(crate) groups: HashSet<GroupName>,
     /// Bumped on every membership change, so a reload can tell it raced with one.
     pub(crate) version: u64,
@@ -184,7 +184,7 @@ impl LocalIndex {
         &self,
         target: &Target,
         except: &[ConnectionId],
-    ) -> Vec<(ConnectionId, mpsc::Sender<Delivery>)> {
+    ) -> Vec<(ConnectionId, queue::Sender<Delivery>)> {
         let mut out = Vec::new();
         self.for_each_recipient(target, except, |id, connection| {
             out.push((id.clone(), connection.tx.clone()));

@@ -23,6 +23,7 @@ use crate::error::{Error, Result};
 use crate::message::{Durability, InvocationId, Message, MessageId, Target};
 use crate::name::{ConnectionId, GroupName, HubName, NodeId, UserId};
 use crate::position::Position;
+use crate::queue;
 use crate::record::{Envelope, Record};
 
 pub use jobs::{Job, JobStatus};
@@ -97,7 +98,7 @@ pub struct Connection {
     pub id: ConnectionId,
     /// The user it is authenticated as.
     pub user: Option<UserId>,
-    rx: mpsc::Receiver<Delivery>,
+    rx: queue::Receiver<Delivery>,
 }
 
 impl Connection {
@@ -113,7 +114,7 @@ impl Connection {
 
     /// A delivery that is already waiting, if any.
     pub fn try_recv(&mut self) -> Option<Delivery> {
-        self.rx.try_recv().ok()
+        self.rx.try_recv()
     }
 }
 
@@ -426,7 +427,7 @@ impl Node {
             connected_at: SystemTime::now(),
         };
         self.inner.backplane.add_connection(&info).await?;
-        let (tx, rx) = mpsc::channel(self.inner.options.connection_buffer);
+        let (tx, rx) = queue::bounded(self.inner.options.connection_buffer);
         state.write().insert(
             id.clone(),
             LocalConnection {
@@ -456,7 +457,7 @@ impl Node {
         state: &HubState,
         id: &ConnectionId,
         user: &UserId,
-        tx: &mpsc::Sender<Delivery>,
+        tx: &queue::Sender<Delivery>,
     ) -> Result<()> {
         let hub = &state.name;
         for message in self.inner.backplane.pending(hub, user).await? {
@@ -723,7 +724,7 @@ impl Node {
         &self,
         hub: &HubName,
         id: &ConnectionId,
-        tx: &mpsc::Sender<Delivery>,
+        tx: &queue::Sender<Delivery>,
         delivery: Delivery,
     ) -> Option<&'static str> {
         let counters = &self.inner.counters;
@@ -732,11 +733,11 @@ impl Node {
                 counters.delivered.fetch_add(1, Ordering::Relaxed);
                 None
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => {
+            Err(queue::TrySendError::Closed(_)) => {
                 counters.failed.fetch_add(1, Ordering::Relaxed);
                 Some("connection closed")
             }
-            Err(mpsc::error::TrySendError::Full(_)) => {
+            Err(queue::TrySendError::Full(_)) => {
                 counters.failed.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(hub = %hub, connection = %id, "slow consumer disconnected");
                 self.emit(NodeEvent::SlowConsumer {
