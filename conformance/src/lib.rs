@@ -84,6 +84,7 @@ macro_rules! for_each_case {
             presence::presence_user_online_and_connections,
             presence::presence_online_users,
             presence::presence_removed_on_disconnect,
+            presence::closed_connections_stay_registered_until_they_disconnect,
             presence::user_session_lifecycle,
             presence::dead_node_is_reaped,
             presence::reaped_node_registers_again,

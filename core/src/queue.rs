@@ -157,9 +157,25 @@ impl<T> Sender<T> {
         .await
     }
 
-    /// Whether the receiver is gone.
+    /// Whether the receiver is gone or the queue was closed.
     pub fn is_closed(&self) -> bool {
         self.shared.lock().receiver_gone
+    }
+
+    /// Closes the queue for every sender: later sends fail with `Closed`, and the receiver
+    /// gets what is queued, then `None`.
+    pub fn close(&self) {
+        let mut state = self.shared.lock();
+        // The receiver sees the end, as if every sender were gone; senders see a closed
+        // queue, as if the receiver were gone.
+        state.senders_gone = true;
+        state.receiver_gone = true;
+        let receiver = state.receiver.take();
+        let waiting = std::mem::take(&mut state.senders_waiting);
+        drop(state);
+        for waker in receiver.into_iter().chain(waiting) {
+            waker.wake();
+        }
     }
 }
 
@@ -285,6 +301,30 @@ mod tests {
     use std::time::Duration;
 
     const LIMIT: Duration = Duration::from_secs(5);
+
+    #[tokio::test]
+    async fn a_closed_queue_hands_over_what_it_holds_then_ends() {
+        let (tx, mut rx) = bounded(4);
+        let other = tx.clone();
+        tx.try_send(1).unwrap();
+        let received = tokio::spawn(async move {
+            let mut got = Vec::new();
+            while let Some(item) = rx.recv().await {
+                got.push(item);
+            }
+            got
+        });
+        other.try_send(2).unwrap();
+        tx.close();
+        assert_eq!(other.try_send(3), Err(TrySendError::Closed(3)));
+        assert!(other.is_closed());
+        // The receiver sees the end although senders remain.
+        let got = tokio::time::timeout(LIMIT, received)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(got, vec![1, 2]);
+    }
 
     #[tokio::test]
     async fn items_arrive_in_order_and_the_end_is_reported() {

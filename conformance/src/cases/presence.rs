@@ -172,6 +172,50 @@ pub async fn presence_removed_on_disconnect(ctx: &mut Ctx) -> CaseResult {
     Ok(())
 }
 
+/// Closing a node's connections (a server's graceful shutdown) ends each one's deliveries,
+/// what was queued first, but keeps it registered until it disconnects itself; a message
+/// sent to it meanwhile is not delivered and breaks nothing.
+pub async fn closed_connections_stay_registered_until_they_disconnect(ctx: &mut Ctx) -> CaseResult {
+    let [a, b] = ctx.nodes::<2>().await?;
+    let backplane = ctx.backplane().await?;
+    let erin = UserId::new("erin")?;
+    let mut client = ctx.connect(&b, Some("erin")).await?;
+    b.publish(Message::to_connection(
+        ctx.hub.clone(),
+        client.id().clone(),
+        b"queued".to_vec(),
+    ))
+    .await?;
+    let got = client.recv().await?;
+    check_eq!(&got.payload[..], b"queued");
+    b.close_connections();
+    let end = tokio::time::timeout(WAIT, client.connection.recv()).await;
+    check!(
+        matches!(end, Ok(None)),
+        "a closed connection did not see the end of its deliveries: {end:?}"
+    );
+    a.publish(Message::to_connection(
+        ctx.hub.clone(),
+        client.id().clone(),
+        b"late".to_vec(),
+    ))
+    .await?;
+    check_eq!(backplane.user_connections(&ctx.hub, &erin).await?.len(), 1);
+    check_eq!(b.local_connection_count(), 1);
+    check!(
+        b.disconnect(&ctx.hub, client.id()).await?,
+        "disconnect found no connection"
+    );
+    check_eq!(backplane.user_connections(&ctx.hub, &erin).await?.len(), 0);
+    check_eq!(b.local_connection_count(), 0);
+    // A connection made after the close is served as usual.
+    let mut later = ctx.connect(&b, Some("erin")).await?;
+    a.publish(Message::to_user(ctx.hub.clone(), erin, b"again".to_vec()))
+        .await?;
+    check_eq!(&later.recv().await?.payload[..], b"again");
+    Ok(())
+}
+
 /// A user's session opens with their first connection (start time, one connection), counts a
 /// second connection on another node, stays open while one remains, and ends with the last
 /// disconnect (end time, zero connections); a heartbeat of a node holding one of the user's

@@ -116,6 +116,14 @@ impl Connection {
     pub fn try_recv(&mut self) -> Option<Delivery> {
         self.rx.try_recv()
     }
+
+    /// Polls for the next delivery; see [`Connection::recv`].
+    pub fn poll_recv(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Delivery>> {
+        self.rx.poll_recv(cx)
+    }
 }
 
 /// What [`Node::publish`] did.
@@ -863,6 +871,19 @@ impl Node {
             tracing::warn!(%err, node = %self.inner.id, "could not unregister the node");
         }
         tracing::info!(node = %self.inner.id, "node stopped");
+    }
+
+    /// Ends every local connection's deliveries: each [`Connection::recv`] returns `None` once
+    /// what is queued has been taken, as when the node stops. The connections stay registered
+    /// until each disconnects, so a server calls this to have its connections close (and
+    /// unregister themselves) before [`Node::shutdown`]. Connections registered later are not
+    /// affected.
+    pub fn close_connections(&self) {
+        for state in self.hub_states() {
+            for connection in state.read().connections.values() {
+                connection.tx.close();
+            }
+        }
     }
 
     /// Stops every task of the node without telling the backplane, as a crashed process would:
