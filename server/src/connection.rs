@@ -1,59 +1,67 @@
-//! One client's WebSocket: the handshake, then a reader that dispatches invocations and a
-//! writer that sends everything queued for the client, coalesced into as few frames as
-//! possible.
+//! One client's WebSocket, served by one task: the handshake, then a loop that reads the
+//! client's frames and dispatches its invocations, and writes everything queued for the
+//! client, coalesced into as few frames as possible.
+//!
+//! The loop polls the connection's state ([`Conn`]) by hand instead of running a task per
+//! direction: a connection is idle most of its life, and a single task whose future holds
+//! just that state is what keeps an idle connection small. Work that has to wait (a full
+//! invocation queue, a stream item for a method that is not reading yet, a client result
+//! going to the node) becomes a boxed future the loop polls, and reading pauses until it is
+//! done: a client that sends faster than its work runs is slowed down, while what is queued
+//! for it keeps going out.
 
 use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::future::{Future, poll_fn};
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{self, Poll};
 use std::time::Duration;
 
 use backplane_core::queue;
-use backplane_core::{ConnectionId, Delivery, DeliveryKind, Error, InvocationId, Node, UserId};
+use backplane_core::{
+    ConnectionId, Delivery, DeliveryKind, Error, InvocationId, MessageId, Node, UserId,
+};
 use bytes::Bytes;
-use fastwebsockets::{Frame, OpCode, Payload};
+use fastwebsockets::OpCode;
+use fastwebsockets::upgrade::UpgradeFut;
+use governor::clock::Clock;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use serde_json::Value;
-use tokio::io::{ReadHalf, WriteHalf};
 use tokio::sync::{mpsc, watch};
 use tokio::task::AbortHandle;
+use tokio::time::{Instant, Sleep};
 
 use crate::hub::{Arguments, Context, Handler, Hub, StreamReceiver, StreamSender, Upload};
 use crate::metrics::Metrics;
 use crate::protocol::{self, Handshake, HubMessage, Outcome, Protocol, RecordBuffer};
 use crate::server::Limits;
-use crate::socket::{FrameReader, FrameWriter, ReadError, Socket};
+use crate::socket::{FrameReader, HEADER_ROOM, Outbox, ReadError, Socket};
 
-/// How many bytes of queued records one frame carries at most.
+/// How many bytes of records one frame carries at most; while a frame this full waits for
+/// the socket, the connection takes no more deliveries and reads nothing more.
 const FRAME_BYTES: usize = 64 * 1024;
 
-/// How many invocations may wait for the connection's worker before the reader waits too.
+/// How many invocations may wait for the connection's worker before reading pauses.
 const INVOCATION_QUEUE: usize = 64;
 
-/// How many records (completions, stream items, pongs) may wait for the writer before their
-/// senders wait too.
-const OUT_QUEUE: usize = 256;
+/// How many records (completions, stream items) the connection's worker and streams may
+/// queue before they wait.
+const TASK_QUEUE: usize = 256;
 
 /// How long a closed connection keeps reading, for the client to answer the close frame.
 const CLOSE_LINGER: Duration = Duration::from_secs(1);
 
-/// What the writer sends.
-enum Out {
-    /// One encoded hub message that counts for stateful reconnect (a completion, a stream item).
-    Record(Vec<u8>),
-    /// One encoded hub message that does not (an `Ack`).
-    Control(Vec<u8>),
-    /// The client received every message up to this sequence id.
-    Acked(u64),
-    /// The answer to a WebSocket ping.
-    Pong(Vec<u8>),
-    /// A hub `Close` message, then the WebSocket close frame; the writer ends.
-    Close {
-        error: Option<String>,
-        allow_reconnect: bool,
-        code: u16,
-    },
-}
+/// How long the last frames of a closing connection may take to write.
+const CLOSE_WRITE: Duration = Duration::from_secs(5);
+
+/// How many rounds the loop makes before it lets other tasks run.
+const ROUNDS: usize = 32;
+
+/// How many bytes of unacknowledged messages a stateful connection keeps for a resume; past
+/// that, it stops taking deliveries until the client acknowledges (and falls behind, if it
+/// never does).
+const RESUME_BUFFER_BYTES: usize = 1024 * 1024;
 
 /// Who is connecting and where.
 pub(crate) struct Setup {
@@ -67,42 +75,19 @@ pub(crate) struct Setup {
     pub(crate) sessions: Sessions,
 }
 
-type Reader = FrameReader<ReadHalf<Socket>>;
-type Writer = FrameWriter<WriteHalf<Socket>>;
+type Reader = FrameReader<Socket>;
 
 /// The logical connections that may resume on a new socket (stateful reconnect), by id.
-pub(crate) type Sessions = Arc<Mutex<HashMap<ConnectionId, mpsc::Sender<(Reader, Writer)>>>>;
-
-/// How many bytes of unacknowledged messages a stateful connection keeps for a resume; past
-/// that, it stops taking deliveries until the client acknowledges (and falls behind, if it
-/// never does).
-const RESUME_BUFFER_BYTES: usize = 1024 * 1024;
-
-/// The two halves of a new socket.
-fn halves(socket: Socket, limits: &Limits) -> (Reader, Writer) {
-    let (read, write) = tokio::io::split(socket);
-    (
-        FrameReader::new(read, limits.max_message_size),
-        FrameWriter::new(write),
-    )
-}
+pub(crate) type Sessions = Arc<Mutex<HashMap<ConnectionId, mpsc::Sender<Socket>>>>;
 
 /// Hands a new socket to the stateful connection it resumes. There is no handshake: the
 /// client sends `Sequence` and resends what it has not seen acknowledged. When that
 /// connection has just ended, the socket is closed.
-pub(crate) async fn resume(
-    socket: Socket,
-    limits: Limits,
-    session: mpsc::Sender<(Reader, Writer)>,
-) {
-    if let Err(mpsc::error::SendError((_, mut write))) = session.send(halves(socket, &limits)).await
-    {
-        let _ = put(
-            &mut write,
-            Frame::close(1000, b"the connection ended"),
-            limits.handshake_timeout,
-        )
-        .await;
+pub(crate) async fn resume(socket: Socket, limits: Limits, session: mpsc::Sender<Socket>) {
+    if let Err(mpsc::error::SendError(mut socket)) = session.send(socket).await {
+        let mut outbox = Outbox::default();
+        outbox.close(1000, "the connection ended");
+        let _ = tokio::time::timeout(limits.handshake_timeout, outbox.flush(&mut socket)).await;
     }
 }
 
@@ -115,289 +100,105 @@ struct Opened {
     connection: backplane_core::Connection,
 }
 
-/// Serves one upgraded WebSocket until it closes.
-pub(crate) async fn serve(socket: Box<Socket>, setup: Box<Setup>) {
-    let (mut read, mut write) = halves(*socket, &setup.limits);
-    let mut buffer = RecordBuffer::default();
-    // Each phase that runs once is boxed, so the connection's task is sized for the loop that
-    // serves it, not for the handshake or the registration.
-    let Some(opened) = Box::pin(open(&mut read, &mut write, &mut buffer, &setup)).await else {
+/// Why a connection ends.
+enum End {
+    /// Close with this error.
+    Close(String),
+    /// A message over the size limit.
+    TooLarge,
+    /// A record that is not the hub protocol, or a frame that is not WebSocket: the error
+    /// and the close code.
+    Protocol(String, u16),
+    /// The client sent a hub `Close` or a WebSocket close.
+    ClientClosed,
+    /// The hub's connect hook refused the connection.
+    Refused(String),
+    /// The server shuts down.
+    Shutdown,
+    /// The node dropped the connection: it fell behind its deliveries.
+    SlowConsumer,
+    /// The socket failed or stalled, or the client hung up (or did not come back in time to
+    /// resume): nothing more can be sent.
+    Dropped,
+}
+
+impl End {
+    /// The hub `Close` message and the close code that tell the client, if it can be told.
+    fn close(&self, max_message_size: usize) -> Option<(HubMessage, u16)> {
+        let (error, allow_reconnect, code) = match self {
+            Self::Close(error) => (Some(error.clone()), false, 1000),
+            Self::TooLarge => (
+                Some(format!(
+                    "Connection closed with an error: a message exceeded the maximum size of {max_message_size} bytes."
+                )),
+                false,
+                1009,
+            ),
+            Self::Protocol(error, code) => (Some(error.clone()), false, *code),
+            Self::ClientClosed => (None, false, 1000),
+            Self::Refused(error) => (Some(error.clone()), false, 1008),
+            Self::Shutdown => (Some("Server is shutting down.".into()), true, 1001),
+            Self::SlowConsumer => (
+                Some(
+                    "The server closed the connection: it could not keep up with the messages sent to it."
+                        .into(),
+                ),
+                true,
+                1008,
+            ),
+            Self::Dropped => return None,
+        };
+        Some((
+            HubMessage::Close {
+                error,
+                allow_reconnect,
+            },
+            code,
+        ))
+    }
+}
+
+/// Serves one WebSocket, once upgraded, until it closes.
+pub(crate) async fn serve(upgrade: UpgradeFut, setup: Box<Setup>) {
+    // The phases that run once are boxed, so the task holds little more than the
+    // connection's state while it is served.
+    let Some(mut conn) = Box::pin(open(upgrade, setup)).await else {
         return;
     };
-    let Opened {
-        wire,
-        stateful,
-        records,
-        connection,
-    } = opened;
-    let hub_name = setup.hub.name().clone();
-
-    let ctx = Context::new(
-        setup.node.clone(),
-        hub_name.clone(),
-        setup.id.clone(),
-        setup.user.clone(),
-        Some(setup.metrics.clone()),
-        setup.limits.max_groups_per_connection,
-    );
-    let metrics = setup.metrics.clone();
-    metrics.connects.inc();
-    metrics.connections.inc();
-    let (out_tx, out_rx) = queue::bounded::<Out>(OUT_QUEUE);
-    let ending = Arc::new(AtomicBool::new(false));
-    // Only stateful connections take new sockets (a channel's first block is allocated with
-    // it: idle connections must not pay for what they never use).
-    let (swap_tx, swap_rx, mut attach_rx) = if stateful {
-        let (swap_tx, swap_rx) = mpsc::channel::<Writer>(1);
-        let (attach_tx, attach_rx) = mpsc::channel::<(Reader, Writer)>(1);
-        setup
-            .sessions
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(setup.id.clone(), attach_tx);
-        (Some(swap_tx), Some(swap_rx), Some(attach_rx))
-    } else {
-        (None, None, None)
+    let end = match Box::pin(conn.start()).await {
+        Some(end) => end,
+        None => poll_fn(|cx| conn.poll(cx)).await,
     };
-    let mut writer = tokio::spawn(writer(Box::new(WriterParts {
-        write,
-        connection,
-        out: out_rx,
-        node: setup.node.clone(),
-        ctx: ctx.clone(),
-        limits: setup.limits,
-        shutdown: setup.shutdown.clone(),
-        ending: ending.clone(),
-        metrics: metrics.clone(),
-        resume: swap_rx,
-        wire,
-    })));
+    Box::pin(conn.finish(end)).await;
+}
 
-    if let Err(err) = setup.hub.connected(ctx.clone()).await {
-        let _ = out_tx
-            .send(Out::Close {
-                error: Some(format!("Connection refused by the hub: {err}")),
-                allow_reconnect: false,
-                code: 1008,
-            })
-            .await;
-    }
-
-    let streams: Streams = Arc::default();
-    let limiter = std::num::NonZeroU32::new(setup.limits.invocations_per_second).map(|rate| {
-        let burst = rate.saturating_mul(std::num::NonZeroU32::MIN.saturating_add(1));
-        RateLimiter::direct(Quota::per_second(rate).allow_burst(burst))
-    });
-    let mut dispatch = Dispatch {
-        wire,
-        stateful,
-        incoming: 1,
-        received: 0,
-        ack_due: false,
-        limiter,
-        metrics: metrics.clone(),
-        hub: setup.hub.clone(),
-        ctx: ctx.clone(),
-        out: out_tx.clone(),
-        worker: None,
-        streams: streams.clone(),
-        uploads: HashMap::new(),
+/// Completes the upgrade and the handshake; `None` when either fails.
+async fn open(upgrade: UpgradeFut, setup: Box<Setup>) -> Option<Box<Conn>> {
+    let socket = match upgrade.await {
+        Ok(ws) => ws.into_inner(),
+        Err(err) => {
+            tracing::debug!(%err, "websocket upgrade failed");
+            return None;
+        }
     };
-
-    // Records that came in the handshake's frame.
-    let mut end = None;
-    for record in records {
-        if let Some(reason) = Box::pin(dispatch.record(&record)).await {
-            end = Some(reason);
-            break;
-        }
-    }
-    // Set once the writer task has ended (its handle is then not awaited again).
-    let mut writer_ended = false;
-    // Whether the socket failed or the client hung up (nothing left to read).
-    let mut dropped;
-    'socket: loop {
-        dropped = false;
-        while end.is_none() {
-            if dispatch.ack_due {
-                dispatch.ack_due = false;
-                let ack = wire.encode(&HubMessage::Ack {
-                    sequence_id: dispatch.received,
-                });
-                let _ = out_tx.send(Out::Control(ack)).await;
-            }
-            let frame = tokio::select! {
-                frame = Box::pin(tokio::time::timeout(setup.limits.client_timeout, read.read())) => frame,
-                _ = &mut writer => {
-                    writer_ended = true;
-                    break 'socket;
-                }
-            };
-            let frame = match frame {
-                Err(_) => {
-                    end = Some(End::Close(
-                        "Server timeout elapsed without receiving a message from the client."
-                            .into(),
-                    ));
-                    break;
-                }
-                Ok(Err(ReadError::TooLarge)) => {
-                    end = Some(End::TooLarge);
-                    break;
-                }
-                Ok(Err(err)) if err.close_code().is_some() => {
-                    let code = err.close_code().unwrap_or(1002);
-                    end = Some(End::Protocol(
-                        format!("Connection closed with an error: {err}"),
-                        code,
-                    ));
-                    break;
-                }
-                Ok(Err(err)) => {
-                    tracing::debug!(connection = %setup.id, %err, "socket read ended");
-                    dropped = true;
-                    break;
-                }
-                Ok(Ok(frame)) => frame,
-            };
-            match frame.opcode {
-                OpCode::Text | OpCode::Binary => {
-                    match buffer.push(&frame.payload, setup.limits.max_message_size) {
-                        Ok(records) => {
-                            for record in records {
-                                if let Some(reason) = Box::pin(dispatch.record(&record)).await {
-                                    end = Some(reason);
-                                    break;
-                                }
-                            }
-                        }
-                        Err(_) => end = Some(End::TooLarge),
-                    }
-                }
-                OpCode::Ping => {
-                    let _ = out_tx.send(Out::Pong(frame.payload.to_vec())).await;
-                }
-                OpCode::Close => {
-                    end = Some(End::ClientClosed);
-                }
-                _ => {}
-            }
-        }
-        let (Some(attach_rx), Some(swap_tx)) = (attach_rx.as_mut(), swap_tx.as_ref()) else {
-            break;
-        };
-        if end.is_some() || !dropped {
-            break;
-        }
-        // Stateful reconnect: keep the connection, and what is sent to it, for a new socket.
-        // The writer keeps every unacknowledged message whether or not its writes to the dead
-        // socket fail, and sends them again on the new one.
-        let resumed = tokio::select! {
-            resumed = tokio::time::timeout(setup.limits.client_timeout, attach_rx.recv()) => resumed,
-            _ = &mut writer => {
-                writer_ended = true;
-                break;
-            }
-        };
-        match resumed {
-            Ok(Some((new_read, new_write))) => {
-                tracing::debug!(connection = %setup.id, "connection resumed on a new socket");
-                read = new_read;
-                buffer = RecordBuffer::new(wire);
-                if Box::pin(swap_tx.send(new_write)).await.is_err() {
-                    break;
-                }
-            }
-            _ => break,
-        }
-    }
-    if stateful {
-        setup
-            .sessions
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(&setup.id);
-    }
-
-    // Stop the work in flight, then close.
-    let worker = dispatch.worker.take().map(|(_, handle)| handle);
-    drop(dispatch);
-    for (_, handle) in streams
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .drain()
-    {
-        handle.abort();
-    }
-    if let Some(worker) = worker {
-        worker.abort();
-    }
-    let close = match end {
-        Some(End::Close(error)) => Some(Out::Close {
-            error: Some(error),
-            allow_reconnect: false,
-            code: 1000,
-        }),
-        Some(End::TooLarge) => Some(Out::Close {
-            error: Some(format!(
-                "Connection closed with an error: a message exceeded the maximum size of {} bytes.",
-                setup.limits.max_message_size
-            )),
-            allow_reconnect: false,
-            code: 1009,
-        }),
-        Some(End::Protocol(error, code)) => Some(Out::Close {
-            error: Some(error),
-            allow_reconnect: false,
-            code,
-        }),
-        Some(End::ClientClosed) => Some(Out::Close {
-            error: None,
-            allow_reconnect: false,
-            code: 1000,
-        }),
-        None => None,
-    };
-    Box::pin(async move {
-        // Unregister before the last frame goes out: a client whose close was answered is
-        // gone from presence and groups on every node. The writer is told first, so the end
-        // of its delivery channel is not mistaken for a slow consumer.
-        ending.store(true, Ordering::Release);
-        if let Err(err) = setup.node.disconnect(&hub_name, &setup.id).await {
-            tracing::warn!(connection = %setup.id, %err, "could not unregister a connection");
-        }
-        if let Some(close) = close {
-            let _ = out_tx.send(close).await;
-        }
-        drop(out_tx);
-        if !writer_ended {
-            let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
-        }
-        if !dropped {
-            // The close frame is out: let the client answer and hang up.
-            let _ = tokio::time::timeout(CLOSE_LINGER, read.drain()).await;
-        }
-        metrics.disconnects.inc();
-        metrics.connections.dec();
-        if let Err(err) = setup.hub.disconnected(ctx).await {
-            tracing::warn!(connection = %setup.id, %err, "the hub's disconnect hook failed");
-        }
-    })
-    .await;
+    let mut reader = FrameReader::new(socket, setup.limits.max_message_size);
+    let mut buffer = RecordBuffer::default();
+    let opened = handshake(&mut reader, &mut buffer, &setup).await?;
+    Some(Box::new(Conn::new(*setup, reader, buffer, opened)))
 }
 
 /// Reads the handshake, registers the connection and accepts it; `None` when refused (the
 /// client was told why).
-async fn open(
-    read: &mut Reader,
-    write: &mut Writer,
+async fn handshake(
+    reader: &mut Reader,
     buffer: &mut RecordBuffer,
     setup: &Setup,
 ) -> Option<Opened> {
+    let limit = setup.limits.handshake_timeout;
     // The handshake: the first record, within the handshake timeout.
-    let first = tokio::time::timeout(setup.limits.handshake_timeout, async {
+    let first = tokio::time::timeout(limit, async {
         loop {
-            let frame = read.read().await.map_err(|e| e.to_string())?;
+            let frame = reader.read().await.map_err(|e| e.to_string())?;
             match frame.opcode {
                 OpCode::Text | OpCode::Binary => {
                     // Bytes that are no handshake are answered (below); a failed socket is not.
@@ -423,7 +224,7 @@ async fn open(
         Err(_) => {
             setup.metrics.refused("handshake");
             let reason = "no handshake within the handshake timeout";
-            reject(write, reason, setup.limits.handshake_timeout).await;
+            reject(reader, reason, limit).await;
             tracing::debug!(connection = %setup.id, reason, "handshake failed");
             return None;
         }
@@ -435,7 +236,7 @@ async fn open(
     let handshake = match handshake {
         Ok(h) if Protocol::from_name(&h.protocol).is_none() => {
             let reason = format!("The protocol '{}' is not supported.", h.protocol);
-            reject(write, &reason, setup.limits.handshake_timeout).await;
+            reject(reader, &reason, limit).await;
             return None;
         }
         Ok(h) if h.version == 0 || h.version > protocol::MAX_VERSION => {
@@ -443,12 +244,12 @@ async fn open(
                 "The server does not support version {} of the '{}' protocol.",
                 h.version, h.protocol
             );
-            reject(write, &reason, setup.limits.handshake_timeout).await;
+            reject(reader, &reason, limit).await;
             return None;
         }
         Ok(h) => h,
         Err(err) => {
-            reject(write, &err.0, setup.limits.handshake_timeout).await;
+            reject(reader, &err.0, limit).await;
             return None;
         }
     };
@@ -459,15 +260,15 @@ async fn open(
         Ok(records) => records,
         Err(err) => {
             setup.metrics.refused("handshake");
-            reject(write, &err.0, setup.limits.handshake_timeout).await;
+            reject(reader, &err.0, limit).await;
             return None;
         }
     };
 
-    let hub_name = setup.hub.name().clone();
+    let hub_name = setup.hub.name();
     let connection = match setup
         .node
-        .connect(&hub_name, Some(setup.id.clone()), setup.user.clone())
+        .connect(hub_name, Some(setup.id.clone()), setup.user.clone())
         .await
     {
         Ok(c) => c,
@@ -481,13 +282,17 @@ async fn open(
                 Error::DuplicateConnection(_) => "This connection id is already connected.".into(),
                 other => format!("The connection could not be registered: {other}"),
             };
-            reject(write, &reason, setup.limits.handshake_timeout).await;
+            reject(reader, &reason, limit).await;
             return None;
         }
     };
-    let accepted = Frame::text(Payload::Owned(protocol::handshake_response(None)));
-    if !put(write, accepted, setup.limits.handshake_timeout).await {
-        let _ = setup.node.disconnect(&hub_name, &setup.id).await;
+    let mut outbox = Outbox::default();
+    outbox.frame(OpCode::Text, &protocol::handshake_response(None));
+    if !matches!(
+        tokio::time::timeout(limit, outbox.flush(reader.get_mut())).await,
+        Ok(Ok(()))
+    ) {
+        let _ = setup.node.disconnect(hub_name, &setup.id).await;
         return None;
     }
     Some(Opened {
@@ -498,125 +303,646 @@ async fn open(
     })
 }
 
-/// A frame of records: binary for MessagePack, text for JSON.
-fn frame_of(wire: Protocol, payload: Payload<'_>) -> Frame<'_> {
-    if wire.is_binary() {
-        Frame::binary(payload)
-    } else {
-        Frame::text(payload)
-    }
-}
-
 /// Sends a handshake error and closes.
-async fn reject(write: &mut Writer, reason: &str, limit: Duration) {
-    let response = protocol::handshake_response(Some(reason));
-    if put(write, Frame::text(Payload::Owned(response)), limit).await {
-        let _ = put(write, Frame::close(1002, reason.as_bytes()), limit).await;
-    }
+async fn reject(reader: &mut Reader, reason: &str, limit: Duration) {
+    let mut outbox = Outbox::default();
+    outbox.frame(OpCode::Text, &protocol::handshake_response(Some(reason)));
+    outbox.close(1002, reason);
+    let _ = tokio::time::timeout(limit, outbox.flush(reader.get_mut())).await;
 }
 
-/// Writes one frame, giving up after `limit`: a client that stops reading must not hold its
-/// writer (and the deliveries queued behind it) forever. The write and its timer are boxed
-/// while they run, so the writer task is not sized for them while it waits.
-async fn put(write: &mut Writer, frame: Frame<'_>, limit: Duration) -> bool {
-    matches!(
-        Box::pin(tokio::time::timeout(limit, write.write(frame))).await,
-        Ok(Ok(()))
-    )
+/// A boxed future the connection's loop polls.
+type Deferred = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// The frame being written: what it carries, for the metrics and the durable
+/// acknowledgements once it is out.
+struct Writing {
+    deliveries: u64,
+    acks: Vec<MessageId>,
+    started: Instant,
 }
 
-/// Why the reader stopped.
-enum End {
-    /// Close with this error.
-    Close(String),
-    /// A message over the size limit.
-    TooLarge,
-    /// A record that is not the hub protocol, or a frame that is not WebSocket: the error
-    /// and the close code.
-    Protocol(String, u16),
-    /// The client sent a hub `Close` or a WebSocket close.
-    ClientClosed,
-}
-
-type Streams = Arc<Mutex<HashMap<String, AbortHandle>>>;
-
-/// One invocation for the connection's worker.
-struct Work {
-    invocation_id: Option<String>,
-    method: crate::hub::Method,
-    arguments: Vec<Value>,
-}
-
-/// Items a client may send on one stream before the reader waits for the method to take them.
-const UPLOAD_QUEUE: usize = 32;
-
-/// Streams from one client that may be open at once.
-const MAX_UPLOADS: usize = 64;
-
-struct Dispatch {
-    /// The hub protocol the client chose.
+/// Everything one connection is: its socket, what it has read and not yet handled, what
+/// waits to be sent, and its work in flight.
+struct Conn {
+    ctx: Context,
+    hub: Arc<Hub>,
+    limits: Limits,
+    metrics: Arc<Metrics>,
+    shutdown: watch::Receiver<bool>,
+    sessions: Sessions,
     wire: Protocol,
     /// Whether the client speaks stateful reconnect (protocol version 2).
     stateful: bool,
+
+    /// The socket; `None` while a stateful connection waits for its client to come back.
+    socket: Option<Reader>,
+    /// New sockets of a stateful connection.
+    attach: Option<mpsc::Receiver<Socket>>,
+    /// When the socket was lost, while the connection waits for a new one.
+    detached: Option<Instant>,
+
+    /// Records of the client's frames that wait to be handled.
+    buffer: RecordBuffer,
+    inbox: VecDeque<Vec<u8>>,
+    /// An invocation over the rate limit, handled once `paused` has passed.
+    held: Option<Box<HubMessage>>,
+    /// Reading stops until then (the invocation rate limit).
+    paused: Option<Instant>,
+    /// Paces invocations: a client over its rate is read later.
+    limiter: Option<Box<DefaultDirectRateLimiter>>,
     /// The sequence id of the next sequenced message from the client.
     incoming: u64,
     /// The highest sequence id handled; resent messages at or below it are skipped.
     received: u64,
     /// Whether an `Ack` should go out.
     ack_due: bool,
-    /// Paces invocations: a client over its rate waits, and stops being read meanwhile.
-    limiter: Option<DefaultDirectRateLimiter>,
-    metrics: Arc<Metrics>,
-    hub: Arc<Hub>,
-    ctx: Context,
-    out: queue::Sender<Out>,
+    /// When the client last sent anything.
+    last_read: Instant,
+
+    /// What the node delivers.
+    connection: backplane_core::Connection,
+    /// Records from the connection's worker and streams, and the sender they clone; created
+    /// with the first of them.
+    tasks: Option<TaskRecords>,
     /// The queue of the task that runs invocations, started by the first one: a connection
     /// that never invokes anything does not pay for it.
     worker: Option<(mpsc::Sender<Box<Work>>, tokio::task::JoinHandle<()>)>,
-    streams: Streams,
+    /// Streams the server sends, by invocation id; created with the first one.
+    streams: Option<Streams>,
     /// The client's open streams to uploading methods, by stream id.
     uploads: HashMap<String, mpsc::Sender<Upload>>,
+    /// Work that must finish before anything more is read.
+    busy: Option<Deferred>,
+
+    /// The data frame being gathered: records after [`HEADER_ROOM`] bytes (empty and
+    /// unallocated while nothing is gathered).
+    frame: Vec<u8>,
+    frame_deliveries: u64,
+    frame_acks: Vec<MessageId>,
+    /// Frames on their way to the socket.
+    outbox: Outbox,
+    writing: Option<Writing>,
+    /// Since when the outbox has been waiting for the socket.
+    stalled: Option<Instant>,
+    /// When the server last sent a frame (a ping goes out after `keep_alive` without one).
+    last_sent: Instant,
+    /// Whether the loop let the publisher queue more before writing a frame of deliveries.
+    yielded: bool,
+    /// Set to end this poll and come back at once (the loop yields to other tasks).
+    yielding: bool,
+    /// What has been sent and not yet acknowledged, for a resume (stateful reconnect).
+    unacked: Unacked,
+    /// Durable messages written to the client, to acknowledge to the node.
+    acks_due: Vec<MessageId>,
+    acking: Option<Deferred>,
+
+    /// Wakes the loop at its next deadline: ping, client timeout, stalled write, resume
+    /// window, rate limit.
+    timer: Pin<Box<Sleep>>,
+    /// Whether the timer has been polled since it was last set.
+    timer_polled: bool,
 }
 
-impl Dispatch {
-    async fn complete(&self, invocation_id: Option<String>, outcome: Outcome) {
+/// The queue of records from a connection's tasks: the sender they clone, and its receiver.
+type TaskRecords = (queue::Sender<Vec<u8>>, queue::Receiver<Vec<u8>>);
+
+/// Streams the server sends, by invocation id, to cancel them.
+type Streams = Arc<Mutex<HashMap<String, AbortHandle>>>;
+
+impl Conn {
+    fn new(setup: Setup, reader: Reader, buffer: RecordBuffer, opened: Opened) -> Self {
+        let Setup {
+            hub,
+            node,
+            id,
+            user,
+            limits,
+            shutdown,
+            metrics,
+            sessions,
+        } = setup;
+        let ctx = Context::new(
+            node,
+            hub.name().clone(),
+            id,
+            user,
+            Some(metrics.clone()),
+            limits.max_groups_per_connection,
+        );
+        let limiter = std::num::NonZeroU32::new(limits.invocations_per_second).map(|rate| {
+            let burst = rate.saturating_mul(std::num::NonZeroU32::MIN.saturating_add(1));
+            Box::new(RateLimiter::direct(
+                Quota::per_second(rate).allow_burst(burst),
+            ))
+        });
+        let now = Instant::now();
+        Self {
+            ctx,
+            hub,
+            limits,
+            metrics,
+            shutdown,
+            sessions,
+            wire: opened.wire,
+            stateful: opened.stateful,
+            socket: Some(reader),
+            attach: None,
+            detached: None,
+            buffer,
+            inbox: opened.records.into(),
+            held: None,
+            paused: None,
+            limiter,
+            incoming: 1,
+            received: 0,
+            ack_due: false,
+            last_read: now,
+            connection: opened.connection,
+            tasks: None,
+            worker: None,
+            streams: None,
+            uploads: HashMap::new(),
+            busy: None,
+            frame: Vec::new(),
+            frame_deliveries: 0,
+            frame_acks: Vec::new(),
+            outbox: Outbox::default(),
+            writing: None,
+            stalled: None,
+            last_sent: now,
+            yielded: false,
+            yielding: false,
+            unacked: Unacked::default(),
+            acks_due: Vec::new(),
+            acking: None,
+            timer: Box::pin(tokio::time::sleep_until(
+                now + limits.keep_alive.min(limits.client_timeout),
+            )),
+            timer_polled: false,
+        }
+    }
+
+    fn id(&self) -> &ConnectionId {
+        self.ctx.connection_id()
+    }
+
+    /// Counts the connection, registers it for resumes and runs the hub's connect hook;
+    /// `Some` when it ends before it is served.
+    async fn start(&mut self) -> Option<End> {
+        self.metrics.connects.inc();
+        self.metrics.connections.inc();
+        if self.stateful {
+            // Only stateful connections take new sockets (a channel allocates its first
+            // block when created: idle connections must not pay for what they never use).
+            let (attach_tx, attach_rx) = mpsc::channel(1);
+            self.attach = Some(attach_rx);
+            self.sessions
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(self.id().clone(), attach_tx);
+        }
+        if *self.shutdown.borrow() {
+            // Registered after the node closed its connections for the shutdown.
+            return Some(End::Shutdown);
+        }
+        match self.hub.connected(self.ctx.clone()).await {
+            Ok(()) => None,
+            Err(err) => Some(End::Refused(format!(
+                "Connection refused by the hub: {err}"
+            ))),
+        }
+    }
+
+    /// Serves the connection until it ends: rounds of reading, handling, gathering what is
+    /// queued for the client and writing it, until none makes progress.
+    fn poll(&mut self, cx: &mut task::Context<'_>) -> Poll<End> {
+        for _ in 0..ROUNDS {
+            let progress = match self.round(cx) {
+                Ok(progress) => progress,
+                Err(end) => return Poll::Ready(end),
+            };
+            if std::mem::take(&mut self.yielding) {
+                // The waker has been called: the task comes back after the others.
+                return Poll::Pending;
+            }
+            if !progress {
+                if self.frame.len() <= HEADER_ROOM && self.frame.capacity() > 0 {
+                    // Idle: give the frame buffer back.
+                    self.frame = Vec::new();
+                }
+                return Poll::Pending;
+            }
+        }
+        // Busy: let other tasks run, and come back.
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+
+    /// One round over every source of work; `true` when any made progress. A source that
+    /// is not ready has registered the waker, so `false` means the task may sleep.
+    fn round(&mut self, cx: &mut task::Context<'_>) -> Result<bool, End> {
+        let mut progress = poll_slot(&mut self.busy, cx);
+        if poll_slot(&mut self.acking, cx) || (self.acking.is_none() && !self.acks_due.is_empty()) {
+            self.acknowledge();
+            progress = true;
+        }
+        progress |= self.poll_attach(cx);
+        progress |= self.poll_input(cx)?;
+        progress |= self.poll_queued(cx)?;
+        progress |= self.poll_write(cx)?;
+        progress |= self.poll_timer(cx)?;
+        Ok(progress)
+    }
+
+    /// Starts acknowledging the durable messages written to the client.
+    fn acknowledge(&mut self) {
+        if self.acking.is_some() || self.acks_due.is_empty() {
+            return;
+        }
+        let ids = std::mem::take(&mut self.acks_due);
+        let ctx = self.ctx.clone();
+        self.acking = Some(Box::pin(async move {
+            for id in ids {
+                if let Err(err) = ctx
+                    .node()
+                    .acknowledge(ctx.hub(), ctx.connection_id(), id)
+                    .await
+                {
+                    tracing::warn!(connection = %ctx.connection_id(), %err, "could not acknowledge a durable message");
+                }
+            }
+        }));
+    }
+
+    /// Takes a new socket for a stateful connection and sends it everything not
+    /// acknowledged, after the id it starts at.
+    fn poll_attach(&mut self, cx: &mut task::Context<'_>) -> bool {
+        let Some(attach) = self.attach.as_mut() else {
+            return false;
+        };
+        let Poll::Ready(Some(socket)) = attach.poll_recv(cx) else {
+            return false;
+        };
+        tracing::debug!(connection = %self.id(), "connection resumed on a new socket");
+        self.socket = Some(FrameReader::new(socket, self.limits.max_message_size));
+        self.detached = None;
+        self.buffer = RecordBuffer::new(self.wire);
+        self.drop_unsent();
+        let now = Instant::now();
+        self.last_read = now;
+        let sequence = self.wire.encode(&HubMessage::Sequence {
+            sequence_id: self.unacked.first(),
+        });
+        self.control(&sequence);
+        for (_, record) in &self.unacked.records {
+            extend_frame(&mut self.frame, record);
+        }
+        true
+    }
+
+    /// Forgets what was on its way to a lost socket. What counts for a resume is kept in
+    /// `unacked`; durable messages not known to be written are acknowledged after the resend.
+    fn drop_unsent(&mut self) {
+        self.outbox.clear();
+        self.stalled = None;
+        self.frame.clear();
+        self.frame_deliveries = 0;
+        if let Some(writing) = self.writing.take() {
+            self.frame_acks.extend(writing.acks);
+        }
+        self.yielded = false;
+    }
+
+    /// The socket failed: a stateful connection waits for its client to come back with a
+    /// new one, any other ends.
+    fn lost(&mut self) -> Result<(), End> {
+        if !self.stateful || self.attach.is_none() {
+            if let Some(writing) = self.writing.take() {
+                self.metrics.delivered(writing.deliveries, false);
+            }
+            return Err(End::Dropped);
+        }
+        self.socket = None;
+        self.drop_unsent();
+        let now = Instant::now();
+        self.detached = Some(now);
+        self.arm(now + self.limits.client_timeout);
+        Ok(())
+    }
+
+    /// Moves the timer earlier, to `at`.
+    fn arm(&mut self, at: Instant) {
+        if at < self.timer.deadline() {
+            self.reset_timer(at);
+        }
+    }
+
+    fn reset_timer(&mut self, at: Instant) {
+        self.timer.as_mut().reset(at);
+        self.timer_polled = false;
+    }
+
+    /// Handles what the client sent, and reads more while nothing holds it back.
+    fn poll_input(&mut self, cx: &mut task::Context<'_>) -> Result<bool, End> {
+        let mut progress = false;
+        loop {
+            if self.busy.is_some()
+                || self.paused.is_some()
+                || self.frame.len() >= FRAME_BYTES
+                || self.outbox.queued() >= FRAME_BYTES
+            {
+                // The client is not silent while the server does not read it: the client
+                // timeout counts only time spent waiting for it.
+                self.last_read = Instant::now();
+                return Ok(progress);
+            }
+            if let Some(message) = self.held.take() {
+                self.handle(*message)?;
+                progress = true;
+                continue;
+            }
+            if let Some(record) = self.inbox.pop_front() {
+                self.record(&record)?;
+                progress = true;
+                continue;
+            }
+            if self.inbox.capacity() > 0 {
+                self.inbox = VecDeque::new();
+            }
+            if self.ack_due {
+                self.ack_due = false;
+                let ack = self.wire.encode(&HubMessage::Ack {
+                    sequence_id: self.received,
+                });
+                self.control(&ack);
+            }
+            let Some(socket) = self.socket.as_mut() else {
+                return Ok(progress);
+            };
+            let message = match socket.poll_read(cx) {
+                Poll::Pending => return Ok(progress),
+                Poll::Ready(Ok(message)) => message,
+                Poll::Ready(Err(ReadError::TooLarge)) => return Err(End::TooLarge),
+                Poll::Ready(Err(err)) => match err.close_code() {
+                    Some(code) => {
+                        return Err(End::Protocol(
+                            format!("Connection closed with an error: {err}"),
+                            code,
+                        ));
+                    }
+                    None => {
+                        tracing::debug!(connection = %self.id(), %err, "socket read ended");
+                        self.lost()?;
+                        return Ok(true);
+                    }
+                },
+            };
+            progress = true;
+            self.last_read = Instant::now();
+            match message.opcode {
+                OpCode::Text | OpCode::Binary => {
+                    match self
+                        .buffer
+                        .push(&message.payload, self.limits.max_message_size)
+                    {
+                        Ok(records) => self.inbox.extend(records),
+                        Err(_) => return Err(End::TooLarge),
+                    }
+                }
+                OpCode::Ping => self.outbox.frame(OpCode::Pong, &message.payload),
+                OpCode::Close => return Err(End::ClientClosed),
+                _ => {}
+            }
+        }
+    }
+
+    /// Gathers into the frame what the worker, the streams and the node queued for the
+    /// client, as long as the frame (and the resume buffer) have room.
+    fn poll_queued(&mut self, cx: &mut task::Context<'_>) -> Result<bool, End> {
+        let mut progress = false;
+        while self.frame.len() < FRAME_BYTES {
+            let Some((_, records)) = self.tasks.as_mut() else {
+                break;
+            };
+            let Poll::Ready(Some(record)) = records.poll_recv(cx) else {
+                break;
+            };
+            self.sequenced(&record);
+            progress = true;
+        }
+        while self.frame.len() < FRAME_BYTES
+            && (!self.stateful || self.unacked.bytes < RESUME_BUFFER_BYTES)
+        {
+            let delivery = match self.connection.poll_recv(cx) {
+                Poll::Pending => break,
+                Poll::Ready(Some(delivery)) => delivery,
+                Poll::Ready(None) if *self.shutdown.borrow() => return Err(End::Shutdown),
+                Poll::Ready(None) => return Err(End::SlowConsumer),
+            };
+            progress = true;
+            if let Some(record) = delivery_record(&delivery, self.wire) {
+                self.sequenced(&record);
+                self.frame_deliveries += 1;
+            }
+            if let DeliveryKind::Durable(id) = delivery.kind {
+                self.frame_acks.push(id);
+            }
+        }
+        Ok(progress)
+    }
+
+    /// Writes: the frame gathered goes out once the previous one is written.
+    fn poll_write(&mut self, cx: &mut task::Context<'_>) -> Result<bool, End> {
+        let mut progress = false;
+        loop {
+            if self.socket.is_none() {
+                return Ok(progress);
+            }
+            if self.outbox.is_empty() {
+                self.stalled = None;
+                if let Some(writing) = self.writing.take() {
+                    self.metrics.delivered(writing.deliveries, true);
+                    self.metrics
+                        .delivery_seconds
+                        .observe(writing.started.elapsed().as_secs_f64());
+                    // A durable message is acknowledged once written to a socket; if the
+                    // connection ends first, the user's next connection gets it.
+                    self.acks_due.extend(writing.acks);
+                    progress = true;
+                }
+                if self.frame.len() <= HEADER_ROOM {
+                    return Ok(progress);
+                }
+                if self.frame_deliveries > 0 && !self.yielded {
+                    // Deliveries woke the connection: let the publisher's next messages
+                    // queue up behind them, so a burst goes out in few writes.
+                    self.yielded = true;
+                    self.yielding = true;
+                    cx.waker().wake_by_ref();
+                    return Ok(progress);
+                }
+                self.seal();
+                progress = true;
+                continue;
+            }
+            if self.stalled.is_none() {
+                let now = Instant::now();
+                self.stalled = Some(now);
+                self.arm(now + self.limits.client_timeout);
+            }
+            let Some(socket) = self.socket.as_mut() else {
+                return Ok(progress);
+            };
+            match self.outbox.poll_flush(socket.get_mut(), cx) {
+                Poll::Pending => return Ok(progress),
+                Poll::Ready(Ok(())) => progress = true,
+                Poll::Ready(Err(err)) => {
+                    tracing::debug!(connection = %self.id(), %err, "socket write failed");
+                    self.lost()?;
+                    return Ok(true);
+                }
+            }
+        }
+    }
+
+    /// Hands the gathered frame to the outbox.
+    fn seal(&mut self) {
+        let frame = std::mem::take(&mut self.frame);
+        let opcode = if self.wire.is_binary() {
+            OpCode::Binary
+        } else {
+            OpCode::Text
+        };
+        self.outbox.push(frame, opcode);
+        self.writing = Some(Writing {
+            deliveries: std::mem::take(&mut self.frame_deliveries),
+            acks: std::mem::take(&mut self.frame_acks),
+            started: Instant::now(),
+        });
+        self.yielded = false;
+        self.last_sent = Instant::now();
+    }
+
+    /// Keeps the deadlines: the client timeout, a stalled write, the resume window, the
+    /// rate limit's pause and the keep-alive ping.
+    fn poll_timer(&mut self, cx: &mut task::Context<'_>) -> Result<bool, End> {
+        // A timer polled once stays registered: after that, a glance tells whether it fired.
+        if self.timer_polled && !self.timer.is_elapsed() {
+            return Ok(false);
+        }
+        self.timer_polled = true;
+        if self.timer.as_mut().poll(cx).is_pending() {
+            return Ok(false);
+        }
+        let now = Instant::now();
+        let timeout = self.limits.client_timeout;
+        if self.detached.is_some_and(|since| now >= since + timeout) {
+            return Err(End::Dropped);
+        }
+        if self.socket.is_some() {
+            if now >= self.last_read + timeout {
+                return Err(End::Close(
+                    "Server timeout elapsed without receiving a message from the client.".into(),
+                ));
+            }
+            if self.stalled.is_some_and(|since| now >= since + timeout) {
+                tracing::debug!(connection = %self.id(), "the client stopped reading");
+                self.lost()?;
+            }
+        }
+        if self.paused.is_some_and(|until| now >= until) {
+            self.paused = None;
+        }
+        if self.socket.is_some() && now >= self.last_sent + self.limits.keep_alive {
+            let ping = self.wire.encode(&HubMessage::Ping);
+            self.control(&ping);
+            self.last_sent = now;
+        }
+        let mut next = now + self.limits.keep_alive.max(Duration::from_millis(1));
+        if self.socket.is_some() {
+            next = next
+                .min(self.last_read + timeout)
+                .min(self.last_sent + self.limits.keep_alive);
+        }
+        for deadline in [
+            self.stalled.map(|since| since + timeout),
+            self.detached.map(|since| since + timeout),
+            self.paused,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            next = next.min(deadline);
+        }
+        self.reset_timer(next.max(now));
+        Ok(true)
+    }
+
+    /// Adds a record that counts for stateful reconnect (a completion, a stream item, a
+    /// message): kept for a resume, and gathered when a socket is attached.
+    fn sequenced(&mut self, record: &[u8]) {
+        if self.stateful {
+            self.unacked.push(record);
+        }
+        if self.socket.is_some() {
+            extend_frame(&mut self.frame, record);
+        }
+    }
+
+    /// Adds a record that does not count for stateful reconnect (a ping, an `Ack`).
+    fn control(&mut self, record: &[u8]) {
+        if self.socket.is_some() {
+            extend_frame(&mut self.frame, record);
+        }
+    }
+
+    /// Sends a completion, when the client gave an invocation id.
+    fn complete(&mut self, invocation_id: Option<String>, outcome: Outcome) {
         if let Some(invocation_id) = invocation_id {
             let record = self.wire.encode(&HubMessage::Completion {
                 invocation_id,
                 outcome,
             });
-            let _ = self.out.send(Out::Record(record)).await;
+            self.sequenced(&record);
         }
     }
 
-    /// Handles one record; `Some` ends the connection.
-    async fn record(&mut self, record: &[u8]) -> Option<End> {
+    /// The sender the worker and streams queue their records with.
+    fn task_sender(&mut self) -> queue::Sender<Vec<u8>> {
+        let (tx, _) = self.tasks.get_or_insert_with(|| queue::bounded(TASK_QUEUE));
+        tx.clone()
+    }
+
+    fn streams(&mut self) -> Streams {
+        self.streams.get_or_insert_with(Streams::default).clone()
+    }
+
+    /// Handles one record.
+    fn record(&mut self, record: &[u8]) -> Result<(), End> {
         self.metrics.messages_in.inc();
-        let message = match self.wire.parse(record) {
-            Ok(m) => m,
-            Err(err) => {
-                return Some(End::Protocol(
-                    format!("Connection closed with an error: invalid message: {err}"),
-                    1002,
-                ));
-            }
-        };
+        let message = self.wire.parse(record).map_err(|err| {
+            End::Protocol(
+                format!("Connection closed with an error: invalid message: {err}"),
+                1002,
+            )
+        })?;
         if self.stateful {
             match &message {
                 HubMessage::Ack { sequence_id } => {
-                    let _ = self.out.send(Out::Acked(*sequence_id)).await;
-                    return None;
+                    self.unacked.acked(*sequence_id);
+                    return Ok(());
                 }
                 HubMessage::Sequence { sequence_id } => {
                     self.incoming = *sequence_id;
-                    return None;
+                    return Ok(());
                 }
                 m if m.is_sequenced() => {
                     let id = self.incoming;
                     self.incoming += 1;
                     if id <= self.received {
                         // Resent after a reconnect, and already handled.
-                        return None;
+                        return Ok(());
                     }
                     self.received = id;
                     self.ack_due = true;
@@ -624,12 +950,22 @@ impl Dispatch {
                 _ => {}
             }
         }
-        if let (
-            Some(limiter),
-            HubMessage::Invocation { .. } | HubMessage::StreamInvocation { .. },
-        ) = (&self.limiter, &message)
+        self.handle(message)
+    }
+
+    /// Acts on one message: an invocation over the rate limit is held until the limit
+    /// allows it, and reading pauses meanwhile.
+    fn handle(&mut self, message: HubMessage) -> Result<(), End> {
+        if let (Some(limiter), HubMessage::Invocation { .. } | HubMessage::StreamInvocation { .. }) =
+            (&self.limiter, &message)
+            && let Err(not_until) = limiter.check()
         {
-            limiter.until_ready().await;
+            let wait = not_until.wait_time_from(limiter.clock().now());
+            let until = Instant::now() + wait;
+            self.held = Some(Box::new(message));
+            self.paused = Some(until);
+            self.arm(until);
+            return Ok(());
         }
         match message {
             HubMessage::Invocation {
@@ -637,26 +973,20 @@ impl Dispatch {
                 target,
                 arguments,
                 stream_ids,
-            } => {
-                self.invoke(invocation_id, &target, arguments, stream_ids, false)
-                    .await;
-            }
+            } => self.invoke(invocation_id, &target, arguments, stream_ids, false),
             HubMessage::StreamInvocation {
                 invocation_id,
                 target,
                 arguments,
                 stream_ids,
-            } => {
-                self.invoke(Some(invocation_id), &target, arguments, stream_ids, true)
-                    .await;
-            }
+            } => self.invoke(Some(invocation_id), &target, arguments, stream_ids, true),
             HubMessage::StreamItem {
                 invocation_id,
                 item,
             } => {
                 // A stream the method stopped reading (it returned) is forgotten.
                 if let Some(tx) = self.uploads.get(&invocation_id)
-                    && tx.send(Upload::Item(item)).await.is_err()
+                    && !forward(tx, Upload::Item(item), &mut self.busy)
                 {
                     self.uploads.remove(&invocation_id);
                 }
@@ -670,7 +1000,7 @@ impl Dispatch {
                         Outcome::Error(error) => Upload::Error(error),
                         _ => Upload::End,
                     };
-                    let _ = tx.send(end).await;
+                    forward(&tx, end, &mut self.busy);
                 }
             }
             HubMessage::Completion {
@@ -684,33 +1014,31 @@ impl Dispatch {
                     }
                     Outcome::Error(error) => Err(error),
                 };
-                let id = InvocationId::new(&invocation_id);
-                if let Err(err) = self
-                    .ctx
-                    .node()
-                    .complete(self.ctx.connection_id(), &id, result)
-                    .await
-                {
-                    tracing::debug!(connection = %self.ctx.connection_id(), %err, "completion refused");
-                }
+                let ctx = self.ctx.clone();
+                self.busy = Some(Box::pin(async move {
+                    let id = InvocationId::new(&invocation_id);
+                    if let Err(err) = ctx.node().complete(ctx.connection_id(), &id, result).await {
+                        tracing::debug!(connection = %ctx.connection_id(), %err, "completion refused");
+                    }
+                }));
             }
             HubMessage::CancelInvocation { invocation_id } => {
-                if let Some(handle) = self
-                    .streams
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .remove(&invocation_id)
-                {
+                if let Some(handle) = self.streams.as_ref().and_then(|streams| {
+                    streams
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .remove(&invocation_id)
+                }) {
                     handle.abort();
                 }
             }
-            HubMessage::Close { .. } => return Some(End::ClientClosed),
+            HubMessage::Close { .. } => return Err(End::ClientClosed),
             HubMessage::Ping | HubMessage::Ack { .. } | HubMessage::Sequence { .. } => {}
         }
-        None
+        Ok(())
     }
 
-    async fn invoke(
+    fn invoke(
         &mut self,
         invocation_id: Option<String>,
         target: &str,
@@ -722,8 +1050,7 @@ impl Dispatch {
             self.complete(
                 invocation_id,
                 Outcome::Error(format!("Unknown hub method '{target}'")),
-            )
-            .await;
+            );
             return;
         };
         if stream_ids.len() != method.uploads {
@@ -737,7 +1064,7 @@ impl Dispatch {
                     stream_ids.len()
                 )
             };
-            self.complete(invocation_id, Outcome::Error(error)).await;
+            self.complete(invocation_id, Outcome::Error(error));
             return;
         }
         // Streams whose method has returned are forgotten; the rest count against the limit.
@@ -745,7 +1072,7 @@ impl Dispatch {
         if self.uploads.len() + stream_ids.len() > MAX_UPLOADS {
             let error =
                 format!("at most {MAX_UPLOADS} streams from the client may be open at once");
-            self.complete(invocation_id, Outcome::Error(error)).await;
+            self.complete(invocation_id, Outcome::Error(error));
             return;
         }
         if let Some(taken) = stream_ids.iter().find(|id| {
@@ -753,7 +1080,7 @@ impl Dispatch {
                 || stream_ids.iter().filter(|other| other == id).count() > 1
         }) {
             let error = format!("stream id '{taken}' is already in use");
-            self.complete(invocation_id, Outcome::Error(error)).await;
+            self.complete(invocation_id, Outcome::Error(error));
             return;
         }
         if arguments.len() != method.arity {
@@ -764,8 +1091,7 @@ impl Dispatch {
                     arguments.len(),
                     method.arity
                 )),
-            )
-            .await;
+            );
             return;
         }
         let is_stream = matches!(method.handler, Handler::Streaming(_));
@@ -778,7 +1104,7 @@ impl Dispatch {
             } else {
                 format!("'{}' is not a streaming method", method.name)
             };
-            self.complete(invocation_id, Outcome::Error(error)).await;
+            self.complete(invocation_id, Outcome::Error(error));
             return;
         }
         let uploads: Vec<StreamReceiver> = stream_ids
@@ -792,34 +1118,169 @@ impl Dispatch {
         if let Handler::Uploading(handler) = &method.handler {
             let args = Arguments::new(&method.name, arguments);
             let call = tokio::spawn(handler(self.ctx.clone(), args, uploads));
-            let (out, wire, name) = (self.out.clone(), self.wire, method.name.clone());
+            let (out, wire, name) = (self.task_sender(), self.wire, method.name.clone());
             tokio::spawn(async move {
                 if let Some(record) = completion(call, &name, invocation_id, wire).await {
-                    let _ = out.send(Out::Record(record)).await;
+                    let _ = out.send(record).await;
                 }
             });
             return;
         }
-        let (work, _) = self.worker.get_or_insert_with(|| {
+        if self.worker.is_none() {
             let (work, queue) = mpsc::channel::<Box<Work>>(INVOCATION_QUEUE);
             let handle = tokio::spawn(worker(
                 queue,
                 self.ctx.clone(),
-                self.out.clone(),
-                self.streams.clone(),
+                self.task_sender(),
+                self.streams(),
                 self.wire,
             ));
-            (work, handle)
+            self.worker = Some((work, handle));
+        }
+        let Some((work, _)) = self.worker.as_ref() else {
+            return;
+        };
+        let item = Box::new(Work {
+            invocation_id,
+            method,
+            arguments,
         });
-        let _ = work
-            .send(Box::new(Work {
-                invocation_id,
-                method,
-                arguments,
-            }))
-            .await;
+        if let Err(mpsc::error::TrySendError::Full(item)) = work.try_send(item) {
+            // The worker is behind: read nothing more until it takes this one.
+            let work = work.clone();
+            self.busy = Some(Box::pin(async move {
+                let _ = work.send(item).await;
+            }));
+        }
+    }
+
+    /// Ends the connection: stops its work, unregisters it, tells the client why (when it
+    /// can still be told) and runs the hub's disconnect hook.
+    async fn finish(&mut self, end: End) {
+        if self.stateful {
+            self.sessions
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(self.id());
+        }
+        // Stop the work in flight.
+        if let Some((_, worker)) = self.worker.take() {
+            worker.abort();
+        }
+        if let Some(streams) = self.streams.take() {
+            for (_, handle) in streams
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .drain()
+            {
+                handle.abort();
+            }
+        }
+        self.uploads.clear();
+        self.busy = None;
+        // Unregister before the last frame goes out: a client whose close was answered is
+        // gone from presence and groups on every node.
+        let (node, hub, id) = (self.ctx.node(), self.ctx.hub(), self.ctx.connection_id());
+        if let Err(err) = node.disconnect(hub, id).await {
+            tracing::warn!(connection = %id, %err, "could not unregister a connection");
+        }
+        let close = end.close(self.limits.max_message_size);
+        if let (Some(socket), Some((message, code))) = (self.socket.as_mut(), close) {
+            // What was gathered goes out first, then the hub `Close` and the close frame.
+            let _ = tokio::time::timeout(CLOSE_WRITE, self.outbox.flush(socket.get_mut())).await;
+            if let Some(writing) = self.writing.take() {
+                self.metrics
+                    .delivered(writing.deliveries, self.outbox.is_empty());
+                self.acks_due.extend(writing.acks);
+            }
+            extend_frame(&mut self.frame, &self.wire.encode(&message));
+            let deliveries = std::mem::take(&mut self.frame_deliveries);
+            let frame = std::mem::take(&mut self.frame);
+            let opcode = if self.wire.is_binary() {
+                OpCode::Binary
+            } else {
+                OpCode::Text
+            };
+            self.outbox.push(frame, opcode);
+            self.outbox.close(code, "");
+            let written = matches!(
+                tokio::time::timeout(CLOSE_WRITE, self.outbox.flush(socket.get_mut())).await,
+                Ok(Ok(()))
+            );
+            self.metrics.delivered(deliveries, written);
+            if written {
+                self.acks_due.append(&mut self.frame_acks);
+            }
+            if written {
+                // The close frame is out: let the client answer and hang up.
+                let _ = tokio::time::timeout(CLOSE_LINGER, socket.drain()).await;
+            }
+        }
+        // Durable messages the client has: acknowledged, or the next connection gets them.
+        if let Some(acking) = self.acking.take() {
+            let _ = tokio::time::timeout(CLOSE_WRITE, acking).await;
+        }
+        self.acknowledge();
+        if let Some(acking) = self.acking.take() {
+            let _ = tokio::time::timeout(CLOSE_WRITE, acking).await;
+        }
+        self.metrics.disconnects.inc();
+        self.metrics.connections.dec();
+        if let Err(err) = self.hub.disconnected(self.ctx.clone()).await {
+            tracing::warn!(connection = %self.id(), %err, "the hub's disconnect hook failed");
+        }
     }
 }
+
+/// Passes `item` to an uploading method's stream: at once when its queue has room, else as
+/// work the loop waits for. `false` when the method stopped reading.
+fn forward(tx: &mpsc::Sender<Upload>, item: Upload, busy: &mut Option<Deferred>) -> bool {
+    match tx.try_send(item) {
+        Ok(()) => true,
+        Err(mpsc::error::TrySendError::Full(item)) => {
+            let tx = tx.clone();
+            *busy = Some(Box::pin(async move {
+                let _ = tx.send(item).await;
+            }));
+            true
+        }
+        Err(mpsc::error::TrySendError::Closed(_)) => false,
+    }
+}
+
+/// Polls the future in `slot`, emptying the slot once it is done; `true` then.
+fn poll_slot(slot: &mut Option<Deferred>, cx: &mut task::Context<'_>) -> bool {
+    let Some(future) = slot.as_mut() else {
+        return false;
+    };
+    if future.as_mut().poll(cx).is_pending() {
+        return false;
+    }
+    *slot = None;
+    true
+}
+
+/// Appends a record to a frame buffer, making room for the header first.
+fn extend_frame(frame: &mut Vec<u8>, record: &[u8]) {
+    if frame.is_empty() {
+        frame.reserve(HEADER_ROOM + record.len());
+        frame.resize(HEADER_ROOM, 0);
+    }
+    frame.extend_from_slice(record);
+}
+
+/// One invocation for the connection's worker.
+struct Work {
+    invocation_id: Option<String>,
+    method: crate::hub::Method,
+    arguments: Vec<Value>,
+}
+
+/// Items a client may send on one stream before reading waits for the method to take them.
+const UPLOAD_QUEUE: usize = 32;
+
+/// Streams from one client that may be open at once.
+const MAX_UPLOADS: usize = 64;
 
 /// Waits for a unary or uploading call and encodes its completion (none without an
 /// invocation id).
@@ -853,7 +1314,7 @@ async fn completion(
 async fn worker(
     mut work: mpsc::Receiver<Box<Work>>,
     ctx: Context,
-    out: queue::Sender<Out>,
+    out: queue::Sender<Vec<u8>>,
     streams: Streams,
     wire: Protocol,
 ) {
@@ -878,7 +1339,7 @@ async fn worker(
             Ok(call) => {
                 let record = completion(call, &item.method.name, item.invocation_id, wire).await;
                 if let Some(record) = record
-                    && out.send(Out::Record(record)).await.is_err()
+                    && out.send(record).await.is_err()
                 {
                     return;
                 }
@@ -898,7 +1359,7 @@ async fn worker(
                             invocation_id: id.clone(),
                             item,
                         });
-                        if out.send(Out::Record(record)).await.is_err() {
+                        if out.send(record).await.is_err() {
                             return;
                         }
                     }
@@ -916,7 +1377,7 @@ async fn worker(
                         invocation_id: id,
                         outcome,
                     });
-                    let _ = out.send(Out::Record(record)).await;
+                    let _ = out.send(record).await;
                 });
                 streams
                     .lock()
@@ -956,7 +1417,7 @@ fn delivery_record(delivery: &Delivery, wire: Protocol) -> Option<Cow<'_, [u8]>>
     }
 }
 
-/// What the writer has sent and not yet seen acknowledged, for a resume (stateful reconnect).
+/// What has been sent and not yet acknowledged, for a resume (stateful reconnect).
 #[derive(Default)]
 struct Unacked {
     next: u64,
@@ -984,269 +1445,5 @@ impl Unacked {
     /// The sequence id of the first message a resumed socket gets.
     fn first(&self) -> u64 {
         self.records.front().map_or(self.next + 1, |(id, _)| *id)
-    }
-}
-
-/// What the writer task works with.
-struct WriterParts {
-    write: Writer,
-    connection: backplane_core::Connection,
-    out: queue::Receiver<Out>,
-    node: Node,
-    ctx: Context,
-    limits: Limits,
-    shutdown: watch::Receiver<bool>,
-    ending: Arc<AtomicBool>,
-    metrics: Arc<Metrics>,
-    /// New sockets of a stateful connection.
-    resume: Option<mpsc::Receiver<Writer>>,
-    wire: Protocol,
-}
-
-/// The frame being assembled: its bytes, how many deliveries it carries, and their durable ids.
-struct Pending {
-    bytes: Vec<u8>,
-    deliveries: u64,
-    acks: Vec<backplane_core::MessageId>,
-}
-
-/// Sends everything queued for the client: what the node delivers and what the reader and
-/// worker queue, coalesced into frames of up to [`FRAME_BYTES`], plus keep-alive pings. With
-/// stateful reconnect (`resume` is set), sequenced messages are kept until the client
-/// acknowledges them, and a new socket from `resume` gets them again after a `Sequence`.
-///
-/// Its parts come boxed: the task keeps one copy of them, not the arguments and the locals.
-async fn writer(parts: Box<WriterParts>) {
-    let WriterParts {
-        write,
-        mut connection,
-        mut out,
-        node,
-        ctx,
-        limits,
-        mut shutdown,
-        ending,
-        metrics,
-        mut resume,
-        wire,
-    } = *parts;
-    let stateful = resume.is_some();
-    let mut write = Some(write);
-    let mut unacked = Unacked::default();
-    let mut connection_open = true;
-    let mut ping = tokio::time::interval(limits.keep_alive);
-    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    ping.tick().await;
-    let mut wrote_since_tick = false;
-    let mut frame = Pending {
-        // Grown by what is queued; an idle connection holds next to nothing.
-        bytes: Vec::new(),
-        deliveries: 0,
-        acks: Vec::new(),
-    };
-    let mut closing: Option<(u16, Option<Vec<u8>>)> = None;
-    let mut out_open = true;
-    let mut unwritten_acks = Vec::new();
-    // A sequenced record: kept for a resume, and written when a socket is attached.
-    let sequenced = |frame: &mut Pending, unacked: &mut Unacked, record: &[u8], attached: bool| {
-        if stateful {
-            unacked.push(record);
-        }
-        if attached {
-            frame.bytes.extend_from_slice(record);
-        }
-    };
-    loop {
-        frame.bytes.clear();
-        frame.acks.clear();
-        frame.deliveries = 0;
-        let attached = write.is_some();
-        let room = !stateful || unacked.bytes < RESUME_BUFFER_BYTES;
-        tokio::select! {
-            biased;
-            _ = shutdown.changed(), if closing.is_none() => {
-                let record = wire.encode(&HubMessage::Close {
-                    error: Some("Server is shutting down.".into()),
-                    allow_reconnect: true,
-                });
-                closing = Some((1001, Some(record)));
-            }
-            new = async { resume.as_mut()?.recv().await }, if stateful => match new {
-                Some(new) => {
-                    write = Some(new);
-                    // Everything not acknowledged, after the id it starts at.
-                    frame.bytes.extend_from_slice(&wire.encode(&HubMessage::Sequence { sequence_id: unacked.first() }));
-                    for (_, record) in &unacked.records {
-                        frame.bytes.extend_from_slice(record);
-                    }
-                }
-                None => resume = None,
-            },
-            item = out.recv(), if out_open => match item {
-                Some(Out::Record(record)) => sequenced(&mut frame, &mut unacked, &record, attached),
-                Some(Out::Control(record)) => {
-                    if attached {
-                        frame.bytes.extend_from_slice(&record);
-                    }
-                }
-                Some(Out::Acked(id)) => unacked.acked(id),
-                Some(Out::Pong(payload)) => {
-                    if let Some(w) = write.as_mut() {
-                        if !put(w, Frame::pong(Payload::Owned(payload)), limits.client_timeout).await {
-                            write = None;
-                            if !stateful {
-                                break;
-                            }
-                        }
-                    }
-                    continue;
-                }
-                Some(Out::Close { error, allow_reconnect, code }) => {
-                    let record = wire.encode(&HubMessage::Close { error, allow_reconnect });
-                    closing = Some((code, Some(record)));
-                }
-                None => out_open = false,
-            },
-            delivery = connection.recv(), if connection_open && room => match delivery {
-                Some(delivery) => {
-                    if let Some(record) = delivery_record(&delivery, wire) {
-                        sequenced(&mut frame, &mut unacked, &record, attached);
-                        frame.deliveries += 1;
-                    }
-                    if let DeliveryKind::Durable(id) = delivery.kind {
-                        frame.acks.push(id);
-                    }
-                }
-                None if ending.load(Ordering::Acquire) => connection_open = false,
-                None => {
-                    // The node dropped the connection: it fell behind, or the node stops.
-                    let record = wire.encode(&HubMessage::Close {
-                        error: Some("The server closed the connection: it could not keep up with the messages sent to it.".into()),
-                        allow_reconnect: true,
-                    });
-                    closing = Some((1008, Some(record)));
-                }
-            },
-            _ = ping.tick() => {
-                if !wrote_since_tick && attached {
-                    frame.bytes.extend_from_slice(&wire.encode(&HubMessage::Ping));
-                }
-                wrote_since_tick = false;
-            }
-        }
-        let attached = write.is_some();
-        if closing.is_none() && frame.deliveries > 0 {
-            // A delivery woke the writer: let the publisher's next messages queue up behind it,
-            // so a burst goes out in few writes.
-            tokio::task::yield_now().await;
-        }
-        if closing.is_none() {
-            // Everything else already queued goes in the same frame.
-            while frame.bytes.len() < FRAME_BYTES {
-                if connection_open && (!stateful || unacked.bytes < RESUME_BUFFER_BYTES) {
-                    if let Some(delivery) = connection.try_recv() {
-                        if let Some(record) = delivery_record(&delivery, wire) {
-                            sequenced(&mut frame, &mut unacked, &record, attached);
-                            frame.deliveries += 1;
-                        }
-                        if let DeliveryKind::Durable(id) = delivery.kind {
-                            frame.acks.push(id);
-                        }
-                        continue;
-                    }
-                }
-                match out.try_recv() {
-                    Some(Out::Record(record)) => {
-                        sequenced(&mut frame, &mut unacked, &record, attached)
-                    }
-                    Some(Out::Control(record)) => {
-                        if attached {
-                            frame.bytes.extend_from_slice(&record);
-                        }
-                    }
-                    Some(Out::Acked(id)) => unacked.acked(id),
-                    Some(Out::Pong(payload)) => {
-                        if let Some(w) = write.as_mut() {
-                            let _ = put(
-                                w,
-                                Frame::pong(Payload::Owned(payload)),
-                                limits.client_timeout,
-                            )
-                            .await;
-                        }
-                    }
-                    Some(Out::Close {
-                        error,
-                        allow_reconnect,
-                        code,
-                    }) => {
-                        let record = wire.encode(&HubMessage::Close {
-                            error,
-                            allow_reconnect,
-                        });
-                        closing = Some((code, Some(record)));
-                        break;
-                    }
-                    None => break,
-                }
-            }
-        }
-        if !frame.bytes.is_empty() {
-            if let Some(w) = write.as_mut() {
-                let started = std::time::Instant::now();
-                if put(
-                    w,
-                    frame_of(wire, Payload::Borrowed(&frame.bytes)),
-                    limits.client_timeout,
-                )
-                .await
-                {
-                    metrics.delivered(frame.deliveries, true);
-                    metrics
-                        .delivery_seconds
-                        .observe(started.elapsed().as_secs_f64());
-                    wrote_since_tick = true;
-                } else {
-                    write = None;
-                    if !stateful {
-                        metrics.delivered(frame.deliveries, false);
-                        break;
-                    }
-                }
-            }
-        }
-        // A durable message is acknowledged once written to a socket; one kept for a resume
-        // waits for that. If the connection ends first, the user's next connection gets it.
-        unwritten_acks.append(&mut frame.acks);
-        if write.is_some() && !frame.bytes.is_empty() {
-            for id in unwritten_acks.drain(..) {
-                if let Err(err) =
-                    Box::pin(node.acknowledge(ctx.hub(), ctx.connection_id(), id)).await
-                {
-                    tracing::warn!(connection = %ctx.connection_id(), %err, "could not acknowledge a durable message");
-                }
-            }
-        }
-        if let Some((code, record)) = closing.take() {
-            if let Some(w) = write.as_mut() {
-                if let Some(record) = record {
-                    let _ = put(
-                        w,
-                        frame_of(wire, Payload::Owned(record)),
-                        limits.client_timeout,
-                    )
-                    .await;
-                }
-                let _ = put(w, Frame::close(code, b""), limits.client_timeout).await;
-            }
-            break;
-        }
-        if !out_open {
-            // The reader is gone and said nothing more: close quietly.
-            if let Some(w) = write.as_mut() {
-                let _ = put(w, Frame::close(1000, b""), limits.client_timeout).await;
-            }
-            break;
-        }
     }
 }

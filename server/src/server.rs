@@ -222,6 +222,9 @@ impl Running {
     pub async fn shutdown(self, grace: Duration) {
         let _ = self.shutdown.send(true);
         self.task.abort();
+        // Every connection's deliveries end; seeing the shutdown flag, each sends its client
+        // a close message and unregisters.
+        self.node.close_connections();
         let mut active = self.active.subscribe();
         if tokio::time::timeout(grace, active.wait_for(|n| *n == 0))
             .await
@@ -552,7 +555,7 @@ fn upgrade(mut req: Request<Incoming>, shared: &Arc<Shared>, hub: &str) -> Respo
         return Response::from_parts(parts, Full::new(Bytes::new()));
     }
     let guard = ActiveGuard::new(&shared.active);
-    let setup = Setup {
+    let setup = Box::new(Setup {
         hub,
         node: shared.node.clone(),
         id,
@@ -561,13 +564,10 @@ fn upgrade(mut req: Request<Incoming>, shared: &Arc<Shared>, hub: &str) -> Respo
         shutdown: shared.shutdown.clone(),
         metrics: shared.metrics.clone(),
         sessions: shared.sessions.clone(),
-    };
+    });
     tokio::spawn(async move {
         let _guard = guard;
-        match socket.await {
-            Ok(ws) => connection::serve(Box::new(ws.into_inner()), Box::new(setup)).await,
-            Err(err) => tracing::debug!(%err, "websocket upgrade failed"),
-        }
+        connection::serve(socket, setup).await;
     });
     let (parts, _) = response.into_parts();
     Response::from_parts(parts, Full::new(Bytes::new()))

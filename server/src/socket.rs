@@ -1,26 +1,32 @@
 //! WebSocket frames on an upgraded connection.
 //!
-//! fastwebsockets performs the upgrade and encodes what the server sends ([`FrameWriter`]).
-//! Incoming frames are parsed by [`FrameReader`], which holds no buffer while the client is
-//! silent: fastwebsockets' reader keeps an 8 KiB buffer for a connection's whole life, which
-//! would be most of what an idle connection costs. Here bytes wait in a buffer only while a
-//! frame is partly received; a silent socket is polled with a buffer on the stack.
+//! fastwebsockets performs the upgrade; frames are read and written here, by poll functions
+//! that one task drives for both directions. Incoming frames are parsed by [`FrameReader`],
+//! which holds no buffer while the client is silent: fastwebsockets' reader keeps an 8 KiB
+//! buffer for a connection's whole life, which would be most of what an idle connection
+//! costs. Here bytes wait in a buffer only while a frame is partly received; a silent socket
+//! is polled with a buffer on the stack. What the server sends waits in an [`Outbox`], which
+//! likewise holds memory only while bytes wait for the socket.
 
 use std::future::poll_fn;
 use std::io;
+use std::mem::MaybeUninit;
 use std::pin::Pin;
-use std::task::Poll;
+use std::task::{Context, Poll, ready};
 
-use fastwebsockets::{Frame, OpCode};
+use fastwebsockets::OpCode;
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// An upgraded connection.
 pub(crate) type Socket = TokioIo<Upgraded>;
 
 /// Bytes read at once from a silent socket, on the stack.
 const CHUNK: usize = 4096;
+
+/// The most bytes read at once into a frame in progress.
+const MAX_READ: usize = 64 * 1024;
 
 /// The most bytes a frame header takes: 2, a 64-bit length, a mask.
 const MAX_HEADER: usize = 14;
@@ -104,12 +110,22 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     ///
     /// Cancel safe: bytes read stay buffered for the next call.
     pub(crate) async fn read(&mut self) -> Result<Message, ReadError> {
+        poll_fn(|cx| self.poll_read(cx)).await
+    }
+
+    /// Polls for the next message or control frame; bytes read stay buffered across calls.
+    pub(crate) fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<Result<Message, ReadError>> {
         loop {
             match self.parse()? {
-                Ok(message) => return Ok(message),
-                Err(needed) => self.fill(needed).await?,
+                Ok(message) => return Poll::Ready(Ok(message)),
+                Err(needed) => ready!(self.poll_fill(cx, needed))?,
             }
         }
+    }
+
+    /// The socket, to write to.
+    pub(crate) fn get_mut(&mut self) -> &mut R {
+        &mut self.io
     }
 
     /// A message from the buffered bytes, or how many more bytes the next step needs.
@@ -199,22 +215,29 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// Reads at least one more byte. With nothing buffered the bytes land in a buffer on the
     /// stack first, so a silent socket is waited on with no memory of its own; a frame in
     /// progress is read straight into the buffer, sized for what it still needs.
-    async fn fill(&mut self, needed: usize) -> Result<(), ReadError> {
+    fn poll_fill(&mut self, cx: &mut Context<'_>, needed: usize) -> Poll<Result<(), ReadError>> {
         if self.start > 0 {
             self.buf.drain(..self.start);
             self.start = 0;
         }
         let read = if self.buf.is_empty() {
             let buf = &mut self.buf;
-            read_chunk(&mut self.io, |bytes| buf.extend_from_slice(bytes)).await?
+            ready!(poll_chunk(&mut self.io, cx, |bytes| buf.extend_from_slice(bytes)))?
         } else {
-            self.buf.reserve(needed.max(CHUNK));
-            self.io.read_buf(&mut self.buf).await?
+            let held = self.buf.len();
+            self.buf.reserve(needed);
+            self.buf.resize(held + needed.clamp(CHUNK, MAX_READ), 0);
+            let mut read = ReadBuf::new(&mut self.buf[held..]);
+            let polled = Pin::new(&mut self.io).poll_read(cx, &mut read);
+            let n = read.filled().len();
+            self.buf.truncate(held + n);
+            ready!(polled)?;
+            n
         };
         if read == 0 {
-            return Err(ReadError::Eof);
+            return Poll::Ready(Err(ReadError::Eof));
         }
-        Ok(())
+        Poll::Ready(Ok(()))
     }
 
     /// Reads and drops what the client still sends until it closes its side, after the
@@ -224,7 +247,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         self.buf = Vec::new();
         self.start = 0;
         self.fragments = None;
-        while let Ok(1..) = read_chunk(&mut self.io, |_| {}).await {}
+        while let Ok(1..) = poll_fn(|cx| poll_chunk(&mut self.io, cx, |_| {})).await {}
     }
 
     /// Whether bytes of an unfinished frame or message are held.
@@ -236,23 +259,17 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
 
 /// Reads once into a buffer on the stack and hands the bytes to `sink`: waiting holds no
 /// memory, as the buffer exists only while the socket is polled.
-async fn read_chunk<R: AsyncRead + Unpin>(
+fn poll_chunk<R: AsyncRead + Unpin>(
     io: &mut R,
-    mut sink: impl FnMut(&[u8]),
-) -> io::Result<usize> {
-    poll_fn(|cx| {
-        let mut chunk = [0u8; CHUNK];
-        let mut read = ReadBuf::new(&mut chunk);
-        match Pin::new(&mut *io).poll_read(cx, &mut read) {
-            Poll::Ready(Ok(())) => {
-                sink(read.filled());
-                Poll::Ready(Ok(read.filled().len()))
-            }
-            Poll::Ready(Err(err)) => Poll::Ready(Err(err)),
-            Poll::Pending => Poll::Pending,
-        }
-    })
-    .await
+    cx: &mut Context<'_>,
+    sink: impl FnOnce(&[u8]),
+) -> Poll<io::Result<usize>> {
+    // Not zeroed: polled on every wake-up of the connection, most often with nothing to read.
+    let mut chunk = [MaybeUninit::<u8>::uninit(); CHUNK];
+    let mut read = ReadBuf::uninit(&mut chunk);
+    ready!(Pin::new(io).poll_read(cx, &mut read))?;
+    sink(read.filled());
+    Poll::Ready(Ok(read.filled().len()))
 }
 
 /// A frame header from `bytes`, or how many more bytes it needs.
@@ -306,29 +323,135 @@ fn parse_header(bytes: &[u8]) -> Result<Result<Header, usize>, ReadError> {
     }))
 }
 
-/// Writes server frames (unmasked) with fastwebsockets' encoder: header and payload in one
-/// vectored write.
-pub(crate) struct FrameWriter<W> {
-    io: W,
+/// Bytes a frame buffer keeps free at its front for the header: two, and a 64-bit length.
+pub(crate) const HEADER_ROOM: usize = 10;
+
+/// Writes the header of a server frame (final, unmasked) with `len` payload bytes into the
+/// end of `room`; returns how many bytes it took.
+fn put_header(room: &mut [u8; HEADER_ROOM], opcode: OpCode, len: usize) -> usize {
+    let mut header = [0u8; HEADER_ROOM];
+    header[0] = 0x80 | opcode as u8;
+    let size = match (u8::try_from(len), u16::try_from(len)) {
+        (Ok(short), _) if short <= 125 => {
+            header[1] = short;
+            2
+        }
+        (_, Ok(medium)) => {
+            header[1] = 126;
+            header[2..4].copy_from_slice(&medium.to_be_bytes());
+            4
+        }
+        _ => {
+            header[1] = 127;
+            header[2..10].copy_from_slice(&(len as u64).to_be_bytes());
+            10
+        }
+    };
+    room[HEADER_ROOM - size..].copy_from_slice(&header[..size]);
+    size
 }
 
-impl<W: AsyncWrite + Unpin> FrameWriter<W> {
-    /// Writes to `io`.
-    pub(crate) fn new(io: W) -> Self {
-        Self { io }
+/// What the server sends on one socket: whole frames, written as fast as the socket takes
+/// them. It holds memory only while bytes wait.
+#[derive(Debug, Default)]
+pub(crate) struct Outbox {
+    /// Frames being written; the first `sent` bytes are out.
+    sending: Vec<u8>,
+    sent: usize,
+    /// Whole frames waiting behind them.
+    queued: Vec<u8>,
+}
+
+impl Outbox {
+    /// Queues a frame whose payload is `frame[HEADER_ROOM..]`: its header goes into the room
+    /// before it, so a large frame is handed over without a copy when nothing else waits.
+    pub(crate) fn push(&mut self, mut frame: Vec<u8>, opcode: OpCode) {
+        let len = frame.len().saturating_sub(HEADER_ROOM);
+        let Some(room) = frame.first_chunk_mut::<HEADER_ROOM>() else {
+            return;
+        };
+        let start = HEADER_ROOM - put_header(room, opcode, len);
+        if self.sending.is_empty() {
+            self.sending = frame;
+            self.sent = start;
+        } else {
+            self.queued.extend_from_slice(&frame[start..]);
+        }
     }
 
-    /// Writes one frame.
-    pub(crate) async fn write(&mut self, mut frame: Frame<'_>) -> io::Result<()> {
-        frame.writev(&mut self.io).await
+    /// Queues a frame with a copy of `payload`.
+    pub(crate) fn frame(&mut self, opcode: OpCode, payload: &[u8]) {
+        let mut room = [0u8; HEADER_ROOM];
+        let start = HEADER_ROOM - put_header(&mut room, opcode, payload.len());
+        let to = if self.sending.is_empty() {
+            self.sent = 0;
+            &mut self.sending
+        } else {
+            &mut self.queued
+        };
+        to.extend_from_slice(&room[start..]);
+        to.extend_from_slice(payload);
+    }
+
+    /// Queues a close frame with `code` and `reason` (cut to what a control frame holds).
+    pub(crate) fn close(&mut self, code: u16, reason: &str) {
+        let mut payload = code.to_be_bytes().to_vec();
+        let mut end = reason.len().min(123);
+        while !reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        payload.extend_from_slice(&reason.as_bytes()[..end]);
+        self.frame(OpCode::Close, &payload);
+    }
+
+    /// Whether everything queued has been written.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.sending.is_empty()
+    }
+
+    /// How many bytes wait behind the frames being written.
+    pub(crate) fn queued(&self) -> usize {
+        self.queued.len()
+    }
+
+    /// Drops what was not written (the socket is gone).
+    pub(crate) fn clear(&mut self) {
+        *self = Self::default();
+    }
+
+    /// Writes what is queued; ready once all of it is written, and the memory freed.
+    pub(crate) fn poll_flush<W: AsyncWrite + Unpin>(
+        &mut self,
+        io: &mut W,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            if self.sent == self.sending.len() {
+                if self.queued.is_empty() {
+                    self.sending = Vec::new();
+                    self.sent = 0;
+                    return Pin::new(io).poll_flush(cx);
+                }
+                self.sending = std::mem::take(&mut self.queued);
+                self.sent = 0;
+            }
+            match ready!(Pin::new(&mut *io).poll_write(cx, &self.sending[self.sent..]))? {
+                0 => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                n => self.sent += n,
+            }
+        }
+    }
+
+    /// Writes what is queued.
+    pub(crate) async fn flush<W: AsyncWrite + Unpin>(&mut self, io: &mut W) -> io::Result<()> {
+        poll_fn(|cx| self.poll_flush(io, cx)).await
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use fastwebsockets::Payload;
-    use tokio::io::AsyncWriteExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     /// A client frame: masked.
     fn frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
@@ -445,20 +568,40 @@ mod tests {
 
     #[tokio::test]
     async fn written_frames_read_back() {
-        let (client, server) = tokio::io::duplex(1 << 20);
-        let mut writer = FrameWriter::new(server);
-        writer
-            .write(Frame::text(Payload::Borrowed(&[b'z'; 2000])))
-            .await
-            .unwrap();
-        writer.write(Frame::close(1000, b"")).await.unwrap();
-        drop(writer);
+        let (client, mut server) = tokio::io::duplex(1 << 20);
+        let mut outbox = Outbox::default();
+        let mut data = vec![0; HEADER_ROOM];
+        data.extend_from_slice(&[b'z'; 2000]);
+        outbox.push(data, OpCode::Text);
+        outbox.frame(OpCode::Pong, b"hi");
+        let mut big = vec![0; HEADER_ROOM];
+        big.extend_from_slice(&[b'b'; 70_000]);
+        outbox.push(big, OpCode::Binary);
+        outbox.close(1000, "");
+        assert!(outbox.queued() > 0);
+        outbox.flush(&mut server).await.unwrap();
+        assert!(outbox.is_empty());
+        drop(server);
         let mut raw = Vec::new();
         let mut client = client;
         client.read_to_end(&mut raw).await.unwrap();
-        // Server frames are unmasked: FIN|text, 126, length, payload.
+        // Server frames are unmasked: FIN|opcode, length, payload.
         assert_eq!(&raw[..4], &[0x81, 126, 0x07, 0xd0]);
-        assert_eq!(raw.len(), 4 + 2000 + 4);
-        assert_eq!(&raw[2004..], &[0x88, 2, 0x03, 0xe8]);
+        let raw = &raw[4 + 2000..];
+        assert_eq!(&raw[..4], &[0x8a, 2, b'h', b'i']);
+        let raw = &raw[4..];
+        assert_eq!(&raw[..2], &[0x82, 127]);
+        assert_eq!(&raw[2..10], &70_000u64.to_be_bytes());
+        let raw = &raw[10 + 70_000..];
+        assert_eq!(raw, &[0x88, 2, 0x03, 0xe8]);
+    }
+
+    #[test]
+    fn a_close_reason_is_cut_to_fit_a_control_frame_on_a_character_boundary() {
+        let mut outbox = Outbox::default();
+        outbox.close(1008, &"é".repeat(100));
+        // Header (2) + code (2) + at most 123 bytes of whole characters.
+        assert_eq!(outbox.sending.len(), 2 + 2 + 122);
+        assert_eq!(outbox.sending[1], 124);
     }
 }

@@ -487,6 +487,49 @@ async fn idle_connections_are_pinged_and_silent_ones_closed() {
 }
 
 #[tokio::test]
+async fn a_client_the_server_does_not_read_is_not_timed_out() {
+    let running = server(
+        vec![test_hub()],
+        Limits {
+            keep_alive: Duration::from_millis(100),
+            client_timeout: Duration::from_millis(600),
+            invocations_per_second: 0,
+            ..limits()
+        },
+    )
+    .await;
+    let mut c = RawClient::connect(running.local_addr(), "test", "u1").await;
+    // The worker waits for the client's answer (5 s at most) while more invocations than
+    // its queue holds arrive: reading pauses behind them, far longer than the client
+    // timeout, and the answer, sent last, is read only once the wait gave up.
+    c.send(br#"{"type":1,"invocationId":"q","target":"AskCaller","arguments":["?"]}"#)
+        .await;
+    let question = c.next_message().await.expect("the server's invocation");
+    assert_eq!(question["target"], "Question");
+    let id = question["invocationId"].as_str().expect("an id").to_owned();
+    for i in 0..100 {
+        c.send(
+            format!(r#"{{"type":1,"invocationId":"e{i}","target":"Echo","arguments":[{i}]}}"#)
+                .as_bytes(),
+        )
+        .await;
+    }
+    c.send(format!(r#"{{"type":3,"invocationId":"{id}","result":42}}"#).as_bytes())
+        .await;
+    let m = c.next_message().await.expect("the connection lives");
+    assert_eq!(m["invocationId"], "q");
+    assert!(m["error"].is_string(), "{m}");
+    for i in 0..100 {
+        let m = c.next_message().await.expect("the connection lives");
+        assert_eq!(
+            m,
+            json!({"type":3,"invocationId":format!("e{i}"),"result":i})
+        );
+    }
+    running.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
 async fn negotiate_hands_out_tokens_that_the_upgrade_checks() {
     let secret = b"0123456789abcdef0123456789abcdef".to_vec();
     let running = server_with(
