@@ -61,15 +61,13 @@ struct Chat {
     seen_errors: Vec<String>,
 }
 
-/// Reads `lines` until one contains `needle`, keeping them in `seen`; panics with what was
-/// seen if none does in time.
+/// Reads `lines` until one contains `needle`, keeping them in `seen`; what was seen if none
+/// does in time.
 async fn wait_for_line(
     lines: &mut mpsc::UnboundedReceiver<String>,
     seen: &mut Vec<String>,
-    name: &str,
-    verb: &str,
     needle: &str,
-) -> String {
+) -> Result<String, String> {
     let found = tokio::time::timeout(WAIT, async {
         while let Some(line) = lines.recv().await {
             seen.push(line.clone());
@@ -81,11 +79,8 @@ async fn wait_for_line(
     })
     .await;
     match found {
-        Ok(Some(line)) => line,
-        _ => panic!(
-            "{name} never {verb} '{needle}'; it {verb}:\n{}",
-            seen.join("\n")
-        ),
+        Ok(Some(line)) => Ok(line),
+        _ => Err(seen.join("\n")),
     }
 }
 
@@ -144,21 +139,30 @@ impl Chat {
 
     /// Waits for an output line containing `needle`; earlier lines are skipped.
     async fn expect(&mut self, needle: &str) -> String {
-        let name = self.name.clone();
-        wait_for_line(&mut self.out, &mut self.seen, &name, "printed", needle).await
+        match wait_for_line(&mut self.out, &mut self.seen, needle).await {
+            Ok(line) => line,
+            Err(printed) => {
+                while let Ok(line) = self.err.try_recv() {
+                    self.seen_errors.push(line);
+                }
+                panic!(
+                    "{} never printed '{needle}'; it printed:\n{printed}\nand reported:\n{}",
+                    self.name,
+                    self.seen_errors.join("\n")
+                )
+            }
+        }
     }
 
     /// Waits for an error line containing `needle`.
     async fn expect_error(&mut self, needle: &str) -> String {
-        let name = self.name.clone();
-        wait_for_line(
-            &mut self.err,
-            &mut self.seen_errors,
-            &name,
-            "reported",
-            needle,
-        )
-        .await
+        match wait_for_line(&mut self.err, &mut self.seen_errors, needle).await {
+            Ok(line) => line,
+            Err(reported) => panic!(
+                "{} never reported '{needle}'; it reported:\n{reported}",
+                self.name
+            ),
+        }
     }
 
     /// Sends `/quit` and waits for a clean exit.

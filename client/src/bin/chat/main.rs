@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use backplane_client::{
-    ConnectionEvent, HubConnection, HubConnectionBuilder, Protocol, ReconnectPolicy,
+    ConnectionEvent, Error, HubConnection, HubConnectionBuilder, Protocol, ReconnectPolicy,
 };
 use clap::Parser;
 use serde_json::{Value, json};
@@ -211,7 +211,9 @@ async fn run(
         Command::Say(message) => call("SendMessage", vec![json!(message)]).await.map(drop),
         Command::Join(group) => {
             let joined = call("JoinGroup", vec![json!(group)]).await.map(drop);
-            if joined.is_ok() {
+            // A join whose answer was lost with the connection may have happened: it is
+            // re-joined after the reconnect, like the groups joined before.
+            if matches!(joined, Ok(()) | Err(Error::ConnectionLost(_))) {
                 groups
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
