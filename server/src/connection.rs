@@ -618,9 +618,7 @@ impl Conn {
     /// new one, any other ends.
     fn lost(&mut self) -> Result<(), End> {
         if !self.stateful || self.attach.is_none() {
-            if let Some(writing) = self.writing.take() {
-                self.metrics.delivered(writing.deliveries, false);
-            }
+            self.wrote(false);
             return Err(End::Dropped);
         }
         self.socket = None;
@@ -761,14 +759,8 @@ impl Conn {
             }
             if self.outbox.is_empty() {
                 self.stalled = None;
-                if let Some(writing) = self.writing.take() {
-                    self.metrics.delivered(writing.deliveries, true);
-                    self.metrics
-                        .delivery_seconds
-                        .observe(writing.started.elapsed().as_secs_f64());
-                    // A durable message is acknowledged once written to a socket; if the
-                    // connection ends first, the user's next connection gets it.
-                    self.acks_due.extend(writing.acks);
+                if self.writing.is_some() {
+                    self.wrote(true);
                     progress = true;
                 }
                 if self.frame.len() <= HEADER_ROOM {
@@ -802,6 +794,20 @@ impl Conn {
                     self.lost()?;
                     return Ok(true);
                 }
+            }
+        }
+    }
+
+    /// Accounts for the frame in flight once its write has ended: counted, and its durable
+    /// messages acknowledged if it was written (if not, the user's next connection gets them).
+    fn wrote(&mut self, written: bool) {
+        if let Some(writing) = self.writing.take() {
+            self.metrics.delivered(writing.deliveries, written);
+            if written {
+                self.metrics
+                    .delivery_seconds
+                    .observe(writing.started.elapsed().as_secs_f64());
+                self.acks_due.extend(writing.acks);
             }
         }
     }
@@ -1185,31 +1191,17 @@ impl Conn {
             tracing::warn!(connection = %id, %err, "could not unregister a connection");
         }
         let close = end.close(self.limits.max_message_size);
-        if let (Some(socket), Some((message, code))) = (self.socket.as_mut(), close) {
-            // What was gathered goes out first, then the hub `Close` and the close frame.
-            let _ = tokio::time::timeout(CLOSE_WRITE, self.outbox.flush(socket.get_mut())).await;
-            if let Some(writing) = self.writing.take() {
-                self.metrics
-                    .delivered(writing.deliveries, self.outbox.is_empty());
-                self.acks_due.extend(writing.acks);
-            }
-            extend_frame(&mut self.frame, &self.wire.encode(&message));
-            let deliveries = std::mem::take(&mut self.frame_deliveries);
-            let frame = std::mem::take(&mut self.frame);
-            let opcode = if self.wire.is_binary() {
-                OpCode::Binary
-            } else {
-                OpCode::Text
-            };
-            self.outbox.push(frame, opcode);
-            self.outbox.close(code, "");
-            let written = matches!(
-                tokio::time::timeout(CLOSE_WRITE, self.outbox.flush(socket.get_mut())).await,
-                Ok(Ok(()))
-            );
-            self.metrics.delivered(deliveries, written);
+        if let (Some(mut socket), Some((message, code))) = (self.socket.take(), close) {
+            // The frame in flight goes out first, then what was gathered with the hub
+            // `Close` after it, then the close frame.
+            let mut written = flush(&mut self.outbox, &mut socket).await;
+            self.wrote(written);
             if written {
-                self.acks_due.append(&mut self.frame_acks);
+                extend_frame(&mut self.frame, &self.wire.encode(&message));
+                self.seal();
+                self.outbox.close(code, "");
+                written = flush(&mut self.outbox, &mut socket).await;
+                self.wrote(written);
             }
             if written {
                 // The close frame is out: let the client answer and hang up.
@@ -1230,6 +1222,14 @@ impl Conn {
             tracing::warn!(connection = %self.id(), %err, "the hub's disconnect hook failed");
         }
     }
+}
+
+/// Writes what the outbox holds, within [`CLOSE_WRITE`]; whether all of it went out.
+async fn flush(outbox: &mut Outbox, socket: &mut Reader) -> bool {
+    matches!(
+        tokio::time::timeout(CLOSE_WRITE, outbox.flush(socket.get_mut())).await,
+        Ok(Ok(()))
+    )
 }
 
 /// Passes `item` to an uploading method's stream: at once when its queue has room, else as
