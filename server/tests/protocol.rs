@@ -970,6 +970,55 @@ async fn stateful_reconnect_resumes_without_loss_or_duplicates() {
     running.shutdown(Duration::from_secs(5)).await;
 }
 
+#[tokio::test]
+async fn a_resume_replaces_a_socket_the_server_still_holds() {
+    let running = server(vec![chat::hub()], limits()).await;
+    let addr = running.local_addr();
+    let (status, body) = http(
+        addr,
+        "POST",
+        "/hubs/chat/negotiate?negotiateVersion=1&useStatefulReconnect=true&user=half",
+        &[],
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let negotiated: Value = serde_json::from_str(&body).expect("JSON");
+    let token = negotiated["connectionToken"].as_str().expect("a token");
+    let path = format!("/hubs/chat?id={token}&user=half");
+    let mut first = RawClient::open(addr, &path).await.expect("upgrade");
+    first.send(br#"{"protocol":"json","version":2}"#).await;
+    assert_eq!(first.next_record().await.expect("an answer"), json!({}));
+    let mut sender = RawClient::connect(addr, "chat", "other").await;
+    sender
+        .send(br#"{"type":1,"target":"SendMessage","arguments":["one"]}"#)
+        .await;
+    assert_eq!(next_non_ping(&mut first).await["arguments"][1], "one");
+
+    // The client's network changed: its old socket looks alive to the server (a half-open
+    // connection), and the client resumes on a new one.
+    let mut second = RawClient::open(addr, &path).await.expect("upgrade");
+    second.send(br#"{"type":9,"sequenceId":1}"#).await;
+    assert_eq!(
+        next_non_ping(&mut second).await,
+        json!({"type":9,"sequenceId":1})
+    );
+    assert_eq!(next_non_ping(&mut second).await["arguments"][1], "one");
+    sender
+        .send(br#"{"type":1,"target":"SendMessage","arguments":["two"]}"#)
+        .await;
+    assert_eq!(next_non_ping(&mut second).await["arguments"][1], "two");
+    // The old socket is let go, and got nothing more.
+    let mut old = Vec::new();
+    while let Some(record) = first.next_record().await {
+        old.push(record);
+    }
+    assert!(
+        old.iter().all(|m| m["type"] == 6),
+        "the replaced socket got {old:?}"
+    );
+    running.shutdown(Duration::from_secs(5)).await;
+}
+
 /// Reads MessagePack messages (binary frames) until `done` says it has what it waits for.
 async fn packed_messages(
     client: &mut RawClient,
