@@ -89,6 +89,7 @@ macro_rules! for_each_case {
             presence::dead_node_is_reaped,
             presence::reaped_node_registers_again,
             presence::live_nodes_listed,
+            presence::node_addresses_listed,
             durable::durable_offline_user_receives_on_connect_once,
             durable::durable_online_user_receives_live,
             durable::durable_ack_stops_redelivery,

@@ -292,13 +292,14 @@ async fn hubs_get_tables_of_their_own() {
             [
                 (format!("hub/{}", slugs[0].1), 1),
                 (format!("hub/{}", slugs[1].1), 1),
-                ("shared".to_owned(), 1)
+                ("shared".to_owned(), 1),
+                ("shared".to_owned(), 2)
             ]
         );
         let version = schema_check(&per_hub(&schema).await).await;
         assert_eq!(
             version,
-            Ok("version 1, up to date; 2 hubs with tables of their own".to_owned())
+            Ok("version 2, up to date; 2 hubs with tables of their own".to_owned())
         );
         drop(backplane);
         drop_schema(&admin, &schema).await;
@@ -371,7 +372,7 @@ async fn hubless_calls_cover_hubs_this_node_never_used() {
             .expect("connects");
         let dead = NodeId::new("dead-node").expect("node");
         let room = hub("room");
-        user.register_node(&dead).await.expect("node");
+        user.register_node(&dead, None).await.expect("node");
         let info = connection(&room, "c-1", "ada", &dead);
         user.add_connection(&info).await.expect("connection");
         let group = GroupName::new("g").expect("valid group");
@@ -435,7 +436,7 @@ async fn hubless_calls_cover_hubs_this_node_never_used() {
 
         // Unregistering a node removes its connections in every hub, too.
         let leaving = NodeId::new("leaving").expect("node");
-        user.register_node(&leaving).await.expect("node");
+        user.register_node(&leaving, None).await.expect("node");
         let second = hub("second");
         let info = connection(&second, "c-2", "eve", &leaving);
         user.add_connection(&info).await.expect("connection");

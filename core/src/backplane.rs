@@ -56,6 +56,9 @@ pub struct NodeInfo {
     pub started_at: SystemTime,
     /// The node's last heartbeat.
     pub last_heartbeat: SystemTime,
+    /// Where other nodes reach the node's server (a base URL such as
+    /// `http://10.0.0.5:5000`), when it said.
+    pub address: Option<String>,
 }
 
 /// A connection as the backplane knows it.
@@ -303,8 +306,9 @@ pub trait Backplane: Send + Sync + fmt::Debug + 'static {
     /// Removes log entries outside `retention`, in every hub and stream. Returns how many went.
     async fn trim(&self, retention: &Retention) -> Result<u64>;
 
-    /// Registers a node (or refreshes its registration) with a fresh heartbeat.
-    async fn register_node(&self, node: &NodeId) -> Result<()>;
+    /// Registers a node (or refreshes its registration) with a fresh heartbeat, and where
+    /// other nodes reach it (see [`NodeInfo::address`]).
+    async fn register_node(&self, node: &NodeId, address: Option<&str>) -> Result<()>;
 
     /// Records a heartbeat of `node` and touches the sessions of its users. Returns `false` when
     /// the node is not registered (it was reaped) and must register again.

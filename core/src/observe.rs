@@ -105,7 +105,7 @@ observed! {
     tail(hub: &HubName, stream: u32) -> Result<Position>;
     subscribe(hub: &HubName) -> Result<Wakeups>;
     trim(retention: &Retention) -> Result<u64>;
-    register_node(node: &NodeId) -> Result<()>;
+    register_node(node: &NodeId, address: Option<&str>) -> Result<()>;
     heartbeat(node: &NodeId) -> Result<bool>;
     unregister_node(node: &NodeId) -> Result<()>;
     live_nodes() -> Result<Vec<NodeInfo>>;

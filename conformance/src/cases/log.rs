@@ -458,8 +458,12 @@ impl Backplane for Gated {
     async fn trim(&self, retention: &Retention) -> backplane_core::Result<u64> {
         self.inner.trim(retention).await
     }
-    async fn register_node(&self, node: &NodeId) -> backplane_core::Result<()> {
-        self.inner.register_node(node).await
+    async fn register_node(
+        &self,
+        node: &NodeId,
+        address: Option<&str>,
+    ) -> backplane_core::Result<()> {
+        self.inner.register_node(node, address).await
     }
     async fn heartbeat(&self, node: &NodeId) -> backplane_core::Result<bool> {
         self.inner.heartbeat(node).await

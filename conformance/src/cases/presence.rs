@@ -8,7 +8,9 @@ use backplane_core::{
     UserSession,
 };
 
-use crate::{CaseError, CaseResult, Ctx, WAIT, check, check_eq, sentinel, wait_event};
+use crate::{
+    CaseError, CaseResult, Ctx, WAIT, check, check_eq, sentinel, test_options, wait_event,
+};
 
 /// The user's current session, failing the case when there is none.
 async fn session(
@@ -452,6 +454,36 @@ pub async fn reaped_node_registers_again(ctx: &mut Ctx) -> CaseResult {
     client.expect(b"back").await?;
     let marker = sentinel(&a, &ctx.hub, &[&client]).await?;
     client.quiet_until(&marker).await
+}
+
+/// A node lists where other nodes reach it, stored as given (quotes and all); a node that
+/// said nothing lists none; registering again replaces the address.
+pub async fn node_addresses_listed(ctx: &mut Ctx) -> CaseResult {
+    let address = "http://10.0.0.5:5000/it's;--";
+    let a = ctx.node_with(test_options().address(address)).await?;
+    let b = ctx.node_with(test_options()).await?;
+    let backplane = ctx.backplane().await?;
+    let listed = |nodes: &[backplane_core::NodeInfo], id: &NodeId| {
+        nodes
+            .iter()
+            .find(|n| &n.id == id)
+            .map(|n| n.address.clone())
+            .ok_or_else(|| CaseError::Failed(format!("node {id} is not listed")))
+    };
+    let nodes = backplane.live_nodes().await?;
+    check_eq!(listed(&nodes, a.id())?, Some(address.to_owned()));
+    check_eq!(listed(&nodes, b.id())?, None);
+    backplane
+        .register_node(b.id(), Some("https://node-b.internal"))
+        .await?;
+    backplane.register_node(a.id(), None).await?;
+    let nodes = backplane.live_nodes().await?;
+    check_eq!(
+        listed(&nodes, b.id())?,
+        Some("https://node-b.internal".to_owned())
+    );
+    check_eq!(listed(&nodes, a.id())?, None);
+    Ok(())
 }
 
 /// `live_nodes` lists exactly the running nodes with sane timestamps, heartbeats move

@@ -65,6 +65,7 @@ struct Node {
     started_at: SystemTime,
     last_heartbeat: SystemTime,
     heartbeat_at: Instant,
+    address: Option<String>,
 }
 
 #[derive(Debug, Default)]
@@ -309,16 +310,18 @@ impl Backplane for MemoryBackplane {
         Ok(removed)
     }
 
-    async fn register_node(&self, node: &NodeId) -> Result<()> {
+    async fn register_node(&self, node: &NodeId, address: Option<&str>) -> Result<()> {
         let mut state = self.state()?;
         let now = SystemTime::now();
         let entry = state.nodes.entry(node.clone()).or_insert(Node {
             started_at: now,
             last_heartbeat: now,
             heartbeat_at: Instant::now(),
+            address: None,
         });
         entry.last_heartbeat = now;
         entry.heartbeat_at = Instant::now();
+        entry.address = address.map(str::to_owned);
         Ok(())
     }
 
@@ -360,6 +363,7 @@ impl Backplane for MemoryBackplane {
                 id: id.clone(),
                 started_at: node.started_at,
                 last_heartbeat: node.last_heartbeat,
+                address: node.address.clone(),
             })
             .collect())
     }

@@ -122,7 +122,9 @@ impl Node {
     /// Registers the node and its connections and memberships again after it was reaped.
     async fn reregister(&self) -> Result<()> {
         let backplane = &self.inner.backplane;
-        backplane.register_node(&self.inner.id).await?;
+        backplane
+            .register_node(&self.inner.id, self.inner.options.address.as_deref())
+            .await?;
         for state in self.hub_states() {
             let connections: Vec<_> = state
                 .read()

@@ -232,7 +232,9 @@ impl Node {
         let observer = crate::observe::ObserverSlot::default();
         let backplane: SharedBackplane =
             Arc::new(crate::observe::Observed::new(backplane, observer.clone()));
-        backplane.register_node(&id).await?;
+        backplane
+            .register_node(&id, options.address.as_deref())
+            .await?;
         let inner = Arc::new(Inner {
             id,
             backplane,

@@ -10,6 +10,7 @@ use crate::name::NodeId;
 #[derive(Debug, Clone)]
 pub struct NodeOptions {
     pub(crate) id: Option<NodeId>,
+    pub(crate) address: Option<String>,
     pub(crate) max_payload: usize,
     pub(crate) heartbeat_interval: Duration,
     pub(crate) connection_timeout: Duration,
@@ -25,6 +26,7 @@ impl Default for NodeOptions {
     fn default() -> Self {
         Self {
             id: None,
+            address: None,
             max_payload: DEFAULT_MAX_PAYLOAD,
             heartbeat_interval: Duration::from_secs(30),
             connection_timeout: Duration::from_secs(5 * 60),
@@ -54,6 +56,20 @@ impl NodeOptions {
     pub fn id(mut self, id: NodeId) -> Self {
         self.id = Some(id);
         self
+    }
+
+    /// Where other nodes reach this node's server: a base URL such as `http://10.0.0.5:5000`,
+    /// listed with the node (see [`NodeInfo::address`](crate::NodeInfo::address)). A server
+    /// uses it to hand a client's resumed socket to the node that holds its connection.
+    /// Defaults to none.
+    pub fn address(mut self, url: impl Into<String>) -> Self {
+        self.address = Some(url.into());
+        self
+    }
+
+    /// Where other nodes reach this node's server, as set by [`address`](Self::address).
+    pub fn advertised_address(&self) -> Option<&str> {
+        self.address.as_deref()
     }
 
     /// The largest payload accepted, in bytes. Defaults to 1 MiB.

@@ -667,10 +667,11 @@ impl Backplane for MssqlBackplane {
         Ok(removed)
     }
 
-    async fn register_node(&self, node: &NodeId) -> Result<()> {
+    async fn register_node(&self, node: &NodeId, address: Option<&str>) -> Result<()> {
         let mut conn = self.conn().await?;
         let mut query = Query::new(self.inner.node_sql.register_node.as_str());
         query.bind(node.as_str());
+        query.bind(address);
         conn.rows(query, "registering a node").await?;
         Ok(())
     }
@@ -711,6 +712,7 @@ impl Backplane for MssqlBackplane {
                     id: name::<NodeId>(need::<&str>(row, 0, context)?)?,
                     started_at: need_time(row, 1, context)?,
                     last_heartbeat: need_time(row, 2, context)?,
+                    address: get::<&str>(row, 3, context)?.map(str::to_owned),
                 })
             })
             .collect()

@@ -16,7 +16,13 @@ use crate::options::MssqlOptions;
 use crate::sql;
 
 /// The migrations of the shared tables, in order.
-const SHARED: &[(i32, &str)] = &[(1, include_str!("../migrations/shared/0001_init.sql"))];
+const SHARED: &[(i32, &str)] = &[
+    (1, include_str!("../migrations/shared/0001_init.sql")),
+    (
+        2,
+        include_str!("../migrations/shared/0002_node_address.sql"),
+    ),
+];
 
 /// The migrations of a table set, in order.
 const SET: &[(i32, &str)] = &[(1, include_str!("../migrations/tables/0001_init.sql"))];

@@ -85,8 +85,8 @@ fn touch_sessions(n: &SetNames) -> String {
 #[derive(Debug)]
 pub(crate) struct NodeSql {
     nodes: String,
-    /// Inserts the node, or refreshes its heartbeat (`@P1` the id), under a key-range lock so
-    /// two registrations of one id do not race.
+    /// Inserts the node, or refreshes its heartbeat and address (`@P1` the id, `@P2` the
+    /// address), under a key-range lock so two registrations of one id do not race.
     pub(crate) register_node: String,
     pub(crate) live_nodes: String,
 }
@@ -99,12 +99,12 @@ impl NodeSql {
                 "SET XACT_ABORT ON;
                  BEGIN TRANSACTION;
                  UPDATE {nodes} WITH (UPDLOCK, SERIALIZABLE)
-                 SET last_heartbeat = SYSUTCDATETIME() WHERE id = @P1;
-                 IF @@ROWCOUNT = 0 INSERT INTO {nodes} (id) VALUES (@P1);
+                 SET last_heartbeat = SYSUTCDATETIME(), address = @P2 WHERE id = @P1;
+                 IF @@ROWCOUNT = 0 INSERT INTO {nodes} (id, address) VALUES (@P1, @P2);
                  COMMIT TRANSACTION;"
             ),
             live_nodes: format!(
-                "SELECT id, {}, {} FROM {nodes} ORDER BY id",
+                "SELECT id, {}, {}, address FROM {nodes} ORDER BY id",
                 micros("started_at"),
                 micros("last_heartbeat")
             ),

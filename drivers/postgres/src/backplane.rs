@@ -609,10 +609,13 @@ impl Backplane for PgBackplane {
         Ok(removed)
     }
 
-    async fn register_node(&self, node: &NodeId) -> Result<()> {
+    async fn register_node(&self, node: &NodeId, address: Option<&str>) -> Result<()> {
         let client = self.client().await?;
         client
-            .execute(&self.inner.node_sql.register_node, &[&node.as_str()])
+            .execute(
+                &self.inner.node_sql.register_node,
+                &[&node.as_str(), &address],
+            )
             .await
             .map_err(db("registering a node"))?;
         Ok(())
@@ -675,6 +678,7 @@ impl Backplane for PgBackplane {
                     id: name::<NodeId>(&id)?,
                     started_at: row.try_get(1).map_err(db("listing nodes"))?,
                     last_heartbeat: row.try_get(2).map_err(db("listing nodes"))?,
+                    address: row.try_get(3).map_err(db("listing nodes"))?,
                 })
             })
             .collect()

@@ -150,13 +150,13 @@ impl NodeSql {
 
 fn register_node(nodes: &str) -> String {
     format!(
-        "INSERT INTO {nodes} (id) VALUES ($1)
-         ON CONFLICT (id) DO UPDATE SET last_heartbeat = now()"
+        "INSERT INTO {nodes} (id, address) VALUES ($1, $2)
+         ON CONFLICT (id) DO UPDATE SET last_heartbeat = now(), address = EXCLUDED.address"
     )
 }
 
 fn live_nodes(nodes: &str) -> String {
-    format!("SELECT id, started_at, last_heartbeat FROM {nodes} ORDER BY id")
+    format!("SELECT id, started_at, last_heartbeat, address FROM {nodes} ORDER BY id")
 }
 
 impl Sql {
