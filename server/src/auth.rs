@@ -27,7 +27,22 @@ struct ConnectionClaims {
     /// The user, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     sub: Option<String>,
+    /// Whether the client asked for stateful reconnect: its later sockets may resume the
+    /// connection, wherever it is held.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    rs: bool,
     exp: u64,
+}
+
+/// What a genuine connection token says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ConnectionToken {
+    pub(crate) id: ConnectionId,
+    pub(crate) user: Option<UserId>,
+    /// Negotiated with stateful reconnect.
+    pub(crate) stateful: bool,
+    /// Past its lifetime: good only to resume a connection that is still held.
+    pub(crate) expired: bool,
 }
 
 /// Checks user tokens and issues and checks connection tokens.
@@ -117,11 +132,13 @@ impl Auth {
         hub: &HubName,
         connection: &ConnectionId,
         user: Option<&UserId>,
+        stateful: bool,
     ) -> String {
         let claims = ConnectionClaims {
             cid: connection.to_string(),
             hub: hub.to_string(),
             sub: user.map(ToString::to_string),
+            rs: stateful,
             exp: now() + self.connection_token_ttl.as_secs(),
         };
         // HS256 over a small JSON object cannot fail.
@@ -129,14 +146,16 @@ impl Auth {
             .unwrap_or_default()
     }
 
-    /// The connection and user a connection token names, when it is genuine, unexpired and for
-    /// `hub`.
+    /// What a connection token says, when it is genuine and for `hub`. An expired token is
+    /// returned as such: a stateful connection outlives its token, and resumes with it.
     pub(crate) fn check_connection_token(
         &self,
         token: &str,
         hub: &HubName,
-    ) -> Result<(ConnectionId, Option<UserId>), AuthError> {
-        let data = jsonwebtoken::decode::<ConnectionClaims>(token, &self.verify, &hs256())
+    ) -> Result<ConnectionToken, AuthError> {
+        let mut validation = hs256();
+        validation.validate_exp = false;
+        let data = jsonwebtoken::decode::<ConnectionClaims>(token, &self.verify, &validation)
             .map_err(|e| AuthError(format!("invalid connection token: {e}")))?;
         if data.claims.hub != hub.as_str() {
             return Err(AuthError("the connection token is for another hub".into()));
@@ -149,7 +168,12 @@ impl Auth {
             .map(UserId::new)
             .transpose()
             .map_err(|e| AuthError(format!("invalid connection token: {e}")))?;
-        Ok((id, user))
+        Ok(ConnectionToken {
+            id,
+            user,
+            stateful: data.claims.rs,
+            expired: data.claims.exp.saturating_add(validation.leeway) < now(),
+        })
     }
 }
 
@@ -217,10 +241,35 @@ mod tests {
         let hub = HubName::new("chat").unwrap();
         let id = ConnectionId::new("c1").unwrap();
         let user = UserId::new("bob").unwrap();
-        let token = a.connection_token(&hub, &id, Some(&user));
-        let (got, got_user) = a.check_connection_token(&token, &hub).unwrap();
-        assert_eq!(got, id);
-        assert_eq!(got_user, Some(user));
+        let token = a.connection_token(&hub, &id, Some(&user), true);
+        let got = a.check_connection_token(&token, &hub).unwrap();
+        assert_eq!(
+            got,
+            ConnectionToken {
+                id: id.clone(),
+                user: Some(user),
+                stateful: true,
+                expired: false
+            }
+        );
+        let plain = a.connection_token(&hub, &id, None, false);
+        let got = a.check_connection_token(&plain, &hub).unwrap();
+        assert!(!got.stateful && got.user.is_none());
+        // An expired token is genuine, and says it has expired.
+        let short = Auth::new(None, b"secret", true, Duration::ZERO);
+        let old = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &ConnectionClaims {
+                cid: "c1".into(),
+                hub: "chat".into(),
+                sub: None,
+                rs: true,
+                exp: now() - 60,
+            },
+            &EncodingKey::from_secret(b"secret"),
+        )
+        .unwrap();
+        assert!(short.check_connection_token(&old, &hub).unwrap().expired);
         let other = HubName::new("other").unwrap();
         assert!(a.check_connection_token(&token, &other).is_err());
         let forged = Auth::new(None, b"another", true, Duration::from_secs(60));

@@ -24,6 +24,7 @@ pub mod chat;
 mod connection;
 mod hub;
 mod metrics;
+mod relay;
 mod server;
 mod socket;
 

@@ -38,6 +38,11 @@ struct Args {
     /// This node's id [default: random].
     #[arg(long, env = "BACKPLANE_NODE_ID")]
     node_id: Option<String>,
+    /// Where the other nodes reach this one (`http://host:port`): a stateful client whose
+    /// resumed socket lands on another node is handed over to this one. Without it, such a
+    /// client starts a new connection.
+    #[arg(long, env = "BACKPLANE_ADVERTISE_URL")]
+    advertise_url: Option<String>,
     /// The HS256 secret of user access tokens (`sub` is the user id).
     #[arg(long, env = "BACKPLANE_JWT_SECRET", hide_env_values = true)]
     jwt_secret: Option<String>,
@@ -108,6 +113,7 @@ struct FileConfig {
     listen: Option<SocketAddr>,
     backplane: Option<String>,
     node_id: Option<String>,
+    advertise_url: Option<String>,
     jwt_secret: Option<String>,
     token_secret: Option<String>,
     server_key: Option<String>,
@@ -132,6 +138,7 @@ struct Config {
     listen: SocketAddr,
     backplane: String,
     node: NodeOptions,
+    advertise_url: Option<String>,
     limits: Limits,
     security: Security,
 }
@@ -213,6 +220,11 @@ fn resolve(args: Args) -> Result<Config, String> {
     {
         node = node.cleanup_interval(d);
     }
+    let advertise_url = args
+        .advertise_url
+        .or(file.advertise_url)
+        .map(|url| advertise_url(&url).map(|()| url))
+        .transpose()?;
     let allow_anonymous = args.allow_anonymous || file.allow_anonymous.unwrap_or(false);
     let jwt_secret = args.jwt_secret.or(file.jwt_secret);
     if jwt_secret.is_none() && !allow_anonymous {
@@ -235,6 +247,7 @@ fn resolve(args: Args) -> Result<Config, String> {
             .or(file.backplane)
             .unwrap_or_else(|| "memory://".into()),
         node,
+        advertise_url,
         limits,
         security: Security {
             jwt_secret: jwt_secret.map(String::into_bytes),
@@ -247,6 +260,23 @@ fn resolve(args: Args) -> Result<Config, String> {
             server_key: args.server_key.or(file.server_key).map(String::into_bytes),
         },
     })
+}
+
+/// Checks an advertised URL: `http://`, a host, and nothing after the port (nodes relay to it
+/// over plain HTTP, inside the cluster).
+fn advertise_url(url: &str) -> Result<(), String> {
+    let bad = |why: &str| format!("invalid advertise-url '{url}': {why}");
+    let uri: hyper::Uri = url.parse().map_err(|_| bad("not a URL"))?;
+    if uri.scheme_str() != Some("http") {
+        return Err(bad("nodes reach each other over http://"));
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return Err(bad("no host"));
+    }
+    if uri.path_and_query().is_some_and(|p| p.as_str() != "/") {
+        return Err(bad("a base URL has no path"));
+    }
+    Ok(())
 }
 
 /// The scheme of a backplane URL; an ADO.NET connection string (`Server=…;…`) is SQL Server's.
@@ -321,10 +351,14 @@ async fn run(config: Config) -> Result<(), String> {
     let node = backplane_core::Node::start(backplane, config.node)
         .await
         .map_err(|e| format!("cannot start the node: {e}"))?;
-    let running = Server::new(node.clone())
+    let mut server = Server::new(node.clone())
         .hub(chat::hub())
         .limits(config.limits)
-        .security(config.security)
+        .security(config.security);
+    if let Some(url) = config.advertise_url {
+        server = server.advertise(url);
+    }
+    let running = server
         .bind(config.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;

@@ -23,6 +23,7 @@ use crate::auth::Auth;
 use crate::connection::{self, Sessions, Setup};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
+use crate::relay;
 
 /// Timing and size limits of client connections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,6 +82,16 @@ pub struct Server {
     hubs: HashMap<HubName, Arc<Hub>>,
     limits: Limits,
     security: Security,
+    advertise: Option<Advertise>,
+}
+
+/// Where other nodes reach a server.
+#[derive(Debug, Clone)]
+enum Advertise {
+    /// This base URL.
+    Url(String),
+    /// `http://` and the address the server listens on.
+    Listener,
 }
 
 struct Shared {
@@ -107,6 +118,7 @@ impl Server {
             hubs: HashMap::new(),
             limits: Limits::default(),
             security: Security::default(),
+            advertise: None,
         }
     }
 
@@ -128,14 +140,41 @@ impl Server {
         self
     }
 
+    /// Registers `url` (such as `http://10.0.0.5:5000`) as where other nodes reach this
+    /// server: a stateful client whose resumed socket lands on another node is then handed
+    /// over to this one. Without it (or [`advertise_listener`](Self::advertise_listener)),
+    /// such a client falls back to a new connection.
+    pub fn advertise(mut self, url: impl Into<String>) -> Self {
+        self.advertise = Some(Advertise::Url(url.into()));
+        self
+    }
+
+    /// Registers `http://` and the address the server listens on as where other nodes reach
+    /// it: for nodes on one host, or listening on an address the others can reach.
+    pub fn advertise_listener(mut self) -> Self {
+        self.advertise = Some(Advertise::Listener);
+        self
+    }
+
     /// Listens on `addr` and serves in the background until [`Running::shutdown`].
     ///
     /// # Errors
     ///
-    /// The address could not be bound.
+    /// The address could not be bound, or the advertised address could not be registered.
     pub async fn bind(self, addr: SocketAddr) -> std::io::Result<Running> {
         let listener = TcpListener::bind(addr).await?;
         let local = listener.local_addr()?;
+        let advertised = match self.advertise {
+            Some(Advertise::Url(url)) => Some(url),
+            Some(Advertise::Listener) => Some(format!("http://{local}")),
+            None => None,
+        };
+        if let Some(url) = advertised {
+            self.node
+                .advertise(url)
+                .await
+                .map_err(std::io::Error::other)?;
+        }
         let token_secret = self
             .security
             .token_secret
@@ -416,7 +455,7 @@ async fn route(req: Request<Incoming>, shared: Arc<Shared>) -> Response<Body> {
             .await
         }
         (&Method::POST, ["hubs", hub, "negotiate"]) => negotiate(&req, &shared, hub),
-        (&Method::GET, ["hubs", hub]) => upgrade(req, &shared, hub),
+        (&Method::GET, ["hubs", hub]) => upgrade(req, &shared, hub).await,
         _ => text(StatusCode::NOT_FOUND, "not found"),
     };
     with_cors(&shared, origin.as_ref(), response)
@@ -461,11 +500,13 @@ fn negotiate(req: &Request<Incoming>, shared: &Shared, hub: &str) -> Response<Bo
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
     let id = ConnectionId::random();
-    let token = shared.auth.connection_token(hub.name(), &id, user.as_ref());
-    let transports = json!([{ "transport": "WebSockets", "transferFormats": ["Text", "Binary"] }]);
     let stateful = query
         .get("useStatefulReconnect")
         .is_some_and(|v| v == "true");
+    let token = shared
+        .auth
+        .connection_token(hub.name(), &id, user.as_ref(), stateful);
+    let transports = json!([{ "transport": "WebSockets", "transferFormats": ["Text", "Binary"] }]);
     let body = if version >= 1 {
         let mut body = json!({
             "negotiateVersion": 1,
@@ -487,7 +528,7 @@ fn negotiate(req: &Request<Incoming>, shared: &Shared, hub: &str) -> Response<Bo
     json_response(StatusCode::OK, &body)
 }
 
-fn upgrade(mut req: Request<Incoming>, shared: &Arc<Shared>, hub: &str) -> Response<Body> {
+async fn upgrade(mut req: Request<Incoming>, shared: &Arc<Shared>, hub: &str) -> Response<Body> {
     let Some(hub) = find_hub(shared, hub) else {
         return text(StatusCode::NOT_FOUND, format!("no hub named '{hub}'"));
     };
@@ -514,9 +555,9 @@ fn upgrade(mut req: Request<Incoming>, shared: &Arc<Shared>, hub: &str) -> Respo
             return text(StatusCode::UNAUTHORIZED, err.0);
         }
     };
-    let id = match query.get("id") {
+    let token = match query.get("id") {
         Some(token) => match shared.auth.check_connection_token(token, hub.name()) {
-            Ok((id, token_user)) if token_user == user => id,
+            Ok(token) if token.user == user => Some(token),
             Ok(_) => {
                 shared.metrics.refused("auth");
                 return text(
@@ -530,8 +571,11 @@ fn upgrade(mut req: Request<Incoming>, shared: &Arc<Shared>, hub: &str) -> Respo
             }
         },
         // skipNegotiation: the WebSocket is the whole connection.
-        None => ConnectionId::random(),
+        None => None,
     };
+    let id = token
+        .as_ref()
+        .map_or_else(ConnectionId::random, |t| t.id.clone());
     // The same id again: a stateful connection resuming on a new socket.
     let resuming = shared
         .sessions
@@ -539,6 +583,31 @@ fn upgrade(mut req: Request<Incoming>, shared: &Arc<Shared>, hub: &str) -> Respo
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .get(&id)
         .cloned();
+    if resuming.is_none()
+        && let Some(token) = &token
+    {
+        // A resume that reached the wrong node goes to the node holding the connection.
+        if token.stateful
+            && !req.headers().contains_key(relay::RELAYED)
+            && let Some(address) = relay::holder(&shared.node, hub.name(), &id).await
+        {
+            let holder = match relay::open(&address, &req, shared.limits.handshake_timeout).await {
+                Ok(holder) => holder,
+                Err((status, why)) => return text(status, why),
+            };
+            let (response, socket) = match fastwebsockets::upgrade::upgrade(&mut req) {
+                Ok(pair) => pair,
+                Err(err) => return text(StatusCode::BAD_REQUEST, format!("bad upgrade: {err}")),
+            };
+            tokio::spawn(relay::pipe(socket, holder));
+            let (parts, _) = response.into_parts();
+            return Response::from_parts(parts, Full::new(Bytes::new()));
+        }
+        if token.expired {
+            shared.metrics.refused("token");
+            return text(StatusCode::NOT_FOUND, "the connection token has expired");
+        }
+    }
     let (response, socket) = match fastwebsockets::upgrade::upgrade(&mut req) {
         Ok(pair) => pair,
         Err(err) => return text(StatusCode::BAD_REQUEST, format!("bad upgrade: {err}")),

@@ -61,6 +61,24 @@ fn bad_configuration_fails_with_one_line_and_exit_code_2() {
             "unknown backplane scheme 'nope'",
         ),
         (
+            vec![
+                "--allow-anonymous",
+                "--advertise-url",
+                "https://node-1:5000",
+            ],
+            vec![],
+            "invalid advertise-url 'https://node-1:5000': nodes reach each other over http://",
+        ),
+        (
+            vec![
+                "--allow-anonymous",
+                "--advertise-url",
+                "http://node-1:5000/hubs",
+            ],
+            vec![],
+            "invalid advertise-url 'http://node-1:5000/hubs': a base URL has no path",
+        ),
+        (
             vec!["--allow-anonymous", "--backplane", "not a url"],
             vec![],
             "malformed backplane URL",

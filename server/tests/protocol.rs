@@ -1019,6 +1019,97 @@ async fn a_resume_replaces_a_socket_the_server_still_holds() {
     running.shutdown(Duration::from_secs(5)).await;
 }
 
+/// Two nodes on one backplane, each registering its listening address, with one token secret.
+async fn two_nodes() -> (backplane_server::Running, backplane_server::Running) {
+    let backplane = std::sync::Arc::new(backplane_core::MemoryBackplane::new());
+    let mut nodes = Vec::new();
+    for _ in 0..2 {
+        let node = backplane_core::Node::start(backplane.clone(), NodeOptions::new())
+            .await
+            .expect("a node");
+        let running = backplane_server::Server::new(node)
+            .hub(chat::hub())
+            .security(Security {
+                allow_anonymous: true,
+                token_secret: Some(b"one secret for every node".to_vec()),
+                ..Security::default()
+            })
+            .advertise_listener()
+            .bind("127.0.0.1:0".parse().expect("an address"))
+            .await
+            .expect("the server binds");
+        nodes.push(running);
+    }
+    let b = nodes.pop().expect("two nodes");
+    let a = nodes.pop().expect("two nodes");
+    (a, b)
+}
+
+#[tokio::test]
+async fn a_resume_that_reaches_another_node_is_handed_to_the_holder() {
+    let (a, b) = two_nodes().await;
+    let (status, body) = http(
+        a.local_addr(),
+        "POST",
+        "/hubs/chat/negotiate?negotiateVersion=1&useStatefulReconnect=true&user=roamer",
+        &[],
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let negotiated: Value = serde_json::from_str(&body).expect("JSON");
+    let token = negotiated["connectionToken"].as_str().expect("a token");
+    let path = format!("/hubs/chat?id={token}&user=roamer");
+    let mut first = RawClient::open(a.local_addr(), &path)
+        .await
+        .expect("upgrade");
+    first.send(br#"{"protocol":"json","version":2}"#).await;
+    assert_eq!(first.next_record().await.expect("an answer"), json!({}));
+    let mut sender = RawClient::connect(b.local_addr(), "chat", "other").await;
+    sender
+        .send(br#"{"type":1,"target":"SendMessage","arguments":["one"]}"#)
+        .await;
+    assert_eq!(next_non_ping(&mut first).await["arguments"][1], "one");
+    drop(first);
+    sender
+        .send(br#"{"type":1,"target":"SendMessage","arguments":["two"]}"#)
+        .await;
+
+    // The load balancer sends the resumed socket to the other node.
+    let mut second = RawClient::open(b.local_addr(), &path)
+        .await
+        .expect("upgrade");
+    second.send(br#"{"type":9,"sequenceId":1}"#).await;
+    assert_eq!(
+        next_non_ping(&mut second).await,
+        json!({"type":9,"sequenceId":1})
+    );
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        let m = next_non_ping(&mut second).await;
+        if m["type"] == 1 {
+            got.push(m["arguments"][1].as_str().unwrap_or_default().to_owned());
+        }
+    }
+    assert_eq!(got, ["one", "two"], "missed messages arrive once, in order");
+    second
+        .send(br#"{"type":1,"invocationId":"1","target":"GetOnlineUsers","arguments":[]}"#)
+        .await;
+    let done = loop {
+        let m = next_non_ping(&mut second).await;
+        if m["type"] == 3 {
+            break m;
+        }
+    };
+    let mut users: Vec<String> = serde_json::from_value(done["result"].clone()).expect("ids");
+    users.sort();
+    assert_eq!(users, ["other", "roamer"]);
+    // The holder is still the first node: the connection did not move.
+    assert_eq!(a.node().local_connection_count(), 1);
+
+    a.shutdown(Duration::from_secs(5)).await;
+    b.shutdown(Duration::from_secs(5)).await;
+}
+
 /// Reads MessagePack messages (binary frames) until `done` says it has what it waits for.
 async fn packed_messages(
     client: &mut RawClient,

@@ -123,7 +123,7 @@ impl Node {
     async fn reregister(&self) -> Result<()> {
         let backplane = &self.inner.backplane;
         backplane
-            .register_node(&self.inner.id, self.inner.options.address.as_deref())
+            .register_node(&self.inner.id, self.address().as_deref())
             .await?;
         for state in self.hub_states() {
             let connections: Vec<_> = state

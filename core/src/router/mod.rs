@@ -157,6 +157,8 @@ pub(crate) struct Inner {
     id: NodeId,
     backplane: SharedBackplane,
     options: NodeOptions,
+    /// Where other nodes reach this node's server; see [`Node::advertise`].
+    address: Mutex<Option<String>>,
     hubs: Mutex<HashMap<HubName, Arc<HubState>>>,
     invocations: Invocations,
     events: broadcast::Sender<NodeEvent>,
@@ -236,6 +238,7 @@ impl Node {
             .register_node(&id, options.address.as_deref())
             .await?;
         let inner = Arc::new(Inner {
+            address: Mutex::new(options.address.clone()),
             id,
             backplane,
             observer,
@@ -293,6 +296,34 @@ impl Node {
     /// The node's settings.
     pub fn options(&self) -> &NodeOptions {
         &self.inner.options
+    }
+
+    /// Where other nodes reach this node's server, as registered.
+    pub fn address(&self) -> Option<String> {
+        self.inner
+            .address
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Registers where other nodes reach this node's server (a base URL such as
+    /// `http://10.0.0.5:5000`), for a server that knows it only once it listens.
+    ///
+    /// # Errors
+    ///
+    /// The driver's error when the registration cannot be written.
+    pub async fn advertise(&self, url: impl Into<String>) -> Result<()> {
+        let url = url.into();
+        *self
+            .inner
+            .address
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(url.clone());
+        self.inner
+            .backplane
+            .register_node(&self.inner.id, Some(&url))
+            .await
     }
 
     /// Events of this node from now on.
