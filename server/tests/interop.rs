@@ -33,6 +33,8 @@ impl ServerProcess {
         let log_file = std::fs::File::create(&log).expect("a log file");
         let mut child = Command::new(env!("CARGO_BIN_EXE_backplane-server"))
             .args(["--listen", listen, "--backplane", backplane])
+            // Where the other node relays resumed sockets to.
+            .args(["--advertise-url", &format!("http://{listen}")])
             .env("BACKPLANE_JWT_SECRET", SECRET)
             .env("BACKPLANE_TOKEN_SECRET", "interop-connection-tokens")
             .env("RUST_LOG", "info")
@@ -117,6 +119,13 @@ fn ensure_client_installed(dir: &Path) {
     }
 }
 
+/// A loopback address whose port is free now: a node must know the address it advertises
+/// before it starts.
+fn free_address() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+    listener.local_addr().expect("an address").to_string()
+}
+
 #[test]
 fn official_client_against_two_nodes() {
     let dir = interop_dir();
@@ -136,12 +145,12 @@ fn official_client_against_two_nodes() {
     let logs = std::env::temp_dir();
     let a = ServerProcess::start(
         &backplane,
-        "127.0.0.1:0",
+        &free_address(),
         logs.join(format!("interop-a-{}.log", std::process::id())),
     );
     let mut b = ServerProcess::start(
         &backplane,
-        "127.0.0.1:0",
+        &free_address(),
         logs.join(format!("interop-b-{}.log", std::process::id())),
     );
 

@@ -10,6 +10,7 @@
 import * as signalR from "@microsoft/signalr";
 import { MessagePackHubProtocol } from "@microsoft/signalr-protocol-msgpack";
 import { createHmac } from "node:crypto";
+import { connect, createServer } from "node:net";
 import { createInterface } from "node:readline";
 
 const A = process.env.NODE_A;
@@ -306,6 +307,59 @@ scenario("stateful reconnect: a dropped socket resumes and misses nothing", asyn
   const users = await within(c.connection.invoke("GetOnlineUsers"), "an invocation after the resume");
   check(users.includes(c.user), `online users ${JSON.stringify(users)}`);
   await Promise.all([sender.stop(), c.stop()]);
+});
+
+/** A TCP load balancer that sends each new connection to the next of `bases` in turn. */
+async function roundRobin(bases) {
+  const targets = bases.map((base) => new URL(base));
+  const routed = [];
+  const server = createServer((socket) => {
+    const target = targets[routed.length % targets.length];
+    routed.push(target.port);
+    const upstream = connect(Number(target.port), target.hostname);
+    const close = () => {
+      socket.destroy();
+      upstream.destroy();
+    };
+    for (const end of [socket, upstream]) {
+      end.on("error", close);
+      end.on("close", close);
+    }
+    socket.pipe(upstream);
+    upstream.pipe(socket);
+  });
+  await new Promise((resolve) => server.listen(0, "127.0.0.1", resolve));
+  return { url: `http://127.0.0.1:${server.address().port}`, routed, close: () => server.close() };
+}
+
+scenario("stateful reconnect behind a round-robin load balancer: the resume reaches the connection's node", async () => {
+  const lb = await roundRobin([A, B]);
+  const sender = await new Client(A, `lb-sender-${unique}`).start();
+  const c = new Client(lb.url, `lb-${unique}`, { stateful: true });
+  let closed = false;
+  c.connection.onclose(() => { closed = true; });
+  await c.start();
+  const id = c.connection.connectionId;
+  const before = lb.routed.length;
+  await sender.connection.invoke("SendMessage", "lb before the drop");
+  await c.waitFor("the first message", (e) => e.method === "ReceiveMessage" && e.args[1] === "lb before the drop");
+  c.connection.connection.transport._webSocket._socket.destroy();
+  for (let i = 0; i < 20; i++) await sender.connection.invoke("SendMessage", `lb during ${i}`);
+  await c.waitFor("the last message sent while away", (e) => e.method === "ReceiveMessage" && e.args[1] === "lb during 19");
+  for (let i = 0; i < 20; i++) {
+    const n = c.count((e) => e.method === "ReceiveMessage" && e.args[1] === `lb during ${i}`);
+    check(n === 1, `message ${i} arrived ${n} times`);
+  }
+  check(c.count((e) => e.args[1] === "lb before the drop") === 1, "a message before the drop arrived twice");
+  check(!closed && c.connection.connectionId === id, "the client saw a new connection instead of a resume");
+  check(
+    lb.routed.length > before && lb.routed[before] !== lb.routed[before - 1],
+    `the resumed socket went to the node holding the connection, not another one: ${lb.routed}`,
+  );
+  const users = await within(c.connection.invoke("GetOnlineUsers"), "an invocation after the resume");
+  check(users.includes(c.user), `online users ${JSON.stringify(users)}`);
+  await Promise.all([sender.stop(), c.stop()]);
+  lb.close();
 });
 
 scenario("an invalid token is refused", async () => {
