@@ -880,14 +880,12 @@ async fn next_non_ping(c: &mut RawClient) -> Value {
     }
 }
 
-#[tokio::test]
-async fn stateful_reconnect_resumes_without_loss_or_duplicates() {
-    let running = server(vec![chat::hub()], limits()).await;
-    let addr = running.local_addr();
+/// Negotiates a stateful connection for `user`; the path of its WebSocket.
+async fn negotiate_stateful(addr: std::net::SocketAddr, user: &str) -> String {
     let (status, body) = http(
         addr,
         "POST",
-        "/hubs/chat/negotiate?negotiateVersion=1&useStatefulReconnect=true&user=sr",
+        &format!("/hubs/chat/negotiate?negotiateVersion=1&useStatefulReconnect=true&user={user}"),
         &[],
     )
     .await;
@@ -895,11 +893,24 @@ async fn stateful_reconnect_resumes_without_loss_or_duplicates() {
     let negotiated: Value = serde_json::from_str(&body).expect("JSON");
     assert_eq!(negotiated["useStatefulReconnect"], true);
     let token = negotiated["connectionToken"].as_str().expect("a token");
-    let path = format!("/hubs/chat?id={token}&user=sr");
+    format!("/hubs/chat?id={token}&user={user}")
+}
 
-    let mut first = RawClient::open(addr, &path).await.expect("upgrade");
-    first.send(br#"{"protocol":"json","version":2}"#).await;
-    assert_eq!(first.next_record().await.expect("an answer"), json!({}));
+/// Opens the WebSocket at `path` and shakes hands with hub protocol version 2.
+async fn open_stateful(addr: std::net::SocketAddr, path: &str) -> RawClient {
+    let mut socket = RawClient::open(addr, path).await.expect("upgrade");
+    socket.send(br#"{"protocol":"json","version":2}"#).await;
+    assert_eq!(socket.next_record().await.expect("an answer"), json!({}));
+    socket
+}
+
+#[tokio::test]
+async fn stateful_reconnect_resumes_without_loss_or_duplicates() {
+    let running = server(vec![chat::hub()], limits()).await;
+    let addr = running.local_addr();
+    let path = negotiate_stateful(addr, "sr").await;
+
+    let mut first = open_stateful(addr, &path).await;
     let mut sender = RawClient::connect(addr, "chat", "other").await;
 
     // Client message 1 is handled and answered (server message 1), and the client
@@ -974,20 +985,8 @@ async fn stateful_reconnect_resumes_without_loss_or_duplicates() {
 async fn a_resume_replaces_a_socket_the_server_still_holds() {
     let running = server(vec![chat::hub()], limits()).await;
     let addr = running.local_addr();
-    let (status, body) = http(
-        addr,
-        "POST",
-        "/hubs/chat/negotiate?negotiateVersion=1&useStatefulReconnect=true&user=half",
-        &[],
-    )
-    .await;
-    assert_eq!(status, 200, "{body}");
-    let negotiated: Value = serde_json::from_str(&body).expect("JSON");
-    let token = negotiated["connectionToken"].as_str().expect("a token");
-    let path = format!("/hubs/chat?id={token}&user=half");
-    let mut first = RawClient::open(addr, &path).await.expect("upgrade");
-    first.send(br#"{"protocol":"json","version":2}"#).await;
-    assert_eq!(first.next_record().await.expect("an answer"), json!({}));
+    let path = negotiate_stateful(addr, "half").await;
+    let mut first = open_stateful(addr, &path).await;
     let mut sender = RawClient::connect(addr, "chat", "other").await;
     sender
         .send(br#"{"type":1,"target":"SendMessage","arguments":["one"]}"#)
@@ -1048,22 +1047,8 @@ async fn two_nodes() -> (backplane_server::Running, backplane_server::Running) {
 #[tokio::test]
 async fn a_resume_that_reaches_another_node_is_handed_to_the_holder() {
     let (a, b) = two_nodes().await;
-    let (status, body) = http(
-        a.local_addr(),
-        "POST",
-        "/hubs/chat/negotiate?negotiateVersion=1&useStatefulReconnect=true&user=roamer",
-        &[],
-    )
-    .await;
-    assert_eq!(status, 200, "{body}");
-    let negotiated: Value = serde_json::from_str(&body).expect("JSON");
-    let token = negotiated["connectionToken"].as_str().expect("a token");
-    let path = format!("/hubs/chat?id={token}&user=roamer");
-    let mut first = RawClient::open(a.local_addr(), &path)
-        .await
-        .expect("upgrade");
-    first.send(br#"{"protocol":"json","version":2}"#).await;
-    assert_eq!(first.next_record().await.expect("an answer"), json!({}));
+    let path = negotiate_stateful(a.local_addr(), "roamer").await;
+    let mut first = open_stateful(a.local_addr(), &path).await;
     let mut sender = RawClient::connect(b.local_addr(), "chat", "other").await;
     sender
         .send(br#"{"type":1,"target":"SendMessage","arguments":["one"]}"#)
