@@ -150,7 +150,8 @@ impl Server {
     }
 
     /// Registers `http://` and the address the server listens on as where other nodes reach
-    /// it: for nodes on one host, or listening on an address the others can reach.
+    /// it: for nodes on one host, or listening on an address the others can reach (binding
+    /// fails for an unspecified address such as `0.0.0.0`).
     pub fn advertise_listener(mut self) -> Self {
         self.advertise = Some(Advertise::Listener);
         self
@@ -166,6 +167,11 @@ impl Server {
         let local = listener.local_addr()?;
         let advertised = match self.advertise {
             Some(Advertise::Url(url)) => Some(url),
+            Some(Advertise::Listener) if local.ip().is_unspecified() => {
+                return Err(std::io::Error::other(format!(
+                    "cannot advertise {local} to other nodes: it names no host; advertise a URL"
+                )));
+            }
             Some(Advertise::Listener) => Some(format!("http://{local}")),
             None => None,
         };

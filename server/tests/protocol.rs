@@ -1045,6 +1045,24 @@ async fn two_nodes() -> (backplane_server::Running, backplane_server::Running) {
 }
 
 #[tokio::test]
+async fn an_unspecified_listening_address_is_not_advertised() {
+    let node = backplane_core::Node::start(
+        std::sync::Arc::new(backplane_core::MemoryBackplane::new()),
+        NodeOptions::new(),
+    )
+    .await
+    .expect("a node");
+    let err = backplane_server::Server::new(node.clone())
+        .advertise_listener()
+        .bind("0.0.0.0:0".parse().expect("an address"))
+        .await
+        .expect_err("0.0.0.0 names no host");
+    assert!(err.to_string().contains("advertise a URL"), "{err}");
+    assert_eq!(node.address(), None);
+    node.shutdown().await;
+}
+
+#[tokio::test]
 async fn a_resume_that_reaches_another_node_is_handed_to_the_holder() {
     let (a, b) = two_nodes().await;
     let path = negotiate_stateful(a.local_addr(), "roamer").await;
