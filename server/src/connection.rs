@@ -821,13 +821,14 @@ impl Conn {
             OpCode::Text
         };
         self.outbox.push(frame, opcode);
+        let now = Instant::now();
         self.writing = Some(Writing {
             deliveries: std::mem::take(&mut self.frame_deliveries),
             acks: std::mem::take(&mut self.frame_acks),
-            started: Instant::now(),
+            started: now,
         });
         self.yielded = false;
-        self.last_sent = Instant::now();
+        self.last_sent = now;
     }
 
     /// Keeps the deadlines: the client timeout, a stalled write, the resume window, the

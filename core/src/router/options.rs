@@ -67,11 +67,6 @@ impl NodeOptions {
         self
     }
 
-    /// Where other nodes reach this node's server, as set by [`address`](Self::address).
-    pub fn advertised_address(&self) -> Option<&str> {
-        self.address.as_deref()
-    }
-
     /// The largest payload accepted, in bytes. Defaults to 1 MiB.
     pub fn max_payload(mut self, bytes: usize) -> Self {
         self.max_payload = bytes;
