@@ -2,6 +2,7 @@
 #![deny(rustdoc::broken_intra_doc_links)]
 
 pub mod cases;
+mod faulty;
 mod harness;
 #[cfg(feature = "memory")]
 mod memory;
@@ -13,6 +14,7 @@ mod pki;
 #[cfg(feature = "postgres")]
 mod postgres;
 
+pub use faulty::{Faulty, Op};
 pub use harness::{
     CASE_TIMEOUT, Case, CaseError, CaseFn, CaseResult, Client, Ctx, Factory, HeldAppend, Namespace,
     Spec, WAIT, connect, keep_last, run_case, run_test, sentinel, test_options, until_after_jobs,
@@ -90,6 +92,10 @@ macro_rules! for_each_case {
             presence::reaped_node_registers_again,
             presence::live_nodes_listed,
             presence::node_addresses_listed,
+            presence::restarted_node_drops_its_previous_connections,
+            presence::reap_removes_connections_of_unregistered_nodes,
+            presence::connection_removed_only_by_its_node,
+            presence::orphan_retry_spares_the_id_on_another_node,
             durable::durable_offline_user_receives_on_connect_once,
             durable::durable_online_user_receives_live,
             durable::durable_ack_stops_redelivery,
@@ -102,6 +108,7 @@ macro_rules! for_each_case {
             log::log_replay_from_position,
             log::log_position_too_old_after_trim,
             log::log_position_of_other_epoch_too_old,
+            log::log_position_past_end_too_old,
             log::reader_behind_retention_gets_signal,
             log::concurrent_publishers_no_loss_no_duplicates,
             log::multi_stream_per_sender_order [8],

@@ -257,13 +257,17 @@ impl WakeupHub {
 ///   grow by one per entry with no gaps *in commit order*: a reader that has read up to offset N
 ///   never later finds a committed entry below N. [`read`](Self::read) returns entries from a
 ///   position, oldest first; a position before the oldest retained entry, or of another epoch,
-///   fails with [`Error::PositionTooOld`](crate::Error::PositionTooOld), never a silent gap.
+///   fails with [`Error::PositionTooOld`](crate::Error::PositionTooOld), never a silent gap, and
+///   so does a position past the stream's end (the log went back in time, as after a restore
+///   from backup or a failover to a standby that lagged), with the stream's end as `earliest`.
 ///   [`subscribe`](Self::subscribe) wakes the subscriber after appends; wake-ups may be
 ///   coalesced, but a lost wake-up is reported as [`Wake::Resync`] or [`Wake::Closed`].
 /// - **Presence.** Nodes register, heartbeat, and are reaped by
 ///   [`reap_nodes`](Self::reap_nodes) when their last heartbeat is older than a timeout;
 ///   reaping or unregistering a node removes its connections and their group memberships and
-///   closes user sessions left without connections. A connection id is unique per hub.
+///   closes user sessions left without connections; each reap also removes the connections of
+///   nodes that are not registered (an insert that raced with the reaping of its node). A
+///   connection id is unique per hub; only the node that registered a connection removes it.
 /// - **Groups.** Memberships are stored per hub; adding an existing member or removing a
 ///   non-member changes nothing and returns `false`; adding an unknown connection fails with
 ///   [`Error::UnknownConnection`](crate::Error::UnknownConnection).
@@ -293,8 +297,9 @@ pub trait Backplane: Send + Sync + fmt::Debug + 'static {
     ///
     /// # Errors
     ///
-    /// [`Error::PositionTooOld`](crate::Error::PositionTooOld) when `from` was trimmed away or
-    /// belongs to another epoch.
+    /// [`Error::PositionTooOld`](crate::Error::PositionTooOld) when `from` was trimmed away,
+    /// belongs to another epoch (`earliest`: the oldest entry kept), or lies past the stream's
+    /// end (`earliest`: the end).
     async fn read(&self, hub: &HubName, from: Position, limit: usize) -> Result<Vec<LogEntry>>;
 
     /// The position the next appended entry of `stream` will get.
@@ -320,7 +325,8 @@ pub trait Backplane: Send + Sync + fmt::Debug + 'static {
     /// Nodes whose registration has not been removed.
     async fn live_nodes(&self) -> Result<Vec<NodeInfo>>;
 
-    /// Unregisters every node whose last heartbeat is older than `timeout`; returns them.
+    /// Unregisters every node whose last heartbeat is older than `timeout`, and removes the
+    /// connections of nodes that are not registered; returns the nodes unregistered.
     async fn reap_nodes(&self, timeout: Duration) -> Result<Vec<NodeId>>;
 
     /// Registers a connection; opens the user's session if it is their first.
@@ -330,12 +336,14 @@ pub trait Backplane: Send + Sync + fmt::Debug + 'static {
     /// [`Error::DuplicateConnection`](crate::Error::DuplicateConnection) when the id is taken.
     async fn add_connection(&self, connection: &ConnectionInfo) -> Result<()>;
 
-    /// Removes a connection and its memberships; closes the user's session if it was their last.
-    /// Returns the removed connection, or `None` when there was none.
+    /// Removes a connection that `node` registered, and its memberships; closes the user's
+    /// session if it was their last. Returns the removed connection, or `None` when `node` had
+    /// none with this id (a connection of the same id on another node stays).
     async fn remove_connection(
         &self,
         hub: &HubName,
         connection: &ConnectionId,
+        node: &NodeId,
     ) -> Result<Option<ConnectionInfo>>;
 
     /// Looks a connection up.

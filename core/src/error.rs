@@ -87,6 +87,17 @@ pub enum Error {
     #[error("corrupt log record: {0}")]
     Corrupt(String),
 
+    /// A write was sent to the database but its answer was lost (the connection broke, or the
+    /// call timed out after the request went out): it may or may not have taken effect.
+    /// Retrying the same call may apply it twice.
+    #[error("{driver} driver: the outcome of a write is unknown: {source}")]
+    OutcomeUnknown {
+        /// The driver's name.
+        driver: &'static str,
+        /// What broke.
+        source: BoxError,
+    },
+
     /// The driver failed; `source` says why.
     #[error("{driver} driver error: {source}")]
     Driver {
@@ -126,14 +137,29 @@ impl Error {
         }
     }
 
+    /// Builds an [`Error::OutcomeUnknown`]: a write whose answer was lost.
+    pub fn outcome_unknown(driver: &'static str, source: impl Into<BoxError>) -> Self {
+        Self::OutcomeUnknown {
+            driver,
+            source: source.into(),
+        }
+    }
+
+    /// Whether this is an [`Error::OutcomeUnknown`]: the write may have taken effect.
+    pub fn is_outcome_unknown(&self) -> bool {
+        matches!(self, Self::OutcomeUnknown { .. })
+    }
+
     /// A copy for each of several callers that one failed call served (a batch): the same
     /// text and retry class, from the error's own driver, or `driver` for other errors.
     pub(crate) fn copy_for(&self, driver: &'static str) -> Self {
         let driver = match self {
-            Self::Driver { driver, .. } => driver,
+            Self::Driver { driver, .. } | Self::OutcomeUnknown { driver, .. } => driver,
             _ => driver,
         };
-        if self.is_transient() {
+        if self.is_outcome_unknown() {
+            Self::outcome_unknown(driver, self.to_string())
+        } else if self.is_transient() {
             Self::transient(driver, self.to_string())
         } else {
             Self::permanent(driver, self.to_string())

@@ -111,7 +111,7 @@ observed! {
     live_nodes() -> Result<Vec<NodeInfo>>;
     reap_nodes(timeout: Duration) -> Result<Vec<NodeId>>;
     add_connection(connection: &ConnectionInfo) -> Result<()>;
-    remove_connection(hub: &HubName, connection: &ConnectionId) -> Result<Option<ConnectionInfo>>;
+    remove_connection(hub: &HubName, connection: &ConnectionId, node: &NodeId) -> Result<Option<ConnectionInfo>>;
     connection(hub: &HubName, connection: &ConnectionId) -> Result<Option<ConnectionInfo>>;
     user_connections(hub: &HubName, user: &UserId) -> Result<Vec<ConnectionInfo>>;
     online_users(hub: &HubName) -> Result<Vec<UserId>>;

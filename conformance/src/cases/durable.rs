@@ -446,7 +446,7 @@ pub async fn durable_requires_user_target(ctx: &mut Ctx) -> CaseResult {
 /// Checklist C.45.
 pub async fn durable_expired_in_log_not_delivered(ctx: &mut Ctx) -> CaseResult {
     let publisher = ctx.node().await?;
-    let gated = crate::cases::log::Gated::new(ctx.backplane().await?);
+    let gated = crate::Faulty::new(ctx.backplane().await?);
     let slow = ctx
         .node_on(
             gated.clone(),
@@ -457,7 +457,7 @@ pub async fn durable_expired_in_log_not_delivered(ctx: &mut Ctx) -> CaseResult {
     let backplane = ctx.backplane().await?;
     let user = UserId::new("late-reader")?;
 
-    gated.set_reads(false);
+    gated.hold_before(crate::Op::Read, true);
     let published = publisher
         .publish(
             Message::to_user(ctx.hub.clone(), user.clone(), "expires in the log")
@@ -466,7 +466,7 @@ pub async fn durable_expired_in_log_not_delivered(ctx: &mut Ctx) -> CaseResult {
         .await?;
     let id = single_id(&published)?;
     let marker = bytes::Bytes::from_static(b"after the expiry");
-    gated.reads_waiting(1).await?;
+    gated.waiting_before(crate::Op::Read, 1).await?;
 
     // Cleanup purges the message once it has expired; that is the event to wait for.
     until_after_jobs(
@@ -479,6 +479,6 @@ pub async fn durable_expired_in_log_not_delivered(ctx: &mut Ctx) -> CaseResult {
     publisher
         .publish(Message::to_user(ctx.hub.clone(), user, marker.clone()))
         .await?;
-    gated.set_reads(true);
+    gated.hold_before(crate::Op::Read, false);
     client.quiet_until(&marker).await
 }

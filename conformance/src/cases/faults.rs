@@ -3,7 +3,6 @@
 use backplane_core::{ConnectionId, Error, HubName, Job, Message, Node, UserId};
 use tokio::sync::{mpsc, watch};
 
-use crate::cases::log::Gated;
 use crate::{
     CaseError, CaseResult, Client, Ctx, WAIT, check, check_eq, sentinel, test_options,
     until_after_jobs,
@@ -33,7 +32,7 @@ pub async fn wakeups_interrupted_no_loss(ctx: &mut Ctx) -> CaseResult {
     const ROUNDS: usize = 4;
     const PER_PHASE: usize = 60;
     let a = ctx.node().await?;
-    let gated = Gated::new(ctx.backplane().await?);
+    let gated = crate::Faulty::new(ctx.backplane().await?);
     let b = ctx.node_on(gated.clone(), test_options()).await?;
     let mut first = ctx.connect(&b, None).await?;
     let mut second = ctx.connect(&b, None).await?;
@@ -47,10 +46,10 @@ pub async fn wakeups_interrupted_no_loss(ctx: &mut Ctx) -> CaseResult {
         expect_range(&mut [&mut first, &mut second], from, next).await?;
         // Broken, and B cannot subscribe again until more messages are in the log.
         let from = next;
-        gated.set_subscribes(false);
+        gated.hold_before(crate::Op::Subscribe, true);
         ctx.namespace().interrupt_wakeups().await?;
         next = publish_numbered(&a, &ctx.hub, next, PER_PHASE).await?;
-        gated.set_subscribes(true);
+        gated.hold_before(crate::Op::Subscribe, false);
         expect_range(&mut [&mut first, &mut second], from, next).await?;
     }
     let from = next;

@@ -2,22 +2,17 @@
 //! exactly-once delivery through nodes.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use backplane_core::{
-    Backplane, ConnectionId, ConnectionInfo, DeliveryAttempt, DurableMessage, Error, GroupName,
-    HubName, LogEntry, Message, MessageId, NewDurableMessage, NodeEvent, NodeId, NodeInfo,
-    Position, Retention, SharedBackplane, UserId, UserSession, Wakeups,
+    ConnectionId, Error, HubName, LogEntry, Message, NodeEvent, Position, SharedBackplane,
 };
 use bytes::Bytes;
-use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::{
-    CaseError, CaseResult, Client, Ctx, WAIT, check, check_eq, keep_last, sentinel, test_options,
-    wait_event,
+    CaseError, CaseResult, Client, Ctx, Faulty, Op, WAIT, check, check_eq, keep_last, sentinel,
+    test_options, wait_event,
 };
 
 /// `count` payloads `"{prefix}-{i}"`.
@@ -339,255 +334,33 @@ pub async fn log_position_of_other_epoch_too_old(ctx: &mut Ctx) -> CaseResult {
     Ok(())
 }
 
-/// A gate that calls pass only while it is open, counting the calls waiting at it.
-#[derive(Debug)]
-struct Gate {
-    open: watch::Sender<bool>,
-    waiting: watch::Sender<usize>,
-}
+/// A position past the stream's end, as a reader holds after the database went back in time
+/// (a restore from backup, a failover to a standby that had not received the last commits),
+/// fails with `PositionTooOld` naming the end, never reads as "nothing new": on a stream that
+/// was never written, and on one with entries, and again after more were appended. Reading
+/// from the end itself is fine and empty. Issue: a log that went back in time.
+pub async fn log_position_past_end_too_old(ctx: &mut Ctx) -> CaseResult {
+    let backplane = ctx.backplane().await?;
+    let hub = ctx.hub.clone();
+    let empty = backplane.tail(&hub, 1).await?;
+    for ahead in [1, 5] {
+        let beyond = empty.at(empty.offset + ahead);
+        expect_too_old(backplane.read(&hub, beyond, 100).await, beyond, empty)?;
+    }
+    check_eq!(backplane.read(&hub, empty, 100).await?.len(), 0);
 
-/// Counts one call as waiting at a gate until it is dropped (passed or canceled).
-struct Waiting<'a>(&'a watch::Sender<usize>);
-
-impl Drop for Waiting<'_> {
-    fn drop(&mut self) {
-        self.0.send_modify(|n| *n = n.saturating_sub(1));
+    let start = backplane.tail(&hub, 0).await?;
+    let records = payloads("end", 3);
+    backplane.append(&hub, 0, &records).await?;
+    let end = start.at(start.offset + 3);
+    for beyond in [end.at(end.offset + 1), end.at(end.offset + 100)] {
+        expect_too_old(backplane.read(&hub, beyond, 100).await, beyond, end)?;
     }
-}
-
-impl Gate {
-    fn new() -> Self {
-        Self {
-            open: watch::channel(true).0,
-            waiting: watch::channel(0).0,
-        }
-    }
-
-    /// Returns once the gate is open. Its sender lives as long as `self`, so it cannot close.
-    async fn pass(&self) {
-        let mut open = self.open.subscribe();
-        if *open.borrow_and_update() {
-            return;
-        }
-        self.waiting.send_modify(|n| *n += 1);
-        let _waiting = Waiting(&self.waiting);
-        let _ = open.wait_for(|open| *open).await;
-    }
-
-    /// Waits, within [`WAIT`], until `count` calls wait at the gate.
-    async fn waiting(&self, count: usize, what: &str) -> CaseResult {
-        let mut waiting = self.waiting.subscribe();
-        match tokio::time::timeout(WAIT, waiting.wait_for(|n| *n >= count)).await {
-            Ok(Ok(_)) => Ok(()),
-            _ => Err(CaseError::Failed(format!(
-                "{count} {what} did not start within {WAIT:?}"
-            ))),
-        }
-    }
-}
-
-/// A backplane whose log reads, or wake-up subscriptions, wait while their gate is closed: a
-/// node on it stands for a reader that stalls (a slow query, a paused process, a listener that
-/// cannot reconnect) while the log moves on. Everything else goes straight to the wrapped
-/// backplane.
-#[derive(Debug)]
-pub(crate) struct Gated {
-    inner: SharedBackplane,
-    reads: Gate,
-    subscribes: Gate,
-}
-
-impl Gated {
-    /// Wraps `inner` with both gates open.
-    pub(crate) fn new(inner: SharedBackplane) -> Arc<Self> {
-        Arc::new(Self {
-            inner,
-            reads: Gate::new(),
-            subscribes: Gate::new(),
-        })
-    }
-
-    /// Opens (`true`) or closes (`false`) the gate of log reads.
-    pub(crate) fn set_reads(&self, open: bool) {
-        self.reads.open.send_replace(open);
-    }
-
-    /// Opens (`true`) or closes (`false`) the gate of wake-up subscriptions.
-    pub(crate) fn set_subscribes(&self, open: bool) {
-        self.subscribes.open.send_replace(open);
-    }
-
-    /// Waits, within [`WAIT`], until `count` reads wait at the closed gate.
-    pub(crate) async fn reads_waiting(&self, count: usize) -> CaseResult {
-        self.reads.waiting(count, "log reads").await
-    }
-}
-
-#[async_trait]
-impl Backplane for Gated {
-    fn driver_name(&self) -> &'static str {
-        self.inner.driver_name()
-    }
-    fn stream_count(&self) -> u32 {
-        self.inner.stream_count()
-    }
-    async fn append(
-        &self,
-        hub: &HubName,
-        stream: u32,
-        records: &[Bytes],
-    ) -> backplane_core::Result<Position> {
-        self.inner.append(hub, stream, records).await
-    }
-    async fn read(
-        &self,
-        hub: &HubName,
-        from: Position,
-        limit: usize,
-    ) -> backplane_core::Result<Vec<LogEntry>> {
-        self.reads.pass().await;
-        self.inner.read(hub, from, limit).await
-    }
-    async fn tail(&self, hub: &HubName, stream: u32) -> backplane_core::Result<Position> {
-        self.inner.tail(hub, stream).await
-    }
-    async fn subscribe(&self, hub: &HubName) -> backplane_core::Result<Wakeups> {
-        self.subscribes.pass().await;
-        self.inner.subscribe(hub).await
-    }
-    async fn trim(&self, retention: &Retention) -> backplane_core::Result<u64> {
-        self.inner.trim(retention).await
-    }
-    async fn register_node(
-        &self,
-        node: &NodeId,
-        address: Option<&str>,
-    ) -> backplane_core::Result<()> {
-        self.inner.register_node(node, address).await
-    }
-    async fn heartbeat(&self, node: &NodeId) -> backplane_core::Result<bool> {
-        self.inner.heartbeat(node).await
-    }
-    async fn unregister_node(&self, node: &NodeId) -> backplane_core::Result<()> {
-        self.inner.unregister_node(node).await
-    }
-    async fn live_nodes(&self) -> backplane_core::Result<Vec<NodeInfo>> {
-        self.inner.live_nodes().await
-    }
-    async fn reap_nodes(&self, timeout: Duration) -> backplane_core::Result<Vec<NodeId>> {
-        self.inner.reap_nodes(timeout).await
-    }
-    async fn add_connection(&self, connection: &ConnectionInfo) -> backplane_core::Result<()> {
-        self.inner.add_connection(connection).await
-    }
-    async fn remove_connection(
-        &self,
-        hub: &HubName,
-        connection: &ConnectionId,
-    ) -> backplane_core::Result<Option<ConnectionInfo>> {
-        self.inner.remove_connection(hub, connection).await
-    }
-    async fn connection(
-        &self,
-        hub: &HubName,
-        connection: &ConnectionId,
-    ) -> backplane_core::Result<Option<ConnectionInfo>> {
-        self.inner.connection(hub, connection).await
-    }
-    async fn user_connections(
-        &self,
-        hub: &HubName,
-        user: &UserId,
-    ) -> backplane_core::Result<Vec<ConnectionInfo>> {
-        self.inner.user_connections(hub, user).await
-    }
-    async fn online_users(&self, hub: &HubName) -> backplane_core::Result<Vec<UserId>> {
-        self.inner.online_users(hub).await
-    }
-    async fn user_session(
-        &self,
-        hub: &HubName,
-        user: &UserId,
-    ) -> backplane_core::Result<Option<UserSession>> {
-        self.inner.user_session(hub, user).await
-    }
-    async fn add_to_group(
-        &self,
-        hub: &HubName,
-        group: &GroupName,
-        connection: &ConnectionId,
-    ) -> backplane_core::Result<bool> {
-        self.inner.add_to_group(hub, group, connection).await
-    }
-    async fn remove_from_group(
-        &self,
-        hub: &HubName,
-        group: &GroupName,
-        connection: &ConnectionId,
-    ) -> backplane_core::Result<bool> {
-        self.inner.remove_from_group(hub, group, connection).await
-    }
-    async fn group_members(
-        &self,
-        hub: &HubName,
-        group: &GroupName,
-    ) -> backplane_core::Result<Vec<ConnectionId>> {
-        self.inner.group_members(hub, group).await
-    }
-    async fn connection_groups(
-        &self,
-        hub: &HubName,
-        connection: &ConnectionId,
-    ) -> backplane_core::Result<Vec<GroupName>> {
-        self.inner.connection_groups(hub, connection).await
-    }
-    async fn enqueue(&self, message: &NewDurableMessage) -> backplane_core::Result<MessageId> {
-        self.inner.enqueue(message).await
-    }
-    async fn pending(
-        &self,
-        hub: &HubName,
-        user: &UserId,
-    ) -> backplane_core::Result<Vec<DurableMessage>> {
-        self.inner.pending(hub, user).await
-    }
-    async fn durable_message(
-        &self,
-        hub: &HubName,
-        id: MessageId,
-    ) -> backplane_core::Result<Option<DurableMessage>> {
-        self.inner.durable_message(hub, id).await
-    }
-    async fn acknowledge(
-        &self,
-        hub: &HubName,
-        id: MessageId,
-        connection: &ConnectionId,
-    ) -> backplane_core::Result<bool> {
-        self.inner.acknowledge(hub, id, connection).await
-    }
-    async fn record_attempt(
-        &self,
-        hub: &HubName,
-        id: MessageId,
-        connection: &ConnectionId,
-        error: Option<&str>,
-    ) -> backplane_core::Result<()> {
-        self.inner.record_attempt(hub, id, connection, error).await
-    }
-    async fn attempts(
-        &self,
-        hub: &HubName,
-        id: MessageId,
-    ) -> backplane_core::Result<Vec<DeliveryAttempt>> {
-        self.inner.attempts(hub, id).await
-    }
-    async fn purge_expired(&self) -> backplane_core::Result<u64> {
-        self.inner.purge_expired().await
-    }
-    async fn pending_count(&self) -> backplane_core::Result<u64> {
-        self.inner.pending_count().await
-    }
+    check_eq!(backplane.read(&hub, end, 100).await?.len(), 0);
+    let mut cursor = start;
+    check_eq!(read_on(&backplane, &hub, &mut cursor, 100).await?, records);
+    check_eq!(cursor, end);
+    Ok(())
 }
 
 /// A node whose reader stalls while the log grows past retention and is trimmed gets an
@@ -598,7 +371,7 @@ pub async fn reader_behind_retention_gets_signal(ctx: &mut Ctx) -> CaseResult {
     const PUBLISHED: usize = 50;
     const KEPT: usize = 10;
     let publisher = ctx.node().await?;
-    let gated = Gated::new(ctx.backplane().await?);
+    let gated = Faulty::new(ctx.backplane().await?);
     let slow = ctx
         .node_on(
             gated.clone(),
@@ -609,7 +382,7 @@ pub async fn reader_behind_retention_gets_signal(ctx: &mut Ctx) -> CaseResult {
     let mut client = ctx.connect(&slow, None).await?;
     let backplane = ctx.backplane().await?;
 
-    gated.set_reads(false);
+    gated.hold_before(Op::Read, true);
     let mut first = None;
     for i in 0..PUBLISHED {
         let published = publisher
@@ -623,12 +396,12 @@ pub async fn reader_behind_retention_gets_signal(ctx: &mut Ctx) -> CaseResult {
         ));
     };
     // The slow node was woken and its read waits at the gate, behind everything published.
-    gated.reads_waiting(1).await?;
+    gated.waiting_before(Op::Read, 1).await?;
     let removed = backplane.trim(&keep_last(KEPT as u64)).await?;
     check_eq!(removed, (PUBLISHED - KEPT) as u64);
 
     let mut events = slow.events();
-    gated.set_reads(true);
+    gated.hold_before(Op::Read, false);
     let earliest = first.at(first.offset + (PUBLISHED - KEPT) as u64);
     wait_event(&mut events, WAIT, |e| {
         matches!(

@@ -4,12 +4,13 @@
 use std::collections::BTreeSet;
 
 use backplane_core::{
-    ConnectionId, GroupName, Job, Message, Node, NodeEvent, NodeId, SharedBackplane, UserId,
-    UserSession,
+    ConnectionId, ConnectionInfo, GroupName, Job, Message, Node, NodeEvent, NodeId,
+    SharedBackplane, UserId, UserSession,
 };
 
 use crate::{
-    CaseError, CaseResult, Ctx, WAIT, check, check_eq, sentinel, test_options, wait_event,
+    CaseError, CaseResult, Ctx, Faulty, Op, WAIT, check, check_eq, sentinel, test_options,
+    wait_event,
 };
 
 /// The user's current session, failing the case when there is none.
@@ -533,5 +534,183 @@ pub async fn live_nodes_listed(ctx: &mut Ctx) -> CaseResult {
         .into_iter()
         .collect();
     check_eq!(live_ids(&backplane).await?, remaining);
+    Ok(())
+}
+
+/// A node that restarts with the same id after a crash starts afresh: the connections, group
+/// memberships and session counts its previous run left are gone once it is up, and nothing
+/// of them is listed as online (the new run's heartbeats would otherwise keep them forever).
+/// Issue: a node restarted with the same node id.
+pub async fn restarted_node_drops_its_previous_connections(ctx: &mut Ctx) -> CaseResult {
+    let backplane = ctx.backplane().await?;
+    let id = NodeId::new(format!("restarted-{}", ConnectionId::random()))?;
+    let ivan = UserId::new("ivan")?;
+    let group = GroupName::new("room")?;
+    let first = ctx.node_with(test_options().id(id.clone())).await?;
+    let other = ctx.node().await?;
+    let stale = ctx.connect(&first, Some("ivan")).await?;
+    let _judy = ctx.connect(&other, Some("judy")).await?;
+    check!(
+        first.add_to_group(&ctx.hub, &group, stale.id()).await?,
+        "adding a local connection to a group reported no change"
+    );
+    first.abandon().await;
+
+    let second = ctx.node_with(test_options().id(id.clone())).await?;
+    check!(
+        backplane.connection(&ctx.hub, stale.id()).await?.is_none(),
+        "the connection of the node's previous run is still registered after it restarted"
+    );
+    check_eq!(backplane.group_members(&ctx.hub, &group).await?.len(), 0);
+    check_eq!(
+        backplane.online_users(&ctx.hub).await?,
+        vec![UserId::new("judy")?]
+    );
+    check_eq!(session(&backplane, ctx, &ivan).await?.connections, 0);
+    check!(
+        live_ids(&backplane).await?.contains(&id),
+        "the restarted node is not listed as live"
+    );
+
+    // The restarted node works as any other.
+    let mut fresh = ctx.connect(&second, Some("ivan")).await?;
+    check_eq!(session(&backplane, ctx, &ivan).await?.connections, 1);
+    other
+        .publish(Message::to_user(ctx.hub.clone(), ivan, "welcome back"))
+        .await?;
+    fresh.expect(b"welcome back").await?;
+    let marker = sentinel(&other, &ctx.hub, &[&fresh]).await?;
+    fresh.quiet_until(&marker).await
+}
+
+/// A connection whose node is not registered, as when its insert committed while its node was
+/// being reaped (the reap's snapshot did not see it), is removed by the next reap, with its
+/// memberships and its user's session count, although no node is reaped then; connections
+/// of registered nodes stay. A driver may instead refuse to register it. Issue: a connection
+/// inserted while its node is reaped.
+pub async fn reap_removes_connections_of_unregistered_nodes(ctx: &mut Ctx) -> CaseResult {
+    let backplane = ctx.backplane().await?;
+    let live = NodeId::new("live-node")?;
+    let gone = NodeId::new("gone-node")?;
+    let group = GroupName::new("room")?;
+    let olga = UserId::new("olga")?;
+    backplane.register_node(&live, None).await?;
+    let info = |id: &str, user: &UserId, node: &NodeId| -> Result<ConnectionInfo, CaseError> {
+        Ok(ConnectionInfo {
+            hub: ctx.hub.clone(),
+            id: ConnectionId::new(id)?,
+            user: Some(user.clone()),
+            node: node.clone(),
+            connected_at: std::time::SystemTime::now(),
+        })
+    };
+    let kept = info("kept", &UserId::new("pat")?, &live)?;
+    backplane.add_connection(&kept).await?;
+    let orphan = info("orphan", &olga, &gone)?;
+    match backplane.add_connection(&orphan).await {
+        Ok(()) => {}
+        // Refusing the connection of an unregistered node keeps the contract too.
+        Err(_) => {
+            check!(
+                backplane.connection(&ctx.hub, &orphan.id).await?.is_none(),
+                "a connection whose registration failed is registered"
+            );
+            return Ok(());
+        }
+    }
+    backplane.add_to_group(&ctx.hub, &group, &orphan.id).await?;
+    backplane.add_to_group(&ctx.hub, &group, &kept.id).await?;
+
+    let reaped = backplane
+        .reap_nodes(std::time::Duration::from_secs(3600))
+        .await?;
+    check!(
+        reaped.is_empty(),
+        "no node was due, yet {reaped:?} were reaped"
+    );
+    check!(
+        backplane.connection(&ctx.hub, &orphan.id).await?.is_none(),
+        "the connection of an unregistered node survived a reap"
+    );
+    check_eq!(
+        backplane.group_members(&ctx.hub, &group).await?,
+        vec![kept.id.clone()]
+    );
+    check_eq!(
+        backplane.online_users(&ctx.hub).await?,
+        vec![UserId::new("pat")?]
+    );
+    let closed = session(&backplane, ctx, &olga).await?;
+    check_eq!(closed.connections, 0);
+    check!(
+        closed.ended_at.is_some(),
+        "the orphaned connection's user still has an open session"
+    );
+    let still = backplane.connection(&ctx.hub, &kept.id).await?;
+    check_eq!(still.map(|c| c.node), Some(live.clone()));
+    Ok(())
+}
+
+/// Removing a connection names the node that registered it: the same id registered by another
+/// node stays, and its owner can still remove it.
+pub async fn connection_removed_only_by_its_node(ctx: &mut Ctx) -> CaseResult {
+    let backplane = ctx.backplane().await?;
+    let owner = NodeId::new("owner-node")?;
+    let other = NodeId::new("other-node")?;
+    backplane.register_node(&owner, None).await?;
+    backplane.register_node(&other, None).await?;
+    let id = ConnectionId::new("shared-id")?;
+    backplane
+        .add_connection(&ConnectionInfo {
+            hub: ctx.hub.clone(),
+            id: id.clone(),
+            user: Some(UserId::new("quinn")?),
+            node: owner.clone(),
+            connected_at: std::time::SystemTime::now(),
+        })
+        .await?;
+    check!(
+        backplane
+            .remove_connection(&ctx.hub, &id, &other)
+            .await?
+            .is_none(),
+        "another node removed a connection it did not register"
+    );
+    let info = backplane.connection(&ctx.hub, &id).await?;
+    check_eq!(info.map(|c| c.node), Some(owner.clone()));
+    let removed = backplane.remove_connection(&ctx.hub, &id, &owner).await?;
+    check_eq!(removed.map(|c| c.node), Some(owner.clone()));
+    check!(
+        backplane.connection(&ctx.hub, &id).await?.is_none(),
+        "a removed connection is still registered"
+    );
+    Ok(())
+}
+
+/// A disconnect whose removal the backplane failed to record is retried by the heartbeat; if
+/// meanwhile the same connection id was removed and registered on another node (a client that
+/// resumed there), the retry leaves that registration alone. Issue: removing an orphan without
+/// naming its node.
+pub async fn orphan_retry_spares_the_id_on_another_node(ctx: &mut Ctx) -> CaseResult {
+    let faulty = Faulty::new(ctx.backplane().await?);
+    let a = ctx.node_on(faulty.clone(), test_options()).await?;
+    let b = ctx.node().await?;
+    let backplane = ctx.backplane().await?;
+    let client = ctx.connect(&a, Some("rita")).await?;
+    let id = client.id().clone();
+    faulty.fail_next(Op::RemoveConnection, 1);
+    check!(
+        a.disconnect(&ctx.hub, &id).await.is_err(),
+        "a disconnect whose removal failed reported success"
+    );
+    // The row goes (as a reap would take it), and the client resumes on B with the same id.
+    backplane.remove_connection(&ctx.hub, &id, a.id()).await?;
+    let resumed = b
+        .connect(&ctx.hub, Some(id.clone()), Some(UserId::new("rita")?))
+        .await?;
+    heartbeats_after_now(&a).await?;
+    let info = backplane.connection(&ctx.hub, &id).await?;
+    check_eq!(info.map(|c| c.node), Some(b.id().clone()));
+    drop(resumed);
     Ok(())
 }

@@ -258,6 +258,14 @@ impl Backplane for MemoryBackplane {
                 earliest,
             });
         }
+        let end = log.first + log.entries.len() as u64;
+        if from.offset > end {
+            // A cursor past the end: the log went back in time (a restore).
+            return Err(Error::PositionTooOld {
+                requested: from,
+                earliest: Position::new(from.stream, end, log.epoch),
+            });
+        }
         let skip = usize::try_from(from.offset - log.first).unwrap_or(usize::MAX);
         Ok(log
             .entries
@@ -380,6 +388,20 @@ impl Backplane for MemoryBackplane {
         for node in &dead {
             state.remove_node(node);
         }
+        // Connections whose node is not registered (none can arise here, where every call is
+        // atomic, but the contract holds them to it).
+        let State { nodes, hubs, .. } = &mut *state;
+        for hub in hubs.values_mut() {
+            let orphans: Vec<ConnectionId> = hub
+                .connections
+                .values()
+                .filter(|c| !nodes.contains_key(&c.info.node))
+                .map(|c| c.info.id.clone())
+                .collect();
+            for id in orphans {
+                hub.remove_connection(&id);
+            }
+        }
         Ok(dead)
     }
 
@@ -421,8 +443,18 @@ impl Backplane for MemoryBackplane {
         &self,
         hub: &HubName,
         connection: &ConnectionId,
+        node: &NodeId,
     ) -> Result<Option<ConnectionInfo>> {
-        Ok(self.state()?.hub(hub).remove_connection(connection))
+        let mut state = self.state()?;
+        let hub = state.hub(hub);
+        if hub
+            .connections
+            .get(connection)
+            .is_none_or(|c| &c.info.node != node)
+        {
+            return Ok(None);
+        }
+        Ok(hub.remove_connection(connection))
     }
 
     async fn connection(

@@ -234,6 +234,11 @@ impl Node {
         let observer = crate::observe::ObserverSlot::default();
         let backplane: SharedBackplane =
             Arc::new(crate::observe::Observed::new(backplane, observer.clone()));
+        if options.id.is_some() {
+            // A node that comes back under its id after a crash starts afresh: what its
+            // previous run registered would otherwise live on under the new run's heartbeats.
+            backplane.unregister_node(&id).await?;
+        }
         backplane
             .register_node(&id, options.address.as_deref())
             .await?;
@@ -455,7 +460,12 @@ impl Node {
         };
         if orphaned {
             // The same id comes back before its old registration was removed: remove it now.
-            if let Err(err) = self.inner.backplane.remove_connection(hub, &id).await {
+            if let Err(err) = self
+                .inner
+                .backplane
+                .remove_connection(hub, &id, &self.inner.id)
+                .await
+            {
                 self.orphans().push((hub.clone(), id.clone()));
                 return Err(err);
             }
@@ -538,7 +548,12 @@ impl Node {
             return Ok(false);
         }
         self.fail_invocations_of(hub, id).await;
-        if let Err(err) = self.inner.backplane.remove_connection(hub, id).await {
+        if let Err(err) = self
+            .inner
+            .backplane
+            .remove_connection(hub, id, &self.inner.id)
+            .await
+        {
             tracing::warn!(%err, hub = %hub, connection = %id, "could not unregister a connection; the heartbeat retries");
             self.orphans().push((hub.clone(), id.clone()));
             return Err(err);
@@ -560,7 +575,12 @@ impl Node {
         let orphans = std::mem::take(&mut *self.orphans());
         let mut outcome = Ok(());
         for (hub, id) in orphans {
-            if let Err(err) = self.inner.backplane.remove_connection(&hub, &id).await {
+            if let Err(err) = self
+                .inner
+                .backplane
+                .remove_connection(&hub, &id, &self.inner.id)
+                .await
+            {
                 self.orphans().push((hub, id));
                 if outcome.is_ok() {
                     outcome = Err(err);

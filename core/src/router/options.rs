@@ -52,7 +52,10 @@ impl NodeOptions {
         self.max_connections
     }
 
-    /// The node's id. Defaults to a new random id, so a restarted process is a new node.
+    /// The node's id. Defaults to a new random id, so a restarted process is a new node. A node
+    /// that starts with a given id takes over that id afresh: whatever a previous run under it
+    /// left registered (connections, memberships, session counts) is removed first, so two
+    /// running processes must never share an id.
     pub fn id(mut self, id: NodeId) -> Self {
         self.id = Some(id);
         self

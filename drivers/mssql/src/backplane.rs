@@ -756,16 +756,16 @@ impl Backplane for MssqlBackplane {
         &self,
         hub: &HubName,
         connection: &ConnectionId,
+        node: &NodeId,
     ) -> Result<Option<ConnectionInfo>> {
         let set = self.tables(hub).await?;
-        self.first(
-            &set.sql.remove_connection,
-            hub,
-            Key::Text(connection.as_str()),
-            "removing a connection",
-            connection_info,
-        )
-        .await
+        let mut conn = self.conn().await?;
+        let mut query = Query::new(&set.sql.remove_connection);
+        query.bind(hub.as_str());
+        query.bind(connection.as_str());
+        query.bind(node.as_str());
+        let rows = conn.rows(query, "removing a connection").await?;
+        rows.iter().map(connection_info).next().transpose()
     }
 
     async fn connection(

@@ -316,7 +316,7 @@ impl Sql {
                  COMMIT TRANSACTION;
                  SELECT hub, id, user_id, node, {at} FROM @gone;",
                 gone = gone_table(),
-                remove = remove_connections(n, "hub = @P1 AND id = @P2"),
+                remove = remove_connections(n, "hub = @P1 AND id = @P2 AND node = @P3"),
                 at = micros("connected_at")
             ),
             connection: format!(

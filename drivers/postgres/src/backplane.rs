@@ -762,13 +762,14 @@ impl Backplane for PgBackplane {
         &self,
         hub: &HubName,
         connection: &ConnectionId,
+        node: &NodeId,
     ) -> Result<Option<ConnectionInfo>> {
         let set = self.tables(hub).await?;
         let client = self.client().await?;
         let row = client
             .query_opt(
                 &set.sql.remove_connection,
-                &[&hub.as_str(), &connection.as_str()],
+                &[&hub.as_str(), &connection.as_str(), &node.as_str()],
             )
             .await
             .map_err(db("removing a connection"))?;

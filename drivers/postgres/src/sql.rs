@@ -236,7 +236,7 @@ impl Sql {
             ),
             remove_connection: format!(
                 "WITH {} SELECT hub, id, user_id, node, connected_at FROM gone",
-                remove_connections(n, "c.hub = $1 AND c.id = $2")
+                remove_connections(n, "c.hub = $1 AND c.id = $2 AND c.node = $3")
             ),
             connection: format!(
                 "SELECT hub, id, user_id, node, connected_at FROM {} WHERE hub = $1 AND id = $2",
