@@ -381,3 +381,22 @@ pub async fn client_result_fails_when_node_dies(ctx: &mut Ctx) -> CaseResult {
     .await?;
     expect_failure(pending, InvocationError::NodeGone(dead.to_string())).await
 }
+
+/// A client's answer cannot be sent back to the caller's node (the append fails): the
+/// completion reports the error and the invocation stays pending, so completing it again
+/// delivers the answer. Issue: a completion removed before it was sent.
+pub async fn completion_survives_a_failed_append(ctx: &mut Ctx) -> CaseResult {
+    let a = ctx.node().await?;
+    let faulty = crate::Faulty::new(ctx.backplane().await?);
+    let b = ctx.node_on(faulty.clone(), crate::test_options()).await?;
+    let mut client = ctx.connect(&b, None).await?;
+    let pending = spawn_invoke(&a, &ctx.hub, client.id(), "ping");
+    let id = invocation(&mut client, b"ping").await?;
+    faulty.fail_next(crate::Op::Append, 1);
+    check!(
+        b.complete(client.id(), &id, ok("pong")).await.is_err(),
+        "a completion that could not be sent reported success"
+    );
+    b.complete(client.id(), &id, ok("pong")).await?;
+    expect_result(pending, b"pong").await
+}

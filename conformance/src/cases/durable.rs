@@ -482,3 +482,95 @@ pub async fn durable_expired_in_log_not_delivered(ctx: &mut Ctx) -> CaseResult {
     gated.hold_before(crate::Op::Read, false);
     client.quiet_until(&marker).await
 }
+
+/// A durable message that one node delivered and that was acknowledged is not delivered again
+/// by a node whose reader is still behind it when the user reconnects there: the inbox, not
+/// the log, says whether it is still due. Issue: a durable message delivered again after it
+/// was acknowledged.
+pub async fn acknowledged_durable_not_redelivered_by_a_lagging_node(ctx: &mut Ctx) -> CaseResult {
+    let a = ctx.node().await?;
+    let faulty = crate::Faulty::new(ctx.backplane().await?);
+    let b = ctx.node_on(faulty.clone(), test_options()).await?;
+    let uma = UserId::new("uma")?;
+    // B serves the hub, so its reader is at the tail before the message.
+    let _witness = ctx.connect(&b, None).await?;
+    faulty.hold_before(crate::Op::Read, true);
+    let mut first = ctx.connect(&a, Some("uma")).await?;
+    let published = a
+        .publish(Message::to_user(ctx.hub.clone(), uma.clone(), "once").durable(LONG_TTL))
+        .await?;
+    let id = single_id(&published)?;
+    let delivery = first.recv().await?;
+    expect_durable(&delivery, id, b"once")?;
+    first.ack(&delivery).await?;
+    check!(
+        a.disconnect(&ctx.hub, first.id()).await?,
+        "disconnect found no connection"
+    );
+    // B's reader was woken by the message and waits before reading it.
+    faulty.waiting_before(crate::Op::Read, 1).await?;
+    let mut second = ctx.connect(&b, Some("uma")).await?;
+    faulty.hold_before(crate::Op::Read, false);
+    let marker = sentinel(&a, &ctx.hub, &[&second]).await?;
+    second.quiet_until(&marker).await
+}
+
+/// Recording a delivery attempt fails for the first of a returning user's pending messages:
+/// the others are still delivered, every one once. Issue: a failed attempt record stops the
+/// delivery of pending messages.
+pub async fn pending_delivery_survives_a_failed_attempt_record(ctx: &mut Ctx) -> CaseResult {
+    let a = ctx.node().await?;
+    let faulty = crate::Faulty::new(ctx.backplane().await?);
+    let b = ctx.node_on(faulty.clone(), test_options()).await?;
+    let vera = UserId::new("vera")?;
+    let mut ids = Vec::new();
+    for text in ["one", "two", "three"] {
+        let published = a
+            .publish(Message::to_user(ctx.hub.clone(), vera.clone(), text).durable(LONG_TTL))
+            .await?;
+        ids.push(single_id(&published)?);
+    }
+    faulty.fail_next(crate::Op::RecordAttempt, 1);
+    let mut client = ctx.connect(&b, Some("vera")).await?;
+    for (id, text) in ids.iter().zip(["one", "two", "three"]) {
+        expect_durable(&client.recv().await?, *id, text.as_bytes())?;
+    }
+    let marker = sentinel(&a, &ctx.hub, &[&client]).await?;
+    client.quiet_until(&marker).await
+}
+
+/// The log append of a durable message fails after its copy is stored in the user's inbox:
+/// the message is stored, so the publish succeeds, the local connection gets it at once, the
+/// remote one once the append succeeds on a retry, each exactly once, and the inbox holds one
+/// copy (a caller told "failed" would publish it again). Issue: an append whose outcome is
+/// unknown.
+pub async fn durable_publish_survives_a_failed_append(ctx: &mut Ctx) -> CaseResult {
+    let faulty = crate::Faulty::new(ctx.backplane().await?);
+    let a = ctx.node_on(faulty.clone(), test_options()).await?;
+    let b = ctx.node().await?;
+    let backplane = ctx.backplane().await?;
+    let walt = UserId::new("walt")?;
+    let mut local = ctx.connect(&a, Some("walt")).await?;
+    let mut remote = ctx.connect(&b, Some("walt")).await?;
+    for lost in [false, true] {
+        let text = if lost { "answer lost" } else { "append failed" };
+        if lost {
+            faulty.lose_reply_next(crate::Op::Append, 1);
+        } else {
+            faulty.fail_next(crate::Op::Append, 1);
+        }
+        let published = a
+            .publish(Message::to_user(ctx.hub.clone(), walt.clone(), text).durable(LONG_TTL))
+            .await?;
+        let id = single_id(&published)?;
+        expect_durable(&local.recv().await?, id, text.as_bytes())?;
+        expect_durable(&remote.recv().await?, id, text.as_bytes())?;
+        let marker = sentinel(&a, &ctx.hub, &[&local, &remote]).await?;
+        local.quiet_until(&marker).await?;
+        remote.quiet_until(&marker).await?;
+        let pending = backplane.pending(&ctx.hub, &walt).await?;
+        check_eq!(pending.iter().filter(|m| m.id == id).count(), 1);
+    }
+    check_eq!(backplane.pending(&ctx.hub, &walt).await?.len(), 2);
+    Ok(())
+}

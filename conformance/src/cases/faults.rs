@@ -341,3 +341,85 @@ pub async fn failing_backplane_reports_errors(ctx: &mut Ctx) -> CaseResult {
     }
     Ok(())
 }
+
+/// The answer to an append is lost after it committed (the connection broke on the way back):
+/// the publishing node finds its records in the log, so the publish succeeds and its own
+/// connections get the message exactly once, as the other node's do. When it cannot find out
+/// (the log's end cannot be read), the publish fails with `OutcomeUnknown`, never a plain
+/// failure that invites a retry, and its own connections still get the message, once, when
+/// its reader finds it in the log. Issue: an append whose outcome is unknown.
+pub async fn lost_append_answer_delivers_everywhere_once(ctx: &mut Ctx) -> CaseResult {
+    let faulty = crate::Faulty::new(ctx.backplane().await?);
+    let a = ctx.node_on(faulty.clone(), test_options()).await?;
+    let b = ctx.node().await?;
+    let mut local = ctx.connect(&a, None).await?;
+    let mut remote = ctx.connect(&b, None).await?;
+
+    faulty.lose_reply_next(crate::Op::Append, 1);
+    let published = a.publish(Message::to_all(ctx.hub.clone(), "found")).await?;
+    check!(
+        published.position.is_some(),
+        "a broadcast found in the log reported no position"
+    );
+    local.expect(b"found").await?;
+    remote.expect(b"found").await?;
+    let marker = sentinel(&b, &ctx.hub, &[&local, &remote]).await?;
+    local.quiet_until(&marker).await?;
+    remote.quiet_until(&marker).await?;
+
+    faulty.lose_reply_next(crate::Op::Append, 1);
+    faulty.fail_next(crate::Op::Tail, usize::MAX);
+    let outcome = a.publish(Message::to_all(ctx.hub.clone(), "unknown")).await;
+    faulty.fail_next(crate::Op::Tail, 0);
+    check!(
+        matches!(outcome, Err(Error::OutcomeUnknown { .. })),
+        "a publish whose append answer was lost and could not be checked expected OutcomeUnknown, got {outcome:?}"
+    );
+    local.expect(b"unknown").await?;
+    remote.expect(b"unknown").await?;
+    let marker = sentinel(&b, &ctx.hub, &[&local, &remote]).await?;
+    local.quiet_until(&marker).await?;
+    remote.quiet_until(&marker).await
+}
+
+/// Each step of the cleanup runs on its own: with reaping and purging failing on every run,
+/// the log is still trimmed. Issue: a failing reap or purge skips the trim.
+pub async fn cleanup_steps_run_on_their_own(ctx: &mut Ctx) -> CaseResult {
+    let faulty = crate::Faulty::new(ctx.backplane().await?);
+    faulty.fail_next(crate::Op::ReapNodes, usize::MAX);
+    faulty.fail_next(crate::Op::PurgeExpired, usize::MAX);
+    let a = ctx
+        .node_on(
+            faulty.clone(),
+            test_options().retention(crate::keep_last(2)),
+        )
+        .await?;
+    let backplane = ctx.backplane().await?;
+    let mut first = None;
+    for i in 0..10 {
+        let published = a
+            .publish(Message::to_all(ctx.hub.clone(), i.to_string()))
+            .await?;
+        first = first.or(published.position);
+    }
+    let Some(first) = first else {
+        return Err(CaseError::Failed(
+            "a broadcast with no local recipient reported no log position".into(),
+        ));
+    };
+    let outcome = until_after_jobs(
+        &a,
+        Job::Cleanup,
+        "the log was not trimmed while reaping and purging failed",
+        || async {
+            Ok(matches!(
+                backplane.read(&ctx.hub, first, 100).await,
+                Err(Error::PositionTooOld { .. })
+            ))
+        },
+    )
+    .await;
+    faulty.fail_next(crate::Op::ReapNodes, 0);
+    faulty.fail_next(crate::Op::PurgeExpired, 0);
+    outcome
+}

@@ -3,7 +3,9 @@
 use backplane_core::{Error, GroupName, HubName, Message, Node, Target};
 use bytes::Bytes;
 
-use crate::{CaseError, CaseResult, Client, Ctx, WAIT, check, check_eq, sentinel};
+use crate::{
+    CaseError, CaseResult, Client, Ctx, Faulty, Op, WAIT, check, check_eq, sentinel, test_options,
+};
 
 /// Adds `client` to `group` through `node` and fails unless that changed the membership.
 async fn join(node: &Node, hub: &HubName, group: &GroupName, client: &Client) -> CaseResult {
@@ -518,4 +520,92 @@ pub async fn multiple_groups_deliver_once(ctx: &mut Ctx) -> CaseResult {
         b_none.quiet_until(&marker).await?;
     }
     Ok(())
+}
+
+/// Adding a connection on another node to a group commits the membership, then writes the
+/// change to the log for the node that holds it; when that write fails the caller gets the
+/// error, and a retry (which finds the membership already there) still tells the owning node,
+/// so the group's messages reach the connection. The same for a removal: after the retry the
+/// connection no longer gets the group's messages. Issue: a failed group-change record.
+pub async fn group_change_reaches_the_owner_after_a_failed_record(ctx: &mut Ctx) -> CaseResult {
+    let faulty = Faulty::new(ctx.backplane().await?);
+    let a = ctx.node_on(faulty.clone(), test_options()).await?;
+    let b = ctx.node().await?;
+    let group = GroupName::new("room")?;
+    let mut member = ctx.connect(&b, None).await?;
+
+    faulty.fail_next(Op::Append, 1);
+    check!(
+        a.add_to_group(&ctx.hub, &group, member.id()).await.is_err(),
+        "an add whose change record could not be written reported success"
+    );
+    check!(
+        !a.add_to_group(&ctx.hub, &group, member.id()).await?,
+        "the retried add found no membership: the first add did not commit it"
+    );
+    a.publish(Message::to_group(ctx.hub.clone(), group.clone(), "joined"))
+        .await?;
+    let marker = sentinel(&a, &ctx.hub, &[&member]).await?;
+    exactly_once(&mut member, &marker, b"joined").await?;
+
+    faulty.fail_next(Op::Append, 1);
+    check!(
+        a.remove_from_group(&ctx.hub, &group, member.id())
+            .await
+            .is_err(),
+        "a removal whose change record could not be written reported success"
+    );
+    check!(
+        !a.remove_from_group(&ctx.hub, &group, member.id()).await?,
+        "the retried removal found a membership: the first removal did not commit"
+    );
+    a.publish(Message::to_group(ctx.hub.clone(), group, "left"))
+        .await?;
+    let marker = sentinel(&a, &ctx.hub, &[&member]).await?;
+    member.quiet_until(&marker).await
+}
+
+/// A connection is stored before the node that holds it indexes it; a group change another
+/// node makes in between (and that the holder reads in between) is kept: once connected, the
+/// connection gets the group's messages. Runs with one stream, so the change and the probe
+/// that shows it was read share a stream. Issue: a group change while a connection registers.
+pub async fn group_change_while_connecting_is_kept(ctx: &mut Ctx) -> CaseResult {
+    let faulty = Faulty::new(ctx.backplane().await?);
+    let b = ctx.node_on(faulty.clone(), test_options()).await?;
+    let a = ctx.node().await?;
+    let group = GroupName::new("room")?;
+    let mut witness = ctx.connect(&b, None).await?;
+
+    faulty.hold_after(Op::AddConnection, true);
+    let id = backplane_core::ConnectionId::random();
+    let connecting = {
+        let (b, hub, id) = (b.clone(), ctx.hub.clone(), id.clone());
+        tokio::spawn(async move { b.connect(&hub, Some(id), None).await })
+    };
+    faulty.waiting_after(Op::AddConnection, 1).await?;
+    check!(
+        a.add_to_group(&ctx.hub, &group, &id).await?,
+        "adding the connecting connection to a group reported no change"
+    );
+    // B reads the change before it indexes the connection.
+    let marker = sentinel(&a, &ctx.hub, &[&witness]).await?;
+    witness.quiet_until(&marker).await?;
+    faulty.hold_after(Op::AddConnection, false);
+    let connection = match tokio::time::timeout(WAIT, connecting).await {
+        Ok(Ok(result)) => result?,
+        Ok(Err(err)) => return Err(CaseError::Failed(format!("connect panicked: {err}"))),
+        Err(_) => {
+            return Err(CaseError::Failed(format!(
+                "connect did not finish within {WAIT:?}"
+            )));
+        }
+    };
+    let mut joined = Client {
+        node: b.clone(),
+        connection,
+    };
+    a.publish(Message::to_group(ctx.hub.clone(), group, "to the room"))
+        .await?;
+    let marker = sentinel(&a, &ctx.hub, &[&joined]).await?;
+    exactly_once(&mut joined, &marker, b"to the room").await
 }

@@ -2,10 +2,10 @@
 
 use std::collections::HashMap;
 
-use backplane_core::{ConnectionId, Error, Message, Target, UserId};
+use backplane_core::{ConnectionId, Error, Message, NodeEvent, Target, UserId};
 use bytes::Bytes;
 
-use crate::{CaseError, CaseResult, Ctx, check, check_eq, sentinel};
+use crate::{CaseError, CaseResult, Ctx, WAIT, check, check_eq, sentinel};
 
 /// A broadcast reaches every connection of the node. Checklist A.1.
 pub async fn broadcast_reaches_all_local_connections(ctx: &mut Ctx) -> CaseResult {
@@ -376,5 +376,50 @@ pub async fn subscribe_while_publishing(ctx: &mut Ctx) -> CaseResult {
         let expected: Vec<u64> = (*first..COUNT).collect();
         check_eq!(seqs, expected);
     }
+    Ok(())
+}
+
+/// A connection that cannot keep up is closed at the first delivery that does not fit its
+/// queue: it gets what was queued before, then the end, never a message from after the gap,
+/// even when it makes room again before the node has unregistered it. Issue: a slow consumer
+/// sees a silent gap.
+pub async fn slow_consumer_sees_no_gap(ctx: &mut Ctx) -> CaseResult {
+    const BUFFER: usize = 4;
+    let a = ctx.node().await?;
+    let b = ctx
+        .node_with(crate::test_options().connection_buffer(BUFFER))
+        .await?;
+    let mut slow = ctx.connect(&b, None).await?;
+    let mut witness = ctx.connect(&b, None).await?;
+    let mut events = b.events();
+    for i in 0..=BUFFER {
+        a.publish(Message::to_connection(
+            ctx.hub.clone(),
+            slow.id().clone(),
+            i.to_string(),
+        ))
+        .await?;
+    }
+    let id = slow.id().clone();
+    crate::wait_event(
+        &mut events,
+        WAIT,
+        |e| matches!(e, NodeEvent::SlowConsumer { connection, .. } if connection == &id),
+    )
+    .await?;
+    slow.expect(b"0").await?;
+    for i in BUFFER + 1..BUFFER + 4 {
+        a.publish(Message::to_all(ctx.hub.clone(), i.to_string()))
+            .await?;
+    }
+    let marker = sentinel(&a, &ctx.hub, &[&witness]).await?;
+    witness.until(&marker).await?;
+    for i in 1..BUFFER {
+        slow.expect(i.to_string().as_bytes()).await?;
+    }
+    check!(
+        slow.closed().await?,
+        "a slow consumer received a message sent after the one it missed"
+    );
     Ok(())
 }

@@ -714,3 +714,53 @@ pub async fn orphan_retry_spares_the_id_on_another_node(ctx: &mut Ctx) -> CaseRe
     drop(resumed);
     Ok(())
 }
+
+/// A live node reaped behind its back (a long pause) registers its connections and their
+/// groups again from memory; a group removal another node made meanwhile is not undone by
+/// that, and the connection's other groups are kept. The node's heartbeat and log reads are
+/// held so that it registers again while the removal is still unread. Issue: a
+/// reaped-then-returning node re-registers groups from memory.
+pub async fn removal_while_reaped_is_not_undone(ctx: &mut Ctx) -> CaseResult {
+    let faulty = Faulty::new(ctx.backplane().await?);
+    let b = ctx.node_on(faulty.clone(), test_options()).await?;
+    let a = ctx.node().await?;
+    let backplane = ctx.backplane().await?;
+    let left = GroupName::new("left")?;
+    let kept = GroupName::new("kept")?;
+    let mut client = ctx.connect(&b, Some("sam")).await?;
+    for group in [&left, &kept] {
+        check!(
+            b.add_to_group(&ctx.hub, group, client.id()).await?,
+            "adding a local connection to a group reported no change"
+        );
+    }
+
+    faulty.hold_before(Op::Heartbeat, true);
+    faulty.hold_before(Op::Read, true);
+    backplane.unregister_node(b.id()).await?;
+    // Not a member any more in the shared state: the reap took every membership.
+    check!(
+        !a.remove_from_group(&ctx.hub, &left, client.id()).await?,
+        "removing a reaped connection from a group reported a change"
+    );
+    faulty.waiting_before(Op::Read, 1).await?;
+    let mut events = b.events();
+    faulty.hold_after(Op::RegisterNode, true);
+    faulty.hold_before(Op::Heartbeat, false);
+    faulty.waiting_after(Op::RegisterNode, 1).await?;
+    faulty.hold_after(Op::RegisterNode, false);
+    faulty.hold_before(Op::Read, false);
+    wait_event(&mut events, WAIT, |e| matches!(e, NodeEvent::Reregistered)).await?;
+
+    check_eq!(
+        backplane.connection_groups(&ctx.hub, client.id()).await?,
+        vec![kept.clone()]
+    );
+    a.publish(Message::to_group(ctx.hub.clone(), left, "private"))
+        .await?;
+    a.publish(Message::to_group(ctx.hub.clone(), kept, "still here"))
+        .await?;
+    client.expect(b"still here").await?;
+    let marker = sentinel(&a, &ctx.hub, &[&client]).await?;
+    client.quiet_until(&marker).await
+}
