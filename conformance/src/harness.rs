@@ -176,6 +176,7 @@ impl fmt::Debug for Case {
 pub fn test_options() -> NodeOptions {
     NodeOptions::new()
         .heartbeat_interval(Duration::from_millis(100))
+        .reap_interval(Duration::from_millis(200))
         .cleanup_interval(Duration::from_millis(200))
         .connection_timeout(Duration::from_millis(1500))
         .poll_interval(Duration::from_millis(250))

@@ -20,6 +20,7 @@ const TAG_MESSAGE: u8 = 1;
 const TAG_GROUPS_CHANGED: u8 = 2;
 const TAG_INVOKE: u8 = 3;
 const TAG_COMPLETION: u8 = 4;
+const TAG_GROUP_CHANGED: u8 = 5;
 
 const TARGET_ALL: u8 = 0;
 const TARGET_GROUPS: u8 = 1;
@@ -32,10 +33,19 @@ pub(crate) enum Record {
     /// A message to deliver.
     Message(Envelope),
     /// A connection's group memberships changed in the shared state; the node that holds the
-    /// connection reloads them.
+    /// connection reloads them. Written by earlier versions, still read.
     GroupsChanged {
         change: u64,
         connection: ConnectionId,
+    },
+    /// A connection was added to or removed from `group` in the shared state; the node that
+    /// holds the connection reloads its groups, or applies this change when the shared state
+    /// does not know the connection (its node was reaped and has not registered it again).
+    GroupChanged {
+        change: u64,
+        connection: ConnectionId,
+        group: GroupName,
+        member: bool,
     },
     /// A client-result invocation for a connection held by `node`.
     Invoke {
@@ -103,6 +113,18 @@ impl Record {
                 w.0.put_u8(TAG_GROUPS_CHANGED);
                 w.0.put_u64_le(*change);
                 w.str(connection.as_str());
+            }
+            Self::GroupChanged {
+                change,
+                connection,
+                group,
+                member,
+            } => {
+                w.0.put_u8(TAG_GROUP_CHANGED);
+                w.0.put_u64_le(*change);
+                w.str(connection.as_str());
+                w.str(group.as_str());
+                w.0.put_u8(u8::from(*member));
             }
             Self::Invoke {
                 id,
@@ -206,6 +228,18 @@ impl Record {
             TAG_GROUPS_CHANGED => Self::GroupsChanged {
                 change: r.u64()?,
                 connection: ConnectionId::new(r.str()?)?,
+            },
+            TAG_GROUP_CHANGED => Self::GroupChanged {
+                change: r.u64()?,
+                connection: ConnectionId::new(r.str()?)?,
+                group: GroupName::new(r.str()?)?,
+                member: match r.u8()? {
+                    0 => false,
+                    1 => true,
+                    other => {
+                        return Err(Error::Corrupt(format!("invalid membership flag {other}")));
+                    }
+                },
             },
             TAG_INVOKE => Self::Invoke {
                 id: InvocationId::new(r.str()?),
@@ -360,6 +394,14 @@ mod tests {
             change: 42,
             connection: conn.clone(),
         });
+        for member in [true, false] {
+            roundtrip(Record::GroupChanged {
+                change: 43,
+                connection: conn.clone(),
+                group: GroupName::new("room").expect("valid"),
+                member,
+            });
+        }
         roundtrip(Record::Invoke {
             id: InvocationId::new("n1.1"),
             caller: node.clone(),

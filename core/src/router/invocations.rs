@@ -270,26 +270,38 @@ impl Node {
         self.finish(id, outcome).await
     }
 
-    /// Sends an invocation's outcome to its caller, local or remote.
+    /// Sends an invocation's outcome to its caller, local or remote. The invocation stays
+    /// pending until the outcome is on its way, so a completion that could not be sent can be
+    /// sent again.
     async fn finish(&self, id: &InvocationId, outcome: Outcome) -> Result<()> {
-        let Some(sent) = self.inner.invocations.lock().sent.remove(id) else {
-            return Ok(());
+        let (hub, connection, caller) = {
+            let tables = self.inner.invocations.lock();
+            let Some(sent) = tables.sent.get(id) else {
+                return Ok(());
+            };
+            (
+                sent.hub.clone(),
+                sent.connection.clone(),
+                sent.caller.clone(),
+            )
         };
-        if sent.caller == self.inner.id {
+        if caller == self.inner.id {
+            self.inner.invocations.lock().sent.remove(id);
             self.inner.invocations.resolve(id, outcome_result(outcome));
             return Ok(());
         }
         let record = Record::Completion {
             id: id.clone(),
-            caller: sent.caller,
+            caller,
             outcome,
         }
         .encode();
-        let stream = self.stream_for(Some(&sent.connection));
+        let stream = self.stream_for(Some(&connection));
         self.inner
             .backplane
-            .append(&sent.hub, stream, std::slice::from_ref(&record))
+            .append(&hub, stream, std::slice::from_ref(&record))
             .await?;
+        self.inner.invocations.lock().sent.remove(id);
         Ok(())
     }
 
@@ -309,6 +321,9 @@ impl Node {
                 .finish(&id, Outcome::Disconnected(connection.clone()))
                 .await
             {
+                // Nobody can complete it any more; the caller's node fails it when it learns
+                // that the connection or its node is gone, or when its caller gives up.
+                self.inner.invocations.lock().sent.remove(&id);
                 tracing::warn!(%err, invocation = %id, "could not report a disconnected invocation");
             }
         }
@@ -345,7 +360,9 @@ impl Node {
                         caller,
                     },
                 );
-                self.finish(&id, Outcome::Disconnected(connection)).await
+                let outcome = self.finish(&id, Outcome::Disconnected(connection)).await;
+                self.inner.invocations.lock().sent.remove(&id);
+                outcome
             }
         }
     }

@@ -1,4 +1,4 @@
-//! Background jobs: heartbeat, and cleanup (reaping dead nodes, purging expired durable
+//! Background jobs: heartbeat, reaping dead nodes, and cleanup (purging expired durable
 //! messages, trimming the log).
 
 use std::collections::BTreeMap;
@@ -18,7 +18,10 @@ pub enum Job {
     /// Writes the node's heartbeat, re-registers it if it was reaped, removes connections whose
     /// unregistration failed earlier, and fails client results awaited from nodes that are gone.
     Heartbeat,
-    /// Reaps dead nodes, purges expired durable messages and trims the log.
+    /// Reaps dead nodes (and connections whose node is not registered), and fails client
+    /// results awaited from them.
+    Reap,
+    /// Purges expired durable messages and trims the log, each step on its own.
     Cleanup,
 }
 
@@ -78,6 +81,7 @@ async fn every(node: &Node, period: Duration, job: Job) {
         }
         let outcome = match job {
             Job::Heartbeat => node.heartbeat_once().await,
+            Job::Reap => node.reap_once().await,
             Job::Cleanup => node.cleanup_once().await,
         };
         if let Err(err) = &outcome {
@@ -91,6 +95,11 @@ async fn every(node: &Node, period: Duration, job: Job) {
 pub(super) async fn heartbeat(node: Node) {
     let period = node.inner.options.heartbeat_interval;
     every(&node, period, Job::Heartbeat).await;
+}
+
+pub(super) async fn reap(node: Node) {
+    let period = node.inner.options.reap_interval;
+    every(&node, period, Job::Reap).await;
 }
 
 pub(super) async fn cleanup(node: Node) {
@@ -120,12 +129,36 @@ impl Node {
     }
 
     /// Registers the node and its connections and memberships again after it was reaped.
+    ///
+    /// Before a hub's connections go back, its reader catches up with the log, so that a
+    /// group change another node made meanwhile is applied to what is registered again.
     async fn reregister(&self) -> Result<()> {
         let backplane = &self.inner.backplane;
         backplane
             .register_node(&self.inner.id, self.address().as_deref())
             .await?;
         for state in self.hub_states() {
+            if state.read().connections.is_empty() {
+                continue;
+            }
+            let mut tails = Vec::new();
+            for stream in 0..backplane.stream_count() {
+                tails.push(backplane.tail(&state.name, stream).await?);
+            }
+            let mut progress = state.progress.subscribe();
+            let caught_up = progress.wait_for(|cursors| {
+                cursors.len() == tails.len()
+                    && cursors
+                        .iter()
+                        .zip(&tails)
+                        .all(|(c, t)| c.epoch != t.epoch || c.offset >= t.offset)
+            });
+            if tokio::time::timeout(self.inner.options.connection_timeout / 3, caught_up)
+                .await
+                .is_err()
+            {
+                tracing::warn!(hub = %state.name, "the reader did not catch up before the node registered its connections again");
+            }
             let connections: Vec<_> = state
                 .read()
                 .connections
@@ -152,10 +185,11 @@ impl Node {
         Ok(())
     }
 
-    /// One cleanup pass: reap dead nodes, purge expired durable messages, trim the log.
-    pub(super) async fn cleanup_once(&self) -> Result<()> {
-        let backplane = &self.inner.backplane;
-        let reaped = backplane
+    /// Reaps dead nodes, and fails the client results awaited from them.
+    pub(super) async fn reap_once(&self) -> Result<()> {
+        let reaped = self
+            .inner
+            .backplane
             .reap_nodes(self.inner.options.connection_timeout)
             .await?;
         if !reaped.is_empty() {
@@ -163,9 +197,18 @@ impl Node {
             self.inner.invocations.fail_nodes(&reaped);
             self.emit(NodeEvent::NodesReaped(reaped));
         }
-        let purged = backplane.purge_expired().await?;
-        let trimmed = backplane.trim(&self.inner.options.retention).await?;
-        tracing::debug!(purged, trimmed, "cleanup done");
+        Ok(())
+    }
+
+    /// One cleanup pass: purge expired durable messages, trim the log. Each step runs whatever
+    /// the other did; the first error is reported.
+    pub(super) async fn cleanup_once(&self) -> Result<()> {
+        let backplane = &self.inner.backplane;
+        let purged = backplane.purge_expired().await;
+        let trimmed = backplane.trim(&self.inner.options.retention).await;
+        tracing::debug!(?purged, ?trimmed, "cleanup done");
+        purged?;
+        trimmed?;
         Ok(())
     }
 }

@@ -1,6 +1,6 @@
 //! This node's live connections and their group and user indexes.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 
 use crate::queue;
 
@@ -40,13 +40,57 @@ pub(crate) struct LocalConnection {
     pub(crate) version: u64,
     /// The durable messages handed to this connection: one can arrive both from the user's
     /// inbox on connect and from the log, and must be delivered once.
-    pub(crate) durable: HashSet<MessageId>,
+    pub(crate) durable: Claims,
+}
+
+/// The durable messages handed to one connection and not acknowledged by it yet, the most
+/// recent [`Claims::CAPACITY`] of them: an acknowledged message is never delivered from the log
+/// again (the inbox says so), so only the unacknowledged ones need remembering.
+#[derive(Debug, Default)]
+pub(crate) struct Claims {
+    ids: HashSet<MessageId>,
+    order: VecDeque<MessageId>,
+}
+
+impl Claims {
+    /// How many claims a connection keeps; older ones are forgotten.
+    pub(crate) const CAPACITY: usize = 4096;
+
+    /// Records `id`; `false` when it was already there.
+    fn insert(&mut self, id: MessageId) -> bool {
+        if !self.ids.insert(id) {
+            return false;
+        }
+        self.order.push_back(id);
+        while self.order.len() > Self::CAPACITY {
+            if let Some(old) = self.order.pop_front() {
+                self.ids.remove(&old);
+            }
+        }
+        true
+    }
+
+    /// Forgets `id`, once acknowledged.
+    fn remove(&mut self, id: MessageId) {
+        if self.ids.remove(&id) {
+            self.order.retain(|m| *m != id);
+        }
+    }
+
+    /// How many claims are kept.
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.ids.len()
+    }
 }
 
 /// The connections of one hub on this node.
 #[derive(Debug, Default)]
 pub(crate) struct LocalIndex {
     pub(crate) connections: HashMap<ConnectionId, LocalConnection>,
+    /// Connections stored in the backplane but not indexed yet, each with whether a change of
+    /// its groups was read meanwhile (its groups are then loaded once it is indexed).
+    pub(crate) registering: HashMap<ConnectionId, bool>,
     groups: HashMap<GroupName, HashSet<ConnectionId>>,
     users: HashMap<UserId, HashSet<ConnectionId>>,
 }
@@ -89,6 +133,13 @@ impl LocalIndex {
         self.connections
             .get_mut(id)
             .is_some_and(|c| c.durable.insert(message))
+    }
+
+    /// Forgets the claim of durable `message` by connection `id`, once it acknowledged it.
+    pub(crate) fn release_durable(&mut self, id: &ConnectionId, message: MessageId) {
+        if let Some(connection) = self.connections.get_mut(id) {
+            connection.durable.remove(message);
+        }
     }
 
     pub(crate) fn version(&self, id: &ConnectionId) -> Option<u64> {

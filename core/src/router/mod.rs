@@ -7,6 +7,8 @@ mod local;
 mod options;
 mod publish;
 mod reader;
+#[cfg(all(test, feature = "memory"))]
+mod tests;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -141,6 +143,11 @@ pub(crate) struct HubState {
     started: OnceCell<()>,
     /// Entries this node appended and already delivered locally, which its reader steps over.
     own: Mutex<OwnEntries>,
+    /// This node's messages whose appends' outcomes are unknown, for its reader to deliver
+    /// locally if it finds them in the log.
+    unconfirmed: Mutex<publish::Unconfirmed>,
+    /// Where the hub's reader is, per stream: what it has read and handled.
+    progress: watch::Sender<Vec<Position>>,
 }
 
 impl HubState {
@@ -261,6 +268,7 @@ impl Node {
         });
         let node = Self { inner };
         node.spawn(jobs::heartbeat(node.clone()));
+        node.spawn(jobs::reap(node.clone()));
         node.spawn(jobs::cleanup(node.clone()));
         tracing::info!(node = %node.inner.id, driver = node.inner.backplane.driver_name(), "node started");
         Ok(node)
@@ -409,6 +417,8 @@ impl Node {
                     index: RwLock::default(),
                     started: OnceCell::new(),
                     own: Mutex::default(),
+                    unconfirmed: Mutex::default(),
+                    progress: watch::channel(Vec::new()).0,
                 })
             })
             .clone();
@@ -449,9 +459,30 @@ impl Node {
         }
         let state = self.hub(hub).await?;
         let id = id.unwrap_or_else(ConnectionId::random);
-        if state.read().contains(&id) {
-            return Err(Error::DuplicateConnection(id.to_string()));
+        {
+            let mut index = state.write();
+            if index.contains(&id) || index.registering.contains_key(&id) {
+                return Err(Error::DuplicateConnection(id.to_string()));
+            }
+            // From here until it is indexed, group changes read for it are noted.
+            index.registering.insert(id.clone(), false);
         }
+        let registered = self.register_connection(&state, &id, user).await;
+        if registered.is_err() {
+            state.write().registering.remove(&id);
+        }
+        registered
+    }
+
+    /// Stores a connection that is marked as registering in the hub's index, then indexes it.
+    async fn register_connection(
+        &self,
+        state: &Arc<HubState>,
+        id: &ConnectionId,
+        user: Option<UserId>,
+    ) -> Result<Connection> {
+        let hub = &state.name;
+        let id = id.clone();
         let orphaned = {
             let mut orphans = self.orphans();
             let before = orphans.len();
@@ -479,19 +510,30 @@ impl Node {
         };
         self.inner.backplane.add_connection(&info).await?;
         let (tx, rx) = queue::bounded(self.inner.options.connection_buffer);
-        state.write().insert(
-            id.clone(),
-            LocalConnection {
-                user: user.clone(),
-                tx: tx.clone(),
-                groups: HashSet::new(),
-                version: 0,
-                durable: HashSet::new(),
-            },
-        );
+        let groups_changed = {
+            let mut index = state.write();
+            let changed = index.registering.remove(&id).unwrap_or(false);
+            index.insert(
+                id.clone(),
+                LocalConnection {
+                    user: user.clone(),
+                    tx: tx.clone(),
+                    groups: HashSet::new(),
+                    version: 0,
+                    durable: local::Claims::default(),
+                },
+            );
+            changed
+        };
         tracing::debug!(hub = %hub, connection = %id, "connection registered");
+        if groups_changed {
+            // Another node changed its groups before it was indexed: load them now.
+            if let Err(err) = self.reload_groups(state, &id).await {
+                tracing::warn!(%err, hub = %hub, connection = %id, "could not load the groups of a new connection");
+            }
+        }
         if let Some(user) = &user {
-            if let Err(err) = self.deliver_pending(&state, &id, user, &tx).await {
+            if let Err(err) = self.deliver_pending(state, &id, user, &tx).await {
                 tracing::warn!(%err, hub = %hub, connection = %id, "could not load pending durable messages");
             }
         }
@@ -523,12 +565,53 @@ impl Node {
                 kind: DeliveryKind::Durable(message.id),
             };
             let error = self.try_deliver(hub, id, tx, delivery);
-            self.inner
+            if let Err(err) = self
+                .inner
                 .backplane
                 .record_attempt(hub, message.id, id, error)
-                .await?;
+                .await
+            {
+                // The attempt goes unrecorded; the message itself was handed over.
+                tracing::warn!(%err, hub = %hub, message = %message.id, "could not record a delivery attempt");
+            }
         }
         Ok(())
+    }
+
+    /// Replaces a local connection's groups with the stored ones. A local change made while the
+    /// query ran wins: the query is repeated until no local change interleaves. Returns `false`
+    /// when the backplane does not know the connection (this node was reaped and has not
+    /// registered it again), and then changes nothing.
+    pub(super) async fn reload_groups(
+        &self,
+        state: &HubState,
+        connection: &ConnectionId,
+    ) -> Result<bool> {
+        loop {
+            let Some(version) = state.read().version(connection) else {
+                return Ok(true);
+            };
+            let groups = self
+                .inner
+                .backplane
+                .connection_groups(&state.name, connection)
+                .await?;
+            if groups.is_empty()
+                && self
+                    .inner
+                    .backplane
+                    .connection(&state.name, connection)
+                    .await?
+                    .is_none()
+            {
+                return Ok(false);
+            }
+            let mut index = state.write();
+            if index.version(connection) == Some(version) {
+                index.set_groups(connection, groups.into_iter().collect());
+                return Ok(true);
+            }
+        }
     }
 
     /// Unregisters a connection: its channel closes, its memberships go, pending client results
@@ -734,7 +817,9 @@ impl Node {
         tx
     }
 
-    /// Hands a message to the matching local connections.
+    /// Hands a message to the matching local connections. A durable message read from the log
+    /// (`from_log`) goes only where it is still due: another node may have delivered it and had
+    /// it acknowledged while this node's reader was behind.
     async fn deliver_local(
         &self,
         state: &HubState,
@@ -742,6 +827,7 @@ impl Node {
         except: &[ConnectionId],
         payload: &Bytes,
         durable: Option<MessageId>,
+        from_log: bool,
     ) {
         let Some(message) = durable else {
             // Transient: hand over under the read lock, without collecting recipients.
@@ -761,6 +847,31 @@ impl Node {
             // it again from the log.
             let mut index = state.write();
             recipients.retain(|(id, _)| index.claim_durable(id, message));
+        }
+        if recipients.is_empty() {
+            return;
+        }
+        if from_log {
+            match self
+                .inner
+                .backplane
+                .durable_message(&state.name, message)
+                .await
+            {
+                Ok(Some(stored)) if stored.acknowledged.is_none() => {}
+                Ok(_) => {
+                    // Acknowledged, or expired and purged: not due any more.
+                    let mut index = state.write();
+                    for (id, _) in &recipients {
+                        index.release_durable(id, message);
+                    }
+                    return;
+                }
+                Err(err) => {
+                    // Better twice than never: the client acknowledges by id.
+                    tracing::warn!(%err, hub = %state.name, message = %message, "could not check whether a durable message is still due; delivering it");
+                }
+            }
         }
         for (id, tx) in recipients {
             let delivery = Delivery {
@@ -800,6 +911,9 @@ impl Node {
             }
             Err(queue::TrySendError::Full(_)) => {
                 counters.failed.fetch_add(1, Ordering::Relaxed);
+                // Nothing after the missing delivery may reach the connection: it gets what is
+                // queued, then the end.
+                tx.close();
                 tracing::warn!(hub = %hub, connection = %id, "slow consumer disconnected");
                 self.emit(NodeEvent::SlowConsumer {
                     hub: hub.clone(),
@@ -868,12 +982,16 @@ impl Node {
             }
             local
         };
-        if changed && !local {
+        if !local {
             // The owning node reloads the connection's groups when it reads this entry. It goes
             // to every stream, so whichever stream a later message takes, the change precedes it.
-            let record = Record::GroupsChanged {
+            // It is written even when the stored membership did not change: a first attempt may
+            // have stored it and then failed to write this entry.
+            let record = Record::GroupChanged {
                 change: self.next_sequence() ^ crate::schema::stable_hash(self.inner.id.as_str()),
                 connection: id.clone(),
+                group: group.clone(),
+                member,
             }
             .encode();
             for stream in 0..backplane.stream_count() {
@@ -897,10 +1015,15 @@ impl Node {
         connection: &ConnectionId,
         message: MessageId,
     ) -> Result<bool> {
-        self.inner
+        let acknowledged = self
+            .inner
             .backplane
             .acknowledge(hub, message, connection)
-            .await
+            .await?;
+        if let Some(state) = self.existing_hub(hub) {
+            state.write().release_durable(connection, message);
+        }
+        Ok(acknowledged)
     }
 
     /// Stops the node: no new work, every local connection's channel closes, pending client

@@ -12,7 +12,7 @@ use tokio::time::MissedTickBehavior;
 use super::{HubState, Node, NodeEvent};
 use crate::backplane::{Wake, Wakeups};
 use crate::error::{Error, Result};
-use crate::name::ConnectionId;
+use crate::name::{ConnectionId, GroupName};
 use crate::position::Position;
 use crate::record::Record;
 
@@ -103,6 +103,7 @@ impl Reader {
     }
 
     pub(super) async fn run(mut self) {
+        self.state.progress.send_replace(self.cursors.clone());
         let mut shutdown = self.node.inner.shutdown.subscribe();
         let mut poll = tokio::time::interval(self.node.inner.options.poll_interval);
         poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -148,10 +149,15 @@ impl Reader {
                     }
                 }
             }
+            let mut moved = false;
             for (stream, flag) in dirty.iter_mut().enumerate() {
                 if *flag && self.catch_up(stream).await.is_ok() {
                     *flag = false;
+                    moved = true;
                 }
+            }
+            if moved {
+                self.state.progress.send_replace(self.cursors.clone());
             }
         }
     }
@@ -244,15 +250,41 @@ impl Reader {
                         &env.except,
                         &env.payload,
                         env.durable.map(|(id, _)| id),
+                        true,
                     )
                     .await;
+                } else {
+                    // One of this node's messages whose append's answer was lost: it is in.
+                    let copy = self
+                        .state
+                        .unconfirmed
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .take(data);
+                    if let Some(copy) = copy {
+                        node.deliver_local(
+                            &self.state,
+                            &copy.target,
+                            &copy.except,
+                            &copy.payload,
+                            None,
+                            false,
+                        )
+                        .await;
+                    }
                 }
             }
             Ok(Record::GroupsChanged { change, connection }) => {
-                if !self.seen.contains(&change) && self.state.read().contains(&connection) {
-                    self.reload_groups(&connection).await?;
-                    self.remember(change);
-                }
+                self.group_changed(change, &connection, None).await?;
+            }
+            Ok(Record::GroupChanged {
+                change,
+                connection,
+                group,
+                member,
+            }) => {
+                self.group_changed(change, &connection, Some((group, member)))
+                    .await?;
             }
             Ok(Record::Invoke {
                 id,
@@ -277,25 +309,40 @@ impl Reader {
         Ok(())
     }
 
-    /// Replaces a local connection's groups with the stored ones. A local change made while the
-    /// query ran wins: the query is repeated until no local change interleaves.
-    async fn reload_groups(&self, connection: &ConnectionId) -> Result<()> {
-        loop {
-            let Some(version) = self.state.read().version(connection) else {
-                return Ok(());
-            };
-            let groups = self
-                .node
-                .inner
-                .backplane
-                .connection_groups(&self.state.name, connection)
-                .await?;
+    /// Another node changed the groups of `connection` in the shared state (and said which
+    /// change, when `change` is given). A local connection's groups are reloaded, once per
+    /// change although the change is in every stream; when the shared state does not know the
+    /// connection (this node was reaped and has not registered it again), the change itself is
+    /// applied, so that registering again restores the right groups. A connection that is still
+    /// registering notes it, and loads its groups once indexed.
+    async fn group_changed(
+        &mut self,
+        change: u64,
+        connection: &ConnectionId,
+        which: Option<(GroupName, bool)>,
+    ) -> Result<()> {
+        if self.seen.contains(&change) {
+            return Ok(());
+        }
+        let local = {
             let mut index = self.state.write();
-            if index.version(connection) == Some(version) {
-                index.set_groups(connection, groups.into_iter().collect());
+            if index.contains(connection) {
+                true
+            } else if let Some(changed) = index.registering.get_mut(connection) {
+                *changed = true;
+                false
+            } else {
+                // Not a connection of this node.
                 return Ok(());
             }
+        };
+        if local && !self.node.reload_groups(&self.state, connection).await? {
+            if let Some((group, member)) = which {
+                self.state.write().set_member(connection, &group, member);
+            }
         }
+        self.remember(change);
+        Ok(())
     }
 
     fn remember(&mut self, change: u64) {
