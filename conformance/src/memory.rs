@@ -66,6 +66,11 @@ impl Namespace for MemoryNamespace {
         Ok(())
     }
 
+    async fn rewind_log(&self, hub: &HubName, stream: u32, count: u64) -> Result<(), CaseError> {
+        self.backplane.rewind(hub, stream, count);
+        Ok(())
+    }
+
     /// The memory driver assigns offsets when an append commits, so a held append is one that
     /// has not been applied yet.
     async fn hold_append(

@@ -251,6 +251,53 @@ impl Namespace for PgNamespace {
         Ok(Box::new(PgHeld(held)))
     }
 
+    /// Deletes the stream's last rows and moves its end back in one transaction: the log as a
+    /// restored backup has it.
+    async fn rewind_log(&self, hub: &HubName, stream: u32, count: u64) -> Result<(), CaseError> {
+        let mut admin = self.admin().await.map_err(CaseError::Failed)?;
+        let failed =
+            |e: tokio_postgres::Error| CaseError::Failed(format!("rewinding the log failed: {e}"));
+        let schema = self.schema.replace('"', "\"\"");
+        let set = if self.tables_per_hub {
+            let row = admin
+                .query_one(
+                    &format!("SELECT slug FROM \"{schema}\".hubs WHERE hub = $1"),
+                    &[&hub.as_str()],
+                )
+                .await
+                .map_err(failed)?;
+            let slug: String = row.get(0);
+            format!("{}_", slug.replace('"', "\"\""))
+        } else {
+            String::new()
+        };
+        let count =
+            i64::try_from(count).map_err(|_| CaseError::Failed("count too large".into()))?;
+        let stream =
+            i32::try_from(stream).map_err(|_| CaseError::Failed("stream too large".into()))?;
+        let tx = admin.transaction().await.map_err(failed)?;
+        tx.execute(
+            &format!(
+                "DELETE FROM \"{schema}\".\"{set}log\" l USING \"{schema}\".\"{set}streams\" s
+                 WHERE s.hub = $1 AND s.stream = $2 AND l.stream_id = s.id
+                   AND l.\"offset\" >= s.next_offset - $3"
+            ),
+            &[&hub.as_str(), &stream, &count],
+        )
+        .await
+        .map_err(failed)?;
+        tx.execute(
+            &format!(
+                "UPDATE \"{schema}\".\"{set}streams\" SET next_offset = next_offset - $3
+                 WHERE hub = $1 AND stream = $2"
+            ),
+            &[&hub.as_str(), &stream, &count],
+        )
+        .await
+        .map_err(failed)?;
+        tx.commit().await.map_err(failed)
+    }
+
     async fn drop_namespace(&self) -> Result<(), String> {
         if self.cluster.is_some() {
             // The cluster itself goes when the namespace is dropped.

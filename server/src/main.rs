@@ -89,19 +89,21 @@ struct Args {
     /// consumer [default: 1024].
     #[arg(long, env = "BACKPLANE_CONNECTION_BUFFER")]
     connection_buffer: Option<usize>,
-    /// How often this node writes its heartbeat [default: 30s].
+    /// How often this node writes its heartbeat [default: 5s].
     #[arg(long, env = "BACKPLANE_HEARTBEAT_INTERVAL", value_parser = duration)]
     heartbeat_interval: Option<Duration>,
-    /// How long a node may miss heartbeats before others reap it [default: 5m].
+    /// How long a node may miss heartbeats before others reap it [default: 15s].
     #[arg(long, env = "BACKPLANE_NODE_TIMEOUT", value_parser = duration)]
     node_timeout: Option<Duration>,
+    /// How often this node looks for dead nodes to reap [default: 5s].
+    #[arg(long, env = "BACKPLANE_REAP_INTERVAL", value_parser = duration)]
+    reap_interval: Option<Duration>,
     /// Print the SQL that creates the backplane's schema (for a DBA, with
     /// `create_schema=false` in the URL) and exit; with `tables_per_hub=true`, the shared
     /// tables and those of every hub this server serves.
     #[arg(long)]
     print_ddl: bool,
-    /// How often dead nodes, expired messages and old log entries are cleaned up
-    /// [default: 15m].
+    /// How often expired messages and old log entries are cleaned up [default: 15m].
     #[arg(long, env = "BACKPLANE_CLEANUP_INTERVAL", value_parser = duration)]
     cleanup_interval: Option<Duration>,
 }
@@ -129,6 +131,7 @@ struct FileConfig {
     connection_buffer: Option<usize>,
     heartbeat_interval: Option<String>,
     node_timeout: Option<String>,
+    reap_interval: Option<String>,
     cleanup_interval: Option<String>,
 }
 
@@ -213,6 +216,12 @@ fn resolve(args: Args) -> Result<Config, String> {
         .or(file_duration(file.node_timeout, "node-timeout")?)
     {
         node = node.connection_timeout(d);
+    }
+    if let Some(d) = args
+        .reap_interval
+        .or(file_duration(file.reap_interval, "reap-interval")?)
+    {
+        node = node.reap_interval(d);
     }
     if let Some(d) = args
         .cleanup_interval

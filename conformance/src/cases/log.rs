@@ -604,3 +604,59 @@ pub async fn log_batch_append_is_contiguous(ctx: &mut Ctx) -> CaseResult {
     }
     Ok(())
 }
+
+/// The database goes back in time under running nodes (a restore from backup, a failover to a
+/// standby that had not received the last commits): the last entries of a stream are gone and
+/// new ones take their offsets. A node whose cursor is past the stream's new end notices
+/// (`LogRewound`), reads again from what it still knows, skips what it had delivered, and
+/// delivers every new entry exactly once. Issue: epochs do not detect a log that went back in
+/// time.
+pub async fn log_rewind_rereads_without_duplicates(ctx: &mut Ctx) -> CaseResult {
+    const OLD: usize = 10;
+    const LOST: u64 = 4;
+    let a = ctx.node().await?;
+    let faulty = Faulty::new(ctx.backplane().await?);
+    let b = ctx.node_on(faulty.clone(), test_options()).await?;
+    let mut client = ctx.connect(&b, None).await?;
+    let mut last = None;
+    for i in 0..OLD {
+        let published = a
+            .publish(Message::to_all(ctx.hub.clone(), format!("old-{i}")))
+            .await?;
+        last = published.position.or(last);
+    }
+    let Some(last) = last else {
+        return Err(CaseError::Failed(
+            "a broadcast to another node reported no log position".into(),
+        ));
+    };
+    for i in 0..OLD {
+        client.expect(format!("old-{i}").as_bytes()).await?;
+    }
+
+    faulty.hold_before(Op::Read, true);
+    ctx.namespace()
+        .rewind_log(&ctx.hub, last.stream, LOST)
+        .await?;
+    let mut events = b.events();
+    for i in 0..3 {
+        a.publish(Message::to_all(ctx.hub.clone(), format!("new-{i}")))
+            .await?;
+    }
+    faulty.waiting_before(Op::Read, 1).await?;
+    faulty.hold_before(Op::Read, false);
+    let (hub, cursor) = (ctx.hub.clone(), last.at(last.offset + 1));
+    wait_event(&mut events, WAIT, |e| {
+        matches!(
+            e,
+            NodeEvent::LogRewound { hub: h, requested, end, .. }
+                if h == &hub && *requested == cursor && end.offset == cursor.offset - LOST + 3
+        )
+    })
+    .await?;
+    for i in 0..3 {
+        client.expect(format!("new-{i}").as_bytes()).await?;
+    }
+    let marker = sentinel(&a, &ctx.hub, &[&client]).await?;
+    client.quiet_until(&marker).await
+}

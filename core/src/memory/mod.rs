@@ -121,6 +121,18 @@ impl MemoryBackplane {
         self.shared.wakeups.close_all();
     }
 
+    /// Takes the last `count` entries off a stream and its end back with them, keeping its
+    /// epoch, as restoring a backup or failing over to a standby that had not received them
+    /// would. For fault tests and drills.
+    pub fn rewind(&self, hub: &HubName, stream: u32, count: u64) {
+        let mut state = self.state_unchecked();
+        if let Some(log) = state.streams(hub, self.streams).get_mut(stream as usize) {
+            let keep = (log.entries.len() as u64).saturating_sub(count);
+            log.entries
+                .truncate(usize::try_from(keep).unwrap_or(usize::MAX));
+        }
+    }
+
     /// Makes every call fail with a transient error while `false`, as a database that is
     /// restarting would; data is kept.
     pub fn set_available(&self, available: bool) {

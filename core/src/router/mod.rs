@@ -53,6 +53,21 @@ pub enum NodeEvent {
         /// Where it continues.
         earliest: Position,
     },
+    /// A stream of the log ended before this node's cursor: the database went back in time (a
+    /// restore from backup, a failover to a standby that had not received the last commits).
+    /// The reader reads again from `resumed`, skipping the entries it had already handled
+    /// there; entries between `resumed` and `end` that it cannot tell apart (when `resumed` is
+    /// `end`) were never delivered by this node.
+    LogRewound {
+        /// The hub.
+        hub: HubName,
+        /// Where the reader was.
+        requested: Position,
+        /// Where the stream ends now.
+        end: Position,
+        /// Where the reader goes on.
+        resumed: Position,
+    },
     /// A connection could not keep up with its deliveries and was disconnected.
     SlowConsumer {
         /// The hub.

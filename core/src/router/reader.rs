@@ -52,6 +52,11 @@ impl OwnEntries {
         }
     }
 
+    /// Forgets every entry of `stream`: its history changed.
+    pub(super) fn forget(&mut self, stream: u32) {
+        self.streams.remove(&stream);
+    }
+
     /// Moves `cursor` past this node's entries that start at it, forgets those below it, and
     /// returns the offset where the next of this node's entries starts, if one is known.
     pub(super) fn step_over(&mut self, cursor: &mut Position) -> Option<u64> {
@@ -73,10 +78,96 @@ impl OwnEntries {
     }
 }
 
+/// How many of the entries it handled last a reader remembers per stream.
+const RECENT: usize = 1024;
+
+/// A fingerprint of a log entry: its length, its start (version, time, kind, origin, target)
+/// and its end (the payload's last bytes).
+fn fingerprint(data: &[u8]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    data.len().hash(&mut hasher);
+    data[..data.len().min(64)].hash(&mut hasher);
+    data[data.len().saturating_sub(64)..].hash(&mut hasher);
+    hasher.finish()
+}
+
+/// The offsets and fingerprints of the entries a reader handled last in one stream, so that
+/// after the log went back in time (a restore from backup, a failover to a standby that had
+/// not received the last commits) it can tell the entries it already handled from new ones
+/// at the same offsets.
+#[derive(Debug, Default)]
+struct Recent {
+    /// Ascending offsets, at most [`RECENT`].
+    entries: VecDeque<(u64, u64)>,
+    /// Re-reading after the log went back: entries that match are skipped, until the first
+    /// that does not.
+    verifying: bool,
+}
+
+impl Recent {
+    fn push(&mut self, offset: u64, seen: u64) {
+        if self.entries.back().is_some_and(|(last, _)| *last >= offset) {
+            self.diverged(offset);
+        }
+        self.entries.push_back((offset, seen));
+        if self.entries.len() > RECENT {
+            self.entries.pop_front();
+        }
+    }
+
+    fn get(&self, offset: u64) -> Option<u64> {
+        let at = self
+            .entries
+            .binary_search_by_key(&offset, |(o, _)| *o)
+            .ok()?;
+        self.entries.get(at).map(|(_, seen)| *seen)
+    }
+
+    /// Whether `offset` lies within what is remembered.
+    fn covers(&self, offset: u64) -> bool {
+        match (self.entries.front(), self.entries.back()) {
+            (Some((first, _)), Some((last, _))) => *first <= offset && offset <= *last,
+            _ => false,
+        }
+    }
+
+    /// The log ends at `end`, before the reader's cursor: where to read again from. From the
+    /// oldest entry remembered if it is below `end` (entries that match are then skipped),
+    /// otherwise from `end` (what lies between is unknown to this node).
+    fn rewind(&mut self, end: u64) -> u64 {
+        match self.entries.front() {
+            Some((first, _)) if *first < end => {
+                self.verifying = true;
+                *first
+            }
+            _ => {
+                self.clear();
+                end
+            }
+        }
+    }
+
+    /// History differs from `offset` on: forget what was remembered from there.
+    fn diverged(&mut self, offset: u64) {
+        self.verifying = false;
+        while self.entries.back().is_some_and(|(last, _)| *last >= offset) {
+            self.entries.pop_back();
+        }
+    }
+
+    fn clear(&mut self) {
+        self.entries.clear();
+        self.verifying = false;
+    }
+}
+
 pub(super) struct Reader {
     node: Node,
     state: Arc<HubState>,
     cursors: Vec<Position>,
+    /// Per stream, what the reader handled last.
+    recent: Vec<Recent>,
     wakeups: Option<Wakeups>,
     seen: HashSet<u64>,
     seen_order: VecDeque<u64>,
@@ -89,7 +180,8 @@ impl Reader {
         let backplane = &node.inner.backplane;
         let wakeups = backplane.subscribe(&state.name).await?;
         let mut cursors = Vec::new();
-        for stream in 0..backplane.stream_count() {
+        let streams = backplane.stream_count();
+        for stream in 0..streams {
             cursors.push(backplane.tail(&state.name, stream).await?);
         }
         Ok(Self {
@@ -99,6 +191,7 @@ impl Reader {
             wakeups: Some(wakeups),
             seen: HashSet::new(),
             seen_order: VecDeque::new(),
+            recent: (0..streams).map(|_| Recent::default()).collect(),
         })
     }
 
@@ -190,6 +283,27 @@ impl Reader {
                     requested,
                     earliest,
                 }) => {
+                    let recent = &mut self.recent[stream];
+                    if earliest.epoch != requested.epoch {
+                        recent.clear();
+                    } else if requested.offset > earliest.offset {
+                        // The stream ends before the cursor: the log went back in time.
+                        let resumed = earliest.at(recent.rewind(earliest.offset));
+                        self.state
+                            .own
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .forget(earliest.stream);
+                        tracing::error!(hub = %self.state.name, %requested, end = %earliest, %resumed, "the log went back in time (a restore or a failover); reading again from the last entry this node still knows");
+                        self.node.emit(NodeEvent::LogRewound {
+                            hub: self.state.name.clone(),
+                            requested,
+                            end: earliest,
+                            resumed,
+                        });
+                        self.cursors[stream] = resumed;
+                        continue;
+                    }
                     tracing::warn!(hub = %self.state.name, %requested, %earliest, "log position too old; entries were lost to this node");
                     self.node.emit(NodeEvent::PositionTooOld {
                         hub: self.state.name.clone(),
@@ -220,13 +334,43 @@ impl Reader {
                         observer.log_lag(Duration::from_millis(now.saturating_sub(at)));
                     }
                 }
+                let seen = fingerprint(&entry.data);
+                if self.recent[stream].verifying
+                    && self.known(stream, entry.offset, seen, &entry.data)
+                {
+                    // Handled before the log went back in time.
+                    self.cursors[stream].offset = entry.offset + 1;
+                    continue;
+                }
                 self.process(&entry.data).await?;
+                self.recent[stream].push(entry.offset, seen);
                 self.cursors[stream].offset = entry.offset + 1;
             }
             if count < limit {
                 return Ok(());
             }
         }
+    }
+
+    /// While re-reading after the log went back in time: whether the entry at `offset` is one
+    /// this node handled before. The first entry that is not ends the re-reading: from there
+    /// on, every entry is new.
+    fn known(&mut self, stream: usize, offset: u64, seen: u64, data: &Bytes) -> bool {
+        let recent = &self.recent[stream];
+        match recent.get(offset) {
+            Some(before) if before == seen => return true,
+            Some(_) => {}
+            // A gap in what the reader remembers holds one of this node's own messages, which
+            // the reader stepped over; another of them there changes nothing.
+            None if recent.covers(offset) && self.is_own(data) => return false,
+            None => {}
+        }
+        self.recent[stream].diverged(offset);
+        false
+    }
+
+    fn is_own(&self, data: &Bytes) -> bool {
+        matches!(Record::decode(data), Ok(Record::Message(env)) if env.origin == self.node.inner.id)
     }
 
     async fn process(&mut self, data: &Bytes) -> Result<()> {
