@@ -607,11 +607,23 @@ pub async fn log_batch_append_is_contiguous(ctx: &mut Ctx) -> CaseResult {
 
 /// The database goes back in time under running nodes (a restore from backup, a failover to a
 /// standby that had not received the last commits): the last entries of a stream are gone and
-/// new ones take their offsets. A node whose cursor is past the stream's new end notices
-/// (`LogRewound`), reads again from what it still knows, skips what it had delivered, and
-/// delivers every new entry exactly once. Issue: epochs do not detect a log that went back in
-/// time.
+/// new ones take their offsets, fewer than were lost, so the stream ends before the cursor of a
+/// node that had read them all. That node notices (`LogRewound`), reads again from what it
+/// still knows, skips what it had delivered, and delivers every new entry exactly once. Issue:
+/// epochs do not detect a log that went back in time.
 pub async fn log_rewind_rereads_without_duplicates(ctx: &mut Ctx) -> CaseResult {
+    rewind_under_a_reader(ctx, 3).await
+}
+
+/// As [`log_rewind_rereads_without_duplicates`], but more new entries land than were lost
+/// before the node reads again, so the stream has grown past its cursor: the node still
+/// notices, because the last entry it handled is not where it was.
+pub async fn log_rewind_overtaken_rereads_without_duplicates(ctx: &mut Ctx) -> CaseResult {
+    rewind_under_a_reader(ctx, 6).await
+}
+
+/// Ten entries read by node B, the last four lost, then `new` entries, then B reads.
+async fn rewind_under_a_reader(ctx: &mut Ctx, new: usize) -> CaseResult {
     const OLD: usize = 10;
     const LOST: u64 = 4;
     let a = ctx.node().await?;
@@ -639,22 +651,23 @@ pub async fn log_rewind_rereads_without_duplicates(ctx: &mut Ctx) -> CaseResult 
         .rewind_log(&ctx.hub, last.stream, LOST)
         .await?;
     let mut events = b.events();
-    for i in 0..3 {
+    for i in 0..new {
         a.publish(Message::to_all(ctx.hub.clone(), format!("new-{i}")))
             .await?;
     }
     faulty.waiting_before(Op::Read, 1).await?;
     faulty.hold_before(Op::Read, false);
     let (hub, cursor) = (ctx.hub.clone(), last.at(last.offset + 1));
+    let end = cursor.offset - LOST + new as u64;
     wait_event(&mut events, WAIT, |e| {
         matches!(
             e,
-            NodeEvent::LogRewound { hub: h, requested, end, .. }
-                if h == &hub && *requested == cursor && end.offset == cursor.offset - LOST + 3
+            NodeEvent::LogRewound { hub: h, requested, end: at, .. }
+                if h == &hub && *requested == cursor && at.offset == end
         )
     })
     .await?;
-    for i in 0..3 {
+    for i in 0..new {
         client.expect(format!("new-{i}").as_bytes()).await?;
     }
     let marker = sentinel(&a, &ctx.hub, &[&client]).await?;

@@ -116,6 +116,11 @@ impl Recent {
         }
     }
 
+    /// The last entry remembered: its offset and fingerprint.
+    fn last(&self) -> Option<(u64, u64)> {
+        self.entries.back().copied()
+    }
+
     fn get(&self, offset: u64) -> Option<u64> {
         let at = self
             .entries
@@ -132,18 +137,19 @@ impl Recent {
         }
     }
 
-    /// The log ends at `end`, before the reader's cursor: where to read again from. From the
-    /// oldest entry remembered if it is below `end` (entries that match are then skipped),
-    /// otherwise from `end` (what lies between is unknown to this node).
-    fn rewind(&mut self, end: u64) -> u64 {
+    /// The log's history differs from offset `changed` on at the latest (it ends there, or
+    /// holds another entry there): where to read again from. From the oldest entry remembered
+    /// if it is below `changed` (entries that match are then skipped), otherwise from
+    /// `changed` (what lies before it is unknown to this node).
+    fn rewind(&mut self, changed: u64) -> u64 {
         match self.entries.front() {
-            Some((first, _)) if *first < end => {
+            Some((first, _)) if *first < changed => {
                 self.verifying = true;
                 *first
             }
             _ => {
                 self.clear();
-                end
+                changed
             }
         }
     }
@@ -259,6 +265,7 @@ impl Reader {
     /// handled, and the next wake-up or poll retries from there.
     async fn catch_up(&mut self, stream: usize) -> Result<()> {
         let batch = self.node.inner.options.read_batch;
+        let mut anchored = true;
         loop {
             let next_own = self
                 .state
@@ -271,37 +278,35 @@ impl Reader {
             let limit = next_own.map_or(batch, |start| {
                 usize::try_from(start - cursor.offset).map_or(batch, |gap| gap.min(batch))
             });
+            // The last entry handled is read again with the next ones: when it is not where it
+            // was, the log went back in time and grew past the cursor since.
+            let anchor = self.recent[stream]
+                .last()
+                .filter(|(offset, _)| anchored && *offset + 1 == cursor.offset);
+            let from = anchor.map_or(cursor, |(offset, _)| cursor.at(offset));
+            let extra = usize::from(anchor.is_some());
             let entries = match self
                 .node
                 .inner
                 .backplane
-                .read(&self.state.name, cursor, limit)
+                .read(&self.state.name, from, limit + extra)
                 .await
             {
                 Ok(entries) => entries,
+                // Reading from the cursor itself tells what happened.
+                Err(Error::PositionTooOld { .. }) if anchor.is_some() => {
+                    anchored = false;
+                    continue;
+                }
                 Err(Error::PositionTooOld {
                     requested,
                     earliest,
                 }) => {
-                    let recent = &mut self.recent[stream];
                     if earliest.epoch != requested.epoch {
-                        recent.clear();
+                        self.recent[stream].clear();
                     } else if requested.offset > earliest.offset {
                         // The stream ends before the cursor: the log went back in time.
-                        let resumed = earliest.at(recent.rewind(earliest.offset));
-                        self.state
-                            .own
-                            .lock()
-                            .unwrap_or_else(PoisonError::into_inner)
-                            .forget(earliest.stream);
-                        tracing::error!(hub = %self.state.name, %requested, end = %earliest, %resumed, "the log went back in time (a restore or a failover); reading again from the last entry this node still knows");
-                        self.node.emit(NodeEvent::LogRewound {
-                            hub: self.state.name.clone(),
-                            requested,
-                            end: earliest,
-                            resumed,
-                        });
-                        self.cursors[stream] = resumed;
+                        self.rewound(stream, requested, earliest, earliest.offset);
                         continue;
                     }
                     tracing::warn!(hub = %self.state.name, %requested, %earliest, "log position too old; entries were lost to this node");
@@ -318,13 +323,34 @@ impl Reader {
                     return Err(err);
                 }
             };
-            let count = entries.len();
+            if let Some((offset, seen)) = anchor {
+                match entries.first() {
+                    Some(entry) if entry.offset == offset && fingerprint(&entry.data) == seen => {}
+                    None => {
+                        // The stream ends at or before the anchor: reading from the cursor
+                        // tells.
+                        anchored = false;
+                        continue;
+                    }
+                    Some(_) => {
+                        let end = self
+                            .node
+                            .inner
+                            .backplane
+                            .tail(&self.state.name, cursor.stream)
+                            .await?;
+                        self.rewound(stream, cursor, end, offset);
+                        continue;
+                    }
+                }
+            }
+            let count = entries.len() - extra;
             self.node
                 .inner
                 .counters
                 .entries_read
                 .fetch_add(count as u64, Ordering::Relaxed);
-            for entry in entries {
+            for entry in entries.into_iter().skip(extra) {
                 if entry.offset != self.cursors[stream].offset {
                     tracing::error!(hub = %self.state.name, stream, expected = self.cursors[stream].offset, got = entry.offset, "driver returned an entry out of order");
                 }
@@ -350,6 +376,26 @@ impl Reader {
                 return Ok(());
             }
         }
+    }
+
+    /// The log went back in time under the reader of `stream`, which was at `requested`: its
+    /// history differs from `changed` on at the latest, and it ends at `end` now. The reader
+    /// goes on from the oldest entry it remembers, skipping those it handled.
+    fn rewound(&mut self, stream: usize, requested: Position, end: Position, changed: u64) {
+        let resumed = requested.at(self.recent[stream].rewind(changed));
+        self.state
+            .own
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .forget(requested.stream);
+        tracing::error!(hub = %self.state.name, %requested, %end, %resumed, "the log went back in time (a restore or a failover); reading again from the last entry this node still knows");
+        self.node.emit(NodeEvent::LogRewound {
+            hub: self.state.name.clone(),
+            requested,
+            end,
+            resumed,
+        });
+        self.cursors[stream] = resumed;
     }
 
     /// While re-reading after the log went back in time: whether the entry at `offset` is one
