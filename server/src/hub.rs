@@ -672,7 +672,9 @@ impl Recipients {
     ///
     /// # Errors
     ///
-    /// The message could not be stored: it was not sent.
+    /// The message could not be stored: it was not sent. Or the backplane's answer was lost and
+    /// the node could not find out whether it was stored (the error says the outcome is
+    /// unknown): it may have been sent, and sending it again may deliver it twice.
     pub async fn send(self, method: &str, arguments: Vec<Value>) -> HubResult<Published> {
         let payload = protocol::invocation(method, &arguments);
         let kind = self.target.kind();
