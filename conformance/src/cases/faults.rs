@@ -379,6 +379,38 @@ pub async fn lost_append_answer_delivers_everywhere_once(ctx: &mut Ctx) -> CaseR
     remote.expect(b"unknown").await?;
     let marker = sentinel(&b, &ctx.hub, &[&local, &remote]).await?;
     local.quiet_until(&marker).await?;
+    remote.quiet_until(&marker).await?;
+
+    // The reader passes the records before their publisher learns that the answer was lost.
+    let sender = ConnectionId::new("one-stream")?;
+    faulty.lose_reply_next(crate::Op::Append, 1);
+    faulty.fail_next(crate::Op::Tail, usize::MAX);
+    faulty.hold_after(crate::Op::Append, true);
+    let publishing = tokio::spawn({
+        let a = a.clone();
+        let message = Message::to_all(ctx.hub.clone(), "passed").sender(sender.clone());
+        async move { a.publish(message).await }
+    });
+    faulty.waiting_after(crate::Op::Append, 1).await?;
+    // Behind it in the same stream: once A's connection has this, A's reader is past both.
+    b.publish(Message::to_all(ctx.hub.clone(), "behind").sender(sender))
+        .await?;
+    local.expect(b"behind").await?;
+    faulty.hold_after(crate::Op::Append, false);
+    let outcome = tokio::time::timeout(WAIT, publishing)
+        .await
+        .map_err(|_| CaseError::Failed("a publish whose answer was lost hung".into()))?
+        .map_err(|e| CaseError::Failed(format!("the publishing task failed: {e}")))?;
+    faulty.fail_next(crate::Op::Tail, 0);
+    check!(
+        outcome.is_ok() || matches!(outcome, Err(Error::OutcomeUnknown { .. })),
+        "a publish whose records the reader met expected success or OutcomeUnknown, got {outcome:?}"
+    );
+    remote.expect(b"passed").await?;
+    remote.expect(b"behind").await?;
+    local.expect(b"passed").await?;
+    let marker = sentinel(&b, &ctx.hub, &[&local, &remote]).await?;
+    local.quiet_until(&marker).await?;
     remote.quiet_until(&marker).await
 }
 

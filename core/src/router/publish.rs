@@ -33,15 +33,46 @@ pub(super) struct LocalCopy {
 }
 
 /// The local copies of this node's messages whose appends' outcomes are unknown, by log
-/// record, the most recent [`Unconfirmed::CAPACITY`] of them.
+/// record, the most recent [`Unconfirmed::CAPACITY`] of them; and the fingerprints of the last
+/// records of this node the reader met without a copy waiting, so that an append whose answer
+/// is lost after the reader passed its records is known to be in.
 #[derive(Debug, Default)]
 pub(super) struct Unconfirmed {
     copies: HashMap<Bytes, LocalCopy>,
     order: VecDeque<Bytes>,
+    met: VecDeque<u64>,
+}
+
+/// A fingerprint of a whole log record (records carry their message's id and time).
+fn fingerprint(record: &Bytes) -> u64 {
+    use std::hash::{BuildHasher, BuildHasherDefault};
+    BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default().hash_one(record)
 }
 
 impl Unconfirmed {
     const CAPACITY: usize = 1024;
+
+    /// What the reader does with one of this node's records: takes its local copy, if one is
+    /// waiting, or else notes that the record is in the log.
+    pub(super) fn meet(&mut self, record: &Bytes) -> Option<LocalCopy> {
+        if let Some(copy) = self.take(record) {
+            return Some(copy);
+        }
+        self.met.push_back(fingerprint(record));
+        if self.met.len() > Self::CAPACITY {
+            self.met.pop_front();
+        }
+        None
+    }
+
+    /// Whether the reader met `record` in the log already.
+    fn was_met(&self, record: &Bytes) -> bool {
+        if self.met.is_empty() {
+            return false;
+        }
+        let print = fingerprint(record);
+        self.met.iter().rev().any(|&m| m == print)
+    }
 
     fn insert(&mut self, record: Bytes, copy: LocalCopy) {
         if self.copies.insert(record.clone(), copy).is_none() {
@@ -213,14 +244,20 @@ struct Stored {
 }
 
 /// Hands the local copies of the transient messages in `batch` to the node's reader, which
-/// delivers them if it finds them in the log.
-fn watch(batch: &[Request]) {
+/// delivers them if it finds them in the log. Returns the messages the reader met in the log
+/// already, which the caller delivers: no copy of theirs is handed over.
+fn watch(batch: &[Request]) -> Vec<&Request> {
+    let mut met = Vec::new();
     for request in batch.iter().filter(|r| !is_durable(r)) {
         let mut unconfirmed = request
             .state
             .unconfirmed
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
+        if request.encoded.iter().any(|r| unconfirmed.was_met(r)) {
+            met.push(request);
+            continue;
+        }
         for (record, (target, _)) in request.encoded.iter().zip(&request.local) {
             unconfirmed.insert(
                 record.clone(),
@@ -232,6 +269,7 @@ fn watch(batch: &[Request]) {
             );
         }
     }
+    met
 }
 
 /// Takes back the local copies of `request` from the node's reader: `true` when the reader
@@ -372,8 +410,11 @@ async fn append(
         Err(err) if err.is_outcome_unknown() => err,
         Err(err) => return Err(err),
     };
-    // The reader may meet the records while they are looked for: it delivers them then.
-    watch(batch);
+    // The reader may meet the records while they are looked for: it delivers them then. Those
+    // it met already are in the log, and delivered here.
+    for request in watch(batch) {
+        deliver_one(node, request).await;
+    }
     let Some(from) = *known_end else {
         return Err(err);
     };

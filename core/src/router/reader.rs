@@ -450,7 +450,7 @@ impl Reader {
                         .unconfirmed
                         .lock()
                         .unwrap_or_else(PoisonError::into_inner)
-                        .take(data);
+                        .meet(data);
                     if let Some(copy) = copy {
                         node.deliver_local(
                             &self.state,
