@@ -29,6 +29,60 @@ pub struct LogEntry {
     pub data: Bytes,
 }
 
+/// The bounds of one stream as a read found them: its epoch, its oldest retained offset and
+/// its end (the offset its next entry gets).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamBounds {
+    /// The stream's epoch.
+    pub epoch: u64,
+    /// The offset of the oldest entry kept.
+    pub first: u64,
+    /// The offset the next appended entry gets.
+    pub end: u64,
+}
+
+/// Holds a read of `from` to the contract of [`Backplane::read`], given the bounds of the
+/// stream it read and the entries it found, oldest first: a position of another epoch, before
+/// `first` or past `end` fails with [`Error::PositionTooOld`](crate::Error::PositionTooOld);
+/// entries that do not start at `from` fail the same way (what lies between is gone); entries
+/// after a gap are dropped, so the next read, from the gap, reports it. Drivers call it on
+/// every read, so no driver returns a silent gap.
+///
+/// # Errors
+///
+/// [`Error::PositionTooOld`](crate::Error::PositionTooOld) as above.
+pub fn checked_read(
+    from: Position,
+    bounds: StreamBounds,
+    mut entries: Vec<LogEntry>,
+) -> Result<Vec<LogEntry>> {
+    let too_old = |earliest: u64| {
+        Err(crate::Error::PositionTooOld {
+            requested: from,
+            earliest: Position::new(from.stream, earliest, bounds.epoch),
+        })
+    };
+    if from.epoch != bounds.epoch || from.offset < bounds.first {
+        return too_old(bounds.first);
+    }
+    if from.offset > bounds.end {
+        // A cursor past the end: the log went back in time (a restore, a failover).
+        return too_old(bounds.end);
+    }
+    if let Some(head) = entries.first()
+        && head.offset != from.offset
+    {
+        return too_old(head.offset.max(bounds.first));
+    }
+    let contiguous = entries
+        .iter()
+        .zip(from.offset..)
+        .take_while(|(entry, expected)| entry.offset == *expected)
+        .count();
+    entries.truncate(contiguous);
+    Ok(entries)
+}
+
 /// How much of the log to keep.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Retention {
@@ -428,3 +482,58 @@ pub trait Backplane: Send + Sync + fmt::Debug + 'static {
 
 /// Shared ownership of a backplane.
 pub type SharedBackplane = Arc<DynBackplane>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Error;
+
+    fn entries(offsets: &[u64]) -> Vec<LogEntry> {
+        offsets
+            .iter()
+            .map(|&offset| LogEntry {
+                offset,
+                data: Bytes::from(offset.to_string()),
+            })
+            .collect()
+    }
+
+    const BOUNDS: StreamBounds = StreamBounds {
+        epoch: 7,
+        first: 10,
+        end: 20,
+    };
+
+    fn too_old(result: Result<Vec<LogEntry>>) -> Option<u64> {
+        match result {
+            Err(Error::PositionTooOld { earliest, .. }) => Some(earliest.offset),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn a_read_in_bounds_keeps_its_entries() {
+        let read = checked_read(Position::new(0, 12, 7), BOUNDS, entries(&[12, 13, 14]));
+        assert_eq!(read.ok(), Some(entries(&[12, 13, 14])));
+        let at_end = checked_read(Position::new(0, 20, 7), BOUNDS, Vec::new());
+        assert_eq!(at_end.ok(), Some(Vec::new()));
+    }
+
+    #[test]
+    fn positions_out_of_bounds_are_too_old() {
+        let before = checked_read(Position::new(0, 9, 7), BOUNDS, entries(&[10]));
+        assert_eq!(too_old(before), Some(10));
+        let other_epoch = checked_read(Position::new(0, 12, 6), BOUNDS, entries(&[12]));
+        assert_eq!(too_old(other_epoch), Some(10));
+        let past_end = checked_read(Position::new(0, 21, 7), BOUNDS, Vec::new());
+        assert_eq!(too_old(past_end), Some(20));
+    }
+
+    #[test]
+    fn gaps_are_never_silent() {
+        let late_start = checked_read(Position::new(0, 12, 7), BOUNDS, entries(&[14, 15]));
+        assert_eq!(too_old(late_start), Some(14));
+        let inner_gap = checked_read(Position::new(0, 12, 7), BOUNDS, entries(&[12, 13, 15]));
+        assert_eq!(inner_gap.ok(), Some(entries(&[12, 13])));
+    }
+}

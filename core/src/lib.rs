@@ -19,8 +19,8 @@ pub mod signalr;
 
 pub use backplane::{
     Backplane, ConnectionInfo, DEFAULT_STREAMS, DeliveryAttempt, DurableMessage, DynBackplane,
-    LogEntry, NewDurableMessage, NodeInfo, Retention, SharedBackplane, UserSession, Wake,
-    WakeupHub, Wakeups,
+    LogEntry, NewDurableMessage, NodeInfo, Retention, SharedBackplane, StreamBounds, UserSession,
+    Wake, WakeupHub, Wakeups, checked_read,
 };
 pub use error::{BoxError, Error, InvocationError, Result};
 #[cfg(feature = "memory")]

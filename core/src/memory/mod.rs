@@ -12,7 +12,8 @@ use bytes::Bytes;
 
 use crate::backplane::{
     Backplane, ConnectionInfo, DEFAULT_STREAMS, DeliveryAttempt, DurableMessage, LogEntry,
-    NewDurableMessage, NodeInfo, Retention, UserSession, WakeupHub, Wakeups,
+    NewDurableMessage, NodeInfo, Retention, StreamBounds, UserSession, WakeupHub, Wakeups,
+    checked_read,
 };
 use crate::error::{Error, Result};
 use crate::message::MessageId;
@@ -263,23 +264,13 @@ impl Backplane for MemoryBackplane {
         self.check_stream(from.stream)?;
         let mut state = self.state()?;
         let log = &state.streams(hub, self.streams)[from.stream as usize];
-        let earliest = Position::new(from.stream, log.first, log.epoch);
-        if from.epoch != log.epoch || from.offset < log.first {
-            return Err(Error::PositionTooOld {
-                requested: from,
-                earliest,
-            });
-        }
-        let end = log.first + log.entries.len() as u64;
-        if from.offset > end {
-            // A cursor past the end: the log went back in time (a restore).
-            return Err(Error::PositionTooOld {
-                requested: from,
-                earliest: Position::new(from.stream, end, log.epoch),
-            });
-        }
-        let skip = usize::try_from(from.offset - log.first).unwrap_or(usize::MAX);
-        Ok(log
+        let bounds = StreamBounds {
+            epoch: log.epoch,
+            first: log.first,
+            end: log.first + log.entries.len() as u64,
+        };
+        let skip = usize::try_from(from.offset.saturating_sub(log.first)).unwrap_or(usize::MAX);
+        let entries = log
             .entries
             .iter()
             .skip(skip)
@@ -289,7 +280,8 @@ impl Backplane for MemoryBackplane {
                 offset,
                 data: data.clone(),
             })
-            .collect())
+            .collect();
+        checked_read(from, bounds, entries)
     }
 
     async fn tail(&self, hub: &HubName, stream: u32) -> Result<Position> {

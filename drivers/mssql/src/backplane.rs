@@ -9,7 +9,7 @@ use backplane_core::batch::AppendRequest;
 use backplane_core::{
     Backplane, ConnectionId, ConnectionInfo, DeliveryAttempt, DurableMessage, Error, GroupName,
     HubName, LogEntry, MessageId, NewDurableMessage, NodeId, NodeInfo, PoolStatus, Position,
-    Result, Retention, UserId, UserSession, Wakeups,
+    Result, Retention, StreamBounds, UserId, UserSession, Wakeups, checked_read,
 };
 use bytes::Bytes;
 use tiberius::{Query, Row};
@@ -596,12 +596,12 @@ impl Backplane for MssqlBackplane {
             return Err(corrupt("a stream row vanished during a read"));
         };
         let earliest = position(first, 0, from.stream, "reading the log")?;
-        if earliest.epoch != from.epoch || from.offset < earliest.offset {
-            return Err(Error::PositionTooOld {
-                requested: from,
-                earliest,
-            });
-        }
+        let end = need::<i64>(first, 4, "reading the log")?;
+        let bounds = StreamBounds {
+            epoch: earliest.epoch,
+            first: earliest.offset,
+            end: to_u64(end, "offset")?,
+        };
         let mut entries = Vec::with_capacity(rows.len());
         for row in &rows {
             let Some(offset) = get::<i64>(row, 2, "reading the log")? else {
@@ -612,7 +612,7 @@ impl Backplane for MssqlBackplane {
                 data: Bytes::copy_from_slice(need::<&[u8]>(row, 3, "reading the log")?),
             });
         }
-        Ok(entries)
+        checked_read(from, bounds, entries)
     }
 
     async fn tail(&self, hub: &HubName, stream: u32) -> Result<Position> {

@@ -46,14 +46,15 @@ fn gone_table() -> String {
     )
 }
 
-/// Removes the connections of one set matching `condition` into `@gone` (memberships go by
+/// Removes the connections of one set matching `condition` (on `c`) into `@gone` (memberships go by
 /// foreign-key cascade), and closes the sessions they leave without connections.
 fn remove_connections(n: &SetNames, condition: &str) -> String {
     format!(
         "DELETE FROM @gone;
-         DELETE FROM {c}
+         DELETE c
          OUTPUT deleted.hub, deleted.id, deleted.user_id, deleted.node, deleted.connected_at
          INTO @gone
+         FROM {c} AS c
          WHERE {condition};
          UPDATE s SET
              connections = CASE WHEN s.connections - g.n > 0 THEN s.connections - g.n ELSE 0 END,
@@ -154,11 +155,17 @@ impl NodeSql {
     }
 
     /// Removes every node whose last heartbeat is older than `@P1` seconds plus `@P2`
-    /// milliseconds, with its connections in `sets`; returns the ids removed.
+    /// milliseconds, with its connections in `sets`, and the connections of nodes that are not
+    /// registered (an insert that raced with an earlier reap); returns the ids removed.
     pub(crate) fn reap_nodes(&self, sets: &[&SetNames]) -> String {
+        // After the nodes' delete, the dead nodes' connections are orphaned too.
+        let orphaned = format!(
+            "NOT EXISTS (SELECT 1 FROM {} AS n WHERE n.id = c.node)",
+            self.nodes
+        );
         let remove: String = sets
             .iter()
-            .map(|n| remove_connections(n, "node IN (SELECT id FROM @dead)"))
+            .map(|n| remove_connections(n, &orphaned))
             .collect();
         format!(
             "SET XACT_ABORT ON;
@@ -242,7 +249,7 @@ impl Sql {
             // OUTER APPLY and TOP (@var): SQL Server 2005+. One statement, so the stream row and
             // the entries come from one consistent read (a trim holds the stream row's lock).
             read: format!(
-                "SELECT s.first_offset, s.epoch, l.[offset], l.data
+                "SELECT s.first_offset, s.epoch, l.[offset], l.data, s.next_offset
                  FROM {streams} AS s
                  OUTER APPLY (
                      SELECT TOP (@P4) [offset], data FROM {log}
@@ -677,6 +684,37 @@ mod tests {
         }
         // No set, no empty BEGIN … END block (a syntax error in T-SQL).
         assert!(!node.heartbeat(&[]).contains("IF @n > 0"));
+    }
+
+    #[test]
+    fn reaping_removes_connections_of_unregistered_nodes() {
+        let node = NodeSql::new(&Names::new(&MssqlOptions::new("h", "u", "p")));
+        let s = set();
+        let reap = node.reap_nodes(&[&s]);
+        // The nodes' delete comes first, so the orphan condition covers the dead nodes too.
+        let delete_nodes = reap.find("OUTPUT deleted.id INTO @dead").expect("{reap}");
+        let orphans = reap
+            .find(&format!(
+                "NOT EXISTS (SELECT 1 FROM {} AS n WHERE n.id = c.node)",
+                node.nodes
+            ))
+            .expect("{reap}");
+        assert!(delete_nodes < orphans, "{reap}");
+        assert!(
+            reap.contains(&format!("FROM {} AS c", s.connections)),
+            "{reap}"
+        );
+    }
+
+    #[test]
+    fn a_read_returns_the_end_of_the_stream() {
+        let sql = Sql::new(&set());
+        assert!(
+            sql.read
+                .starts_with("SELECT s.first_offset, s.epoch, l.[offset], l.data, s.next_offset"),
+            "{}",
+            sql.read
+        );
     }
 
     #[test]

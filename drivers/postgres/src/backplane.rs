@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use backplane_core::{
     Backplane, ConnectionId, ConnectionInfo, DeliveryAttempt, DurableMessage, Error, GroupName,
     HubName, LogEntry, MessageId, NewDurableMessage, NodeId, NodeInfo, PoolStatus, Position,
-    Result, Retention, UserId, UserSession, WakeupHub, Wakeups,
+    Result, Retention, StreamBounds, UserId, UserSession, WakeupHub, Wakeups, checked_read,
 };
 use bytes::Bytes;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
@@ -20,7 +20,7 @@ use crate::error::{corrupt, db, pool};
 use crate::listener::{self, Listener};
 use crate::options::PgOptions;
 use crate::schema::{self, Names, SetNames};
-use crate::sql::NodeSql;
+use crate::sql::{NodeSql, remove_orphaned_connections};
 use crate::tables::{Layout, PerHub, TableSet};
 use backplane_core::batch::AppendRequest;
 
@@ -554,17 +554,12 @@ impl Backplane for PgBackplane {
         };
         let first_offset: i64 = first.try_get(0).map_err(db("reading the log"))?;
         let epoch: i64 = first.try_get(1).map_err(db("reading the log"))?;
-        let earliest = Position::new(
-            from.stream,
-            to_u64(first_offset, "offset")?,
-            to_u64(epoch, "epoch")?,
-        );
-        if earliest.epoch != from.epoch || from.offset < earliest.offset {
-            return Err(Error::PositionTooOld {
-                requested: from,
-                earliest,
-            });
-        }
+        let next_offset: i64 = first.try_get(4).map_err(db("reading the log"))?;
+        let bounds = StreamBounds {
+            epoch: to_u64(epoch, "epoch")?,
+            first: to_u64(first_offset, "offset")?,
+            end: to_u64(next_offset, "offset")?,
+        };
         let mut entries = Vec::with_capacity(rows.len());
         for row in &rows {
             let offset: Option<i64> = row.try_get(2).map_err(db("reading the log"))?;
@@ -575,7 +570,7 @@ impl Backplane for PgBackplane {
                 data: Bytes::from(data),
             });
         }
-        Ok(entries)
+        checked_read(from, bounds, entries)
     }
 
     async fn tail(&self, hub: &HubName, stream: u32) -> Result<Position> {
@@ -716,12 +711,13 @@ impl Backplane for PgBackplane {
             .iter()
             .map(|row| row.try_get(0).map_err(db("reaping dead nodes")))
             .collect::<Result<_>>()?;
-        if !dead.is_empty() {
-            for set in sets {
-                tx.query(&set.sql.remove_node_connections, &[&dead])
-                    .await
-                    .map_err(db("reaping dead nodes"))?;
-            }
+        // The dead nodes' rows are gone in this transaction: their connections are orphaned,
+        // as are those whose insert raced with an earlier reap.
+        for set in sets {
+            let orphans = remove_orphaned_connections(&self.inner.names.nodes, &set.names);
+            tx.query(&orphans, &[])
+                .await
+                .map_err(db("reaping dead nodes"))?;
         }
         tx.commit().await.map_err(db("reaping dead nodes"))?;
         dead.iter().map(|id| name::<NodeId>(id)).collect()

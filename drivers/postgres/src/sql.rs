@@ -85,6 +85,37 @@ fn remove_connections(n: &SetNames, condition: &str) -> String {
     )
 }
 
+/// Common table expressions that find the nodes with connections in set `n` but no row in
+/// `nodes` (in `orphaned`): a connection whose insert committed while its node was reaped.
+/// A loose index scan of `connections (node)` walks one entry per node, so the cost follows
+/// the number of nodes, not of connections. Needs `WITH RECURSIVE`.
+fn orphaned_nodes(n: &SetNames, nodes: &str) -> String {
+    format!(
+        "present (node) AS (
+             (SELECT node FROM {c} ORDER BY node LIMIT 1)
+             UNION ALL
+             SELECT (SELECT c.node FROM {c} c WHERE c.node > p.node ORDER BY c.node LIMIT 1)
+             FROM present p WHERE p.node IS NOT NULL
+         ), orphaned AS (
+             SELECT p.node FROM present p
+             WHERE p.node IS NOT NULL
+               AND NOT EXISTS (SELECT 1 FROM {nodes} n WHERE n.id = p.node)
+         )",
+        c = n.connections,
+    )
+}
+
+/// With tables per hub: removes the connections in set `n` of every node without a row in
+/// `nodes`, their memberships, and closes the sessions they leave empty; returns their count.
+pub(crate) fn remove_orphaned_connections(nodes: &str, n: &SetNames) -> String {
+    format!(
+        "WITH RECURSIVE {orphaned}, {remove}
+         SELECT count(*) FROM gone",
+        orphaned = orphaned_nodes(n, nodes),
+        remove = remove_connections(n, "c.node IN (SELECT node FROM orphaned)")
+    )
+}
+
 impl NodeSql {
     /// `set`: the table set every hub shares, by default; `None` with tables per hub.
     pub(crate) fn new(names: &Names, set: Option<&SetNames>) -> Self {
@@ -134,14 +165,20 @@ impl NodeSql {
                  SELECT count(*) FROM dead",
                 remove = remove_connections(n, "c.node = $1")
             ),
+            // `orphaned` reads the nodes table as the statement found it, dead nodes included;
+            // their connections go by `dead`.
             reap_nodes: format!(
-                "WITH dead AS (
+                "WITH RECURSIVE dead AS (
                      DELETE FROM {nodes}
                      WHERE last_heartbeat < now() - make_interval(secs => $1)
                      RETURNING id
-                 ), {remove}
+                 ), {orphaned}, {remove}
                  SELECT id FROM dead ORDER BY id",
-                remove = remove_connections(n, "c.node IN (SELECT id FROM dead)")
+                orphaned = orphaned_nodes(n, nodes),
+                remove = remove_connections(
+                    n,
+                    "c.node IN (SELECT id FROM dead) OR c.node IN (SELECT node FROM orphaned)"
+                )
             ),
             live_nodes: live_nodes(nodes),
         }
@@ -187,7 +224,7 @@ impl Sql {
                 n.streams
             ),
             read: format!(
-                "SELECT s.first_offset, s.epoch, l.\"offset\", l.data
+                "SELECT s.first_offset, s.epoch, l.\"offset\", l.data, s.next_offset
                  FROM {streams} s
                  LEFT JOIN LATERAL (
                      SELECT \"offset\", data FROM {log}
