@@ -255,21 +255,28 @@ impl Namespace for PgNamespace {
     /// restored backup has it.
     async fn rewind_log(&self, hub: &HubName, stream: u32, count: u64) -> Result<(), CaseError> {
         let mut admin = self.admin().await.map_err(CaseError::Failed)?;
-        let failed =
-            |e: tokio_postgres::Error| CaseError::Failed(format!("rewinding the log failed: {e}"));
+        let failed = |e: tokio_postgres::Error| {
+            let detail = e
+                .as_db_error()
+                .map_or_else(|| e.to_string(), |d| d.to_string());
+            CaseError::Failed(format!("rewinding the log failed: {detail}"))
+        };
+        // The layout and prefix as the driver sees them: the URL may set them too.
+        let options = self.options().map_err(CaseError::Failed)?;
         let schema = self.schema.replace('"', "\"\"");
-        let set = if self.tables_per_hub {
+        let prefix = options.get_table_prefix().replace('"', "\"\"");
+        let set = if options.get_tables_per_hub() {
             let row = admin
                 .query_one(
-                    &format!("SELECT slug FROM \"{schema}\".hubs WHERE hub = $1"),
+                    &format!("SELECT slug FROM \"{schema}\".\"{prefix}hubs\" WHERE hub = $1"),
                     &[&hub.as_str()],
                 )
                 .await
                 .map_err(failed)?;
             let slug: String = row.get(0);
-            format!("{}_", slug.replace('"', "\"\""))
+            format!("{prefix}{}_", slug.replace('"', "\"\""))
         } else {
-            String::new()
+            prefix
         };
         let count =
             i64::try_from(count).map_err(|_| CaseError::Failed("count too large".into()))?;

@@ -153,16 +153,19 @@ impl Error {
     /// A copy for each of several callers that one failed call served (a batch): the same
     /// text and retry class, from the error's own driver, or `driver` for other errors.
     pub(crate) fn copy_for(&self, driver: &'static str) -> Self {
-        let driver = match self {
-            Self::Driver { driver, .. } | Self::OutcomeUnknown { driver, .. } => driver,
-            _ => driver,
+        // The copy names its driver once: it takes the source's text, not the whole message.
+        let (driver, text) = match self {
+            Self::Driver { driver, source, .. } | Self::OutcomeUnknown { driver, source } => {
+                (*driver, source.to_string())
+            }
+            _ => (driver, self.to_string()),
         };
         if self.is_outcome_unknown() {
-            Self::outcome_unknown(driver, self.to_string())
+            Self::outcome_unknown(driver, text)
         } else if self.is_transient() {
-            Self::transient(driver, self.to_string())
+            Self::transient(driver, text)
         } else {
-            Self::permanent(driver, self.to_string())
+            Self::permanent(driver, text)
         }
     }
 
@@ -205,4 +208,27 @@ pub enum InvocationError {
     /// The caller canceled the invocation.
     #[error("invocation canceled")]
     Canceled,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_copy_keeps_the_class_and_names_its_driver_once() {
+        let unknown = Error::outcome_unknown("postgres", "connection closed");
+        let copy = unknown.copy_for("batch");
+        assert!(copy.is_outcome_unknown());
+        assert_eq!(copy.to_string(), unknown.to_string());
+        let transient = Error::transient("postgres", "deadlock");
+        let copy = transient.copy_for("batch");
+        assert!(copy.is_transient());
+        assert_eq!(copy.to_string(), "postgres driver error: deadlock");
+        let other = Error::Shutdown.copy_for("batch");
+        assert!(!other.is_transient() && !other.is_outcome_unknown());
+        assert_eq!(
+            other.to_string(),
+            format!("batch driver error: {}", Error::Shutdown)
+        );
+    }
 }

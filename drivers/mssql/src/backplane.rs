@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::batch;
 use crate::conn::{self, Conn, Manager, Pool, Pooled, get, need, need_time, text_bytes, time};
-use crate::error::{CONSTRAINT_CONFLICT, DUPLICATE_KEY, corrupt, db, number, pool};
+use crate::error::{CONSTRAINT_CONFLICT, DUPLICATE_KEY, corrupt, db, db_write, number, pool};
 use crate::options::{MAX_BATCH, MssqlOptions};
 use crate::poller::{PollState, Poller};
 use crate::schema::{self, Names, SetNames};
@@ -340,7 +340,10 @@ impl MssqlBackplane {
             for _ in records.len()..bucket {
                 query.bind(Option::<&[u8]>::None);
             }
-            let rows = conn.rows(query, "appending to the log").await?;
+            let rows = conn
+                .try_rows(query)
+                .await
+                .map_err(db_write("appending to the log"))?;
             if let Some(row) = rows.first() {
                 return position(row, 0, stream, "appending to the log");
             }
@@ -394,8 +397,9 @@ impl MssqlBackplane {
                 conn.rows(query, "appending to the log").await?;
                 offset += i64::try_from(chunk.len()).unwrap_or(i64::MAX);
             }
-            conn.batch("COMMIT TRANSACTION", "committing an append")
-                .await?;
+            conn.try_batch("COMMIT TRANSACTION")
+                .await
+                .map_err(db_write("committing an append"))?;
             Ok(first)
         }
         .await;

@@ -78,6 +78,14 @@ impl Conn {
     /// Runs a batch without parameters (DDL, transaction control) as a plain SQL batch, so
     /// `SET` options and transactions it starts stay with the session.
     pub(crate) async fn batch(&mut self, sql: &str, context: &'static str) -> Result<Vec<Row>> {
+        self.try_batch(sql).await.map_err(db(context))
+    }
+
+    /// Like [`batch`](Self::batch), but hands back the raw error.
+    pub(crate) async fn try_batch(
+        &mut self,
+        sql: &str,
+    ) -> Result<Vec<Row>, tiberius::error::Error> {
         self.broken = true;
         let outcome = async {
             self.client
@@ -87,7 +95,7 @@ impl Conn {
                 .await
         }
         .await;
-        self.settle(outcome).map_err(db(context))
+        self.settle(outcome)
     }
 
     /// Like [`rows`](Self::rows), but hands back the raw error, for callers that map some

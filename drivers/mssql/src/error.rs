@@ -195,6 +195,28 @@ pub(crate) fn db(context: &'static str) -> impl FnOnce(tiberius::error::Error) -
     }
 }
 
+/// Converts the error of a request that writes and commits, as [`db`] does, except when the
+/// outcome is unknown: the connection broke or fell out of step after the request was sent,
+/// so it may have committed.
+pub(crate) fn db_write(context: &'static str) -> impl FnOnce(tiberius::error::Error) -> Error {
+    move |source| {
+        if outcome_unknown(&source) {
+            Error::outcome_unknown(MssqlBackplane::NAME, MssqlError { context, source })
+        } else {
+            db(context)(source)
+        }
+    }
+}
+
+/// Whether a write that failed with `err` may have committed: the transport broke or the
+/// answer could not be read (the server's own errors come before the commit).
+fn outcome_unknown(err: &tiberius::error::Error) -> bool {
+    matches!(
+        err,
+        tiberius::error::Error::Io { .. } | tiberius::error::Error::Protocol(_)
+    )
+}
+
 /// Converts a pool error (no connection could be had) into the core's error.
 pub(crate) fn pool(err: deadpool::managed::PoolError<tiberius::error::Error>) -> Error {
     match err {
@@ -248,6 +270,8 @@ mod tests {
         }));
         assert!(!is_transient(&E::Tls("bad certificate".into())));
         assert!(!is_transient(&E::Conversion("no".into())));
+        assert!(outcome_unknown(&io));
+        assert!(db_write("testing")(io.clone()).is_outcome_unknown());
         let mapped = db("testing")(io);
         assert!(mapped.is_transient());
         assert!(mapped.to_string().contains("while testing"), "{mapped}");

@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_postgres::Row;
 
 use crate::batch;
-use crate::error::{corrupt, db, pool};
+use crate::error::{connection_lost, corrupt, db, db_write, pool};
 use crate::listener::{self, Listener};
 use crate::options::PgOptions;
 use crate::schema::{self, Names, SetNames};
@@ -396,7 +396,7 @@ impl PgBackplane {
             .await
             .map_err(db("preparing an append"))?;
         for _ in 0..2 {
-            let row = client
+            let answer = client
                 .query_opt(
                     &statement,
                     &[
@@ -408,8 +408,18 @@ impl PgBackplane {
                         &payload,
                     ],
                 )
-                .await
-                .map_err(db("appending to the log"))?;
+                .await;
+            let row = match answer {
+                Ok(row) => row,
+                Err(err) => {
+                    if connection_lost(&err) {
+                        // Its connection task may not have noticed yet: keep the pool from
+                        // handing the dead connection to the next write.
+                        drop(deadpool_postgres::Object::take(client));
+                    }
+                    return Err(db_write("appending to the log")(err));
+                }
+            };
             if let Some(row) = row {
                 return position(&row, stream, "appending to the log");
             }

@@ -189,6 +189,36 @@ pub(crate) fn db(context: &'static str) -> impl FnOnce(tokio_postgres::Error) ->
     }
 }
 
+/// Converts the error of a statement that writes in one step (its own implicit transaction),
+/// as [`db`] does, except when the outcome is unknown: the connection broke or the server went
+/// away after the statement was sent, so it may have committed.
+pub(crate) fn db_write(context: &'static str) -> impl FnOnce(tokio_postgres::Error) -> Error {
+    move |source| {
+        if outcome_unknown(source.code().map(|c| c.code())) {
+            Error::outcome_unknown(PgBackplane::NAME, PgError { context, source })
+        } else {
+            db(context)(source)
+        }
+    }
+}
+
+/// Whether a write that failed with `code` (`None`: no SQLSTATE, the client's side) may have
+/// committed: a broken connection (no SQLSTATE, class 08) or a server shutting down (57P01,
+/// 57P02), which may have come between the commit and its answer.
+fn outcome_unknown(code: Option<&str>) -> bool {
+    code.is_none_or(|code| code.starts_with("08") || matches!(code, "57P01" | "57P02"))
+}
+
+/// Whether `err` means the connection is gone: closed on the client's side, broken (class 08),
+/// or ended by the server (57P01, 57P02, 57P03).
+pub(crate) fn connection_lost(err: &tokio_postgres::Error) -> bool {
+    err.is_closed()
+        || err.code().is_some_and(|code| {
+            let code = code.code();
+            code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03")
+        })
+}
+
 /// Converts a pool error (no connection could be had) into the core's error.
 pub(crate) fn pool(err: deadpool_postgres::PoolError) -> Error {
     match err {
@@ -216,6 +246,17 @@ mod tests {
         }
         for code in ["23505", "42P01", "42501", "22P02"] {
             assert!(!is_transient_state(code), "{code}");
+        }
+    }
+
+    #[test]
+    fn writes_whose_outcome_is_unknown() {
+        for code in [None, Some("08006"), Some("08003"), Some("57P01")] {
+            assert!(outcome_unknown(code), "{code:?}");
+        }
+        // A cancelled statement, a serialization failure, a constraint: rolled back.
+        for code in ["57014", "40001", "40P01", "23505", "55P03"] {
+            assert!(!outcome_unknown(Some(code)), "{code}");
         }
     }
 }
