@@ -119,6 +119,7 @@ macro_rules! for_each_case {
             log::log_position_past_end_too_old,
             log::log_rewind_rereads_without_duplicates,
             log::log_rewind_overtaken_rereads_without_duplicates,
+            log::log_rewind_under_own_appends_rereads_without_loss,
             log::reader_behind_retention_gets_signal,
             log::concurrent_publishers_no_loss_no_duplicates,
             log::multi_stream_per_sender_order [8],

@@ -80,24 +80,7 @@ impl Cluster {
     ///
     /// As [`start`](Self::start), or the files could not be written.
     pub fn start_with_tls(tls: Option<(&str, &str)>) -> Result<Self, String> {
-        let bin = bindir()?;
-        let as_postgres = is_root();
-        let dir = std::env::temp_dir().join(format!(
-            "backplane-pg-{}-{}",
-            std::process::id(),
-            free_port()?
-        ));
-        std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
-        if as_postgres {
-            run(Command::new("chown").arg("postgres:").arg(&dir), "chown")?;
-        }
-        let mut cluster = Self {
-            dir,
-            bin,
-            port: free_port()?,
-            as_postgres,
-            settings: String::new(),
-        };
+        let mut cluster = Self::empty()?;
         let data = cluster.data();
         cluster.pg(
             "initdb",
@@ -136,6 +119,80 @@ impl Cluster {
         }
         cluster.pg_ctl_start()?;
         Ok(cluster)
+    }
+
+    /// A cluster with a directory of its own and no data yet.
+    fn empty() -> Result<Self, String> {
+        let bin = bindir()?;
+        let as_postgres = is_root();
+        let dir = std::env::temp_dir().join(format!(
+            "backplane-pg-{}-{}",
+            std::process::id(),
+            free_port()?
+        ));
+        std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+        if as_postgres {
+            run(Command::new("chown").arg("postgres:").arg(&dir), "chown")?;
+        }
+        Ok(Self {
+            dir,
+            bin,
+            port: free_port()?,
+            as_postgres,
+            settings: String::new(),
+        })
+    }
+
+    /// Starts a streaming standby of this cluster: a `pg_basebackup` of its data, on a port of
+    /// its own, following it asynchronously until [`promote`](Self::promote)d.
+    ///
+    /// # Errors
+    ///
+    /// `pg_basebackup` or `pg_ctl` failed (their output is in the message).
+    pub fn standby(&self) -> Result<Self, String> {
+        let standby = Self::empty()?;
+        let port = self.port.to_string();
+        standby.pg(
+            "pg_basebackup",
+            &[
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-U",
+                "postgres",
+                "-D",
+                &standby.data(),
+                "--write-recovery-conf",
+                "--wal-method=stream",
+                "--checkpoint=fast",
+                "--no-sync",
+            ],
+        )?;
+        standby.pg_ctl_start()?;
+        Ok(standby)
+    }
+
+    /// Promotes a standby, waiting until it accepts writes.
+    ///
+    /// # Errors
+    ///
+    /// `pg_ctl promote` failed: not a standby, or not running.
+    pub fn promote(&self) -> Result<(), String> {
+        self.pg("pg_ctl", &["-D", &self.data(), "-w", "-t", "60", "promote"])
+    }
+
+    /// Stops the server at once, as a crash does: no shutdown checkpoint, and nothing more
+    /// reaches its standbys.
+    ///
+    /// # Errors
+    ///
+    /// `pg_ctl stop` failed.
+    pub fn crash(&self) -> Result<(), String> {
+        self.pg(
+            "pg_ctl",
+            &["-D", &self.data(), "-m", "immediate", "-w", "stop"],
+        )
     }
 
     fn data(&self) -> String {

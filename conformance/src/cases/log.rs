@@ -622,6 +622,64 @@ pub async fn log_rewind_overtaken_rereads_without_duplicates(ctx: &mut Ctx) -> C
     rewind_under_a_reader(ctx, 6).await
 }
 
+/// Node A publishes ten messages to a stream (its reader steps over them) and reads one of
+/// node B's there; the last four entries are lost (a restore or a failover), then B, A and B
+/// again append to the same stream before A reads. A's own append gets an offset it had been
+/// given before: A notices the log went back in time, and its connection receives every entry
+/// of B's new history once, none of A's twice.
+pub async fn log_rewind_under_own_appends_rereads_without_loss(ctx: &mut Ctx) -> CaseResult {
+    const LOST: u64 = 4;
+    let faulty = Faulty::new(ctx.backplane().await?);
+    let a = ctx.node_on(faulty.clone(), test_options()).await?;
+    let b = ctx.node().await?;
+    let mut client = ctx.connect(&a, None).await?;
+    let sender = ConnectionId::new("one-stream")?;
+    let to_all =
+        |text: &str| Message::to_all(ctx.hub.clone(), text.to_owned()).sender(sender.clone());
+    for i in 0..10 {
+        a.publish(to_all(&format!("old-{i}"))).await?;
+        client.expect(format!("old-{i}").as_bytes()).await?;
+    }
+    // Read by A's reader from the log: once A's connection has it, the reader is past it all.
+    let last = b.publish(to_all("b-old")).await?.position;
+    client.expect(b"b-old").await?;
+    let Some(last) = last else {
+        return Err(CaseError::Failed(
+            "a broadcast to another node reported no log position".into(),
+        ));
+    };
+
+    faulty.hold_before(Op::Read, true);
+    ctx.namespace()
+        .rewind_log(&ctx.hub, last.stream, LOST)
+        .await?;
+    let mut events = a.events();
+    b.publish(to_all("new-0")).await?;
+    let mine = a.publish(to_all("mine")).await?.position;
+    check!(
+        mine.is_some_and(|p| p.offset < last.offset),
+        "A's append after the rewind got {mine:?}, expected an offset below {last}"
+    );
+    client.expect(b"mine").await?;
+    for i in 1..5 {
+        b.publish(to_all(&format!("new-{i}"))).await?;
+    }
+    faulty.waiting_before(Op::Read, 1).await?;
+    faulty.hold_before(Op::Read, false);
+    let hub = ctx.hub.clone();
+    wait_event(
+        &mut events,
+        WAIT,
+        |e| matches!(e, NodeEvent::LogRewound { hub: h, .. } if h == &hub),
+    )
+    .await?;
+    for i in 0..5 {
+        client.expect(format!("new-{i}").as_bytes()).await?;
+    }
+    let marker = sentinel(&b, &ctx.hub, &[&client]).await?;
+    client.quiet_until(&marker).await
+}
+
 /// Ten entries read by node B, the last four lost, then `new` entries, then B reads.
 async fn rewind_under_a_reader(ctx: &mut Ctx, new: usize) -> CaseResult {
     const OLD: usize = 10;

@@ -222,7 +222,14 @@ async fn deliver(node: &Node, batch: Vec<Request>, stored: Option<Stored>) {
                     .own
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
-                    .insert(position, count);
+                    .insert(
+                        position,
+                        request
+                            .encoded
+                            .iter()
+                            .map(|record| super::reader::fingerprint(record))
+                            .collect(),
+                    );
                 offset = Some(at + count);
                 Some(position)
             }

@@ -28,53 +28,114 @@ const OWN_RANGES: usize = 4096;
 /// its reader does not fetch them back from the log only to ignore them.
 #[derive(Default)]
 pub(super) struct OwnEntries {
-    /// Per stream: epoch, then start offset -> end offset (exclusive).
-    streams: HashMap<u32, (u64, BTreeMap<u64, u64>)>,
+    streams: HashMap<u32, OwnStream>,
+}
+
+/// This node's entries in one stream.
+#[derive(Default)]
+struct OwnStream {
+    epoch: u64,
+    /// Start offset -> the fingerprint of each entry from there.
+    ranges: BTreeMap<u64, Vec<u64>>,
+    /// The end of the last append: a stream hands out every offset once, so an append that
+    /// starts below it means the log went back in time.
+    end: u64,
+    /// The lowest offset handed out again, until the reader takes it.
+    reissued: Option<u64>,
+}
+
+/// What stepping over this node's entries at a cursor found.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(super) struct Step {
+    /// Where this node's next entries start, if known.
+    pub(super) next: Option<u64>,
+    /// The entries stepped over: offset and fingerprint.
+    pub(super) passed: Vec<(u64, u64)>,
+    /// This node's entries below the cursor, which the reader passed before their append
+    /// answered: offset and fingerprint.
+    pub(super) behind: Vec<(u64, u64)>,
+    /// The lowest offset one of this node's appends got again: the log went back in time.
+    pub(super) reissued: Option<u64>,
 }
 
 impl OwnEntries {
-    /// Remembers that `count` entries starting at `position` are this node's.
-    pub(super) fn insert(&mut self, position: Position, count: u64) {
-        if count == 0 {
+    /// Remembers that the entries starting at `position`, with these fingerprints, are this
+    /// node's. Appends to a stream come one after another, so each starts at or after the end
+    /// of the one before, unless the log went back in time.
+    pub(super) fn insert(&mut self, position: Position, fingerprints: Vec<u64>) {
+        if fingerprints.is_empty() {
             return;
         }
-        let (epoch, ranges) = self
+        let own = self
             .streams
             .entry(position.stream)
-            .or_insert_with(|| (position.epoch, BTreeMap::new()));
-        if *epoch != position.epoch {
-            *epoch = position.epoch;
-            ranges.clear();
+            .or_insert_with(|| OwnStream {
+                epoch: position.epoch,
+                ..OwnStream::default()
+            });
+        if own.epoch != position.epoch {
+            *own = OwnStream {
+                epoch: position.epoch,
+                ..OwnStream::default()
+            };
         }
-        ranges.insert(position.offset, position.offset + count);
-        if ranges.len() > OWN_RANGES {
-            ranges.pop_first();
+        if position.offset < own.end {
+            own.reissued = Some(
+                own.reissued
+                    .map_or(position.offset, |r| r.min(position.offset)),
+            );
+            // What was remembered from there on is another history's.
+            own.ranges.split_off(&position.offset);
+            if let Some((start, prints)) = own.ranges.iter_mut().next_back() {
+                let keep = usize::try_from(position.offset - start).unwrap_or(usize::MAX);
+                prints.truncate(keep);
+            }
+        }
+        own.end = position.offset + fingerprints.len() as u64;
+        own.ranges.insert(position.offset, fingerprints);
+        if own.ranges.len() > OWN_RANGES {
+            own.ranges.pop_first();
         }
     }
 
-    /// Forgets every entry of `stream`: its history changed.
+    /// Forgets the entries of `stream`: its history changed. The end of the last append stays,
+    /// so that appends of the old history are not taken for signs of a new change.
     pub(super) fn forget(&mut self, stream: u32) {
-        self.streams.remove(&stream);
+        if let Some(own) = self.streams.get_mut(&stream) {
+            own.ranges.clear();
+            own.reissued = None;
+        }
     }
 
-    /// Moves `cursor` past this node's entries that start at it, forgets those below it, and
-    /// returns the offset where the next of this node's entries starts, if one is known.
-    pub(super) fn step_over(&mut self, cursor: &mut Position) -> Option<u64> {
-        let (epoch, ranges) = self.streams.get_mut(&cursor.stream)?;
-        if *epoch != cursor.epoch {
-            ranges.clear();
-            return None;
+    /// Moves `cursor` past this node's entries that start at it, and forgets those below it.
+    pub(super) fn step_over(&mut self, cursor: &mut Position) -> Step {
+        let mut step = Step::default();
+        let Some(own) = self.streams.get_mut(&cursor.stream) else {
+            return step;
+        };
+        if own.epoch != cursor.epoch {
+            own.ranges.clear();
+            own.reissued = None;
+            return step;
         }
-        while let Some((&start, &end)) = ranges.first_key_value() {
+        step.reissued = own.reissued.take();
+        while let Some(entry) = own.ranges.first_entry() {
+            let start = *entry.key();
             if start > cursor.offset {
-                return Some(start);
+                step.next = Some(start);
+                break;
             }
-            ranges.pop_first();
+            let prints = entry.remove();
+            let entries = (start..).zip(prints);
             if start == cursor.offset {
-                cursor.offset = end;
+                step.passed.extend(entries);
+                cursor.offset = step.passed.last().map_or(start, |(offset, _)| offset + 1);
+            } else {
+                step.behind
+                    .extend(entries.take_while(|(offset, _)| *offset < cursor.offset));
             }
         }
-        None
+        step
     }
 }
 
@@ -83,7 +144,7 @@ const RECENT: usize = 1024;
 
 /// A fingerprint of a log entry: its length, its start (version, time, kind, origin, target)
 /// and its end (the payload's last bytes).
-fn fingerprint(data: &[u8]) -> u64 {
+pub(super) fn fingerprint(data: &[u8]) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
     data.len().hash(&mut hasher);
@@ -267,12 +328,39 @@ impl Reader {
         let batch = self.node.inner.options.read_batch;
         let mut anchored = true;
         loop {
-            let next_own = self
+            let before = self.cursors[stream];
+            let step = self
                 .state
                 .own
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .step_over(&mut self.cursors[stream]);
+            for (offset, seen) in &step.passed {
+                self.recent[stream].push(*offset, *seen);
+            }
+            // One of this node's appends got an offset again, or an offset the reader passed
+            // holds another entry than this node's: the log went back in time.
+            let changed = step.reissued.into_iter().chain(
+                step.behind
+                    .iter()
+                    .filter(|(offset, seen)| {
+                        self.recent[stream]
+                            .get(*offset)
+                            .is_some_and(|before| before != *seen)
+                    })
+                    .map(|(offset, _)| *offset),
+            );
+            if let Some(changed) = changed.min() {
+                let end = self
+                    .node
+                    .inner
+                    .backplane
+                    .tail(&self.state.name, before.stream)
+                    .await?;
+                self.rewound(stream, before, end, changed);
+                continue;
+            }
+            let next_own = step.next;
             let cursor = self.cursors[stream];
             // Read up to this node's next own entries at most; the next round steps over them.
             let limit = next_own.map_or(batch, |start| {
@@ -558,48 +646,80 @@ async fn next_wake(wakeups: &mut Option<Wakeups>) -> Wake {
 mod tests {
     use super::*;
 
-    #[test]
-    fn steps_over_own_entries_at_the_cursor() {
-        let mut own = OwnEntries::default();
-        own.insert(Position::new(0, 5, 7), 3);
-        own.insert(Position::new(0, 8, 7), 2);
-        own.insert(Position::new(0, 20, 7), 1);
-        let mut cursor = Position::new(0, 2, 7);
-        assert_eq!(own.step_over(&mut cursor), Some(5));
-        assert_eq!(cursor.offset, 2);
-        cursor.offset = 5;
-        assert_eq!(own.step_over(&mut cursor), Some(20));
-        assert_eq!(cursor.offset, 10);
-        cursor.offset = 21;
-        assert_eq!(own.step_over(&mut cursor), None);
-        assert_eq!(cursor.offset, 21);
+    fn prints(count: u64) -> Vec<u64> {
+        (0..count).map(|i| 100 + i).collect()
     }
 
     #[test]
-    fn forgets_ranges_already_read_and_other_epochs() {
+    fn steps_over_own_entries_at_the_cursor() {
         let mut own = OwnEntries::default();
-        own.insert(Position::new(1, 5, 7), 3);
+        own.insert(Position::new(0, 5, 7), prints(3));
+        own.insert(Position::new(0, 8, 7), prints(2));
+        own.insert(Position::new(0, 20, 7), prints(1));
+        let mut cursor = Position::new(0, 2, 7);
+        assert_eq!(own.step_over(&mut cursor).next, Some(5));
+        assert_eq!(cursor.offset, 2);
+        cursor.offset = 5;
+        let step = own.step_over(&mut cursor);
+        assert_eq!(step.next, Some(20));
+        assert_eq!(
+            step.passed,
+            [(5, 100), (6, 101), (7, 102), (8, 100), (9, 101)]
+        );
+        assert_eq!(cursor.offset, 10);
+        cursor.offset = 21;
+        assert_eq!(own.step_over(&mut cursor).behind, [(20, 100)]);
+        assert_eq!(cursor.offset, 21);
+        assert_eq!(own.step_over(&mut cursor), Step::default());
+    }
+
+    #[test]
+    fn reports_entries_below_the_cursor_and_forgets_other_epochs() {
+        let mut own = OwnEntries::default();
+        own.insert(Position::new(1, 5, 7), prints(3));
         let mut cursor = Position::new(1, 6, 7);
-        assert_eq!(own.step_over(&mut cursor), None);
+        let step = own.step_over(&mut cursor);
+        assert_eq!(step.behind, [(5, 100)]);
+        assert_eq!((step.next, step.reissued), (None, None));
         assert_eq!(cursor.offset, 6);
 
-        own.insert(Position::new(1, 10, 7), 1);
+        own.insert(Position::new(1, 10, 7), prints(1));
         let mut other_epoch = Position::new(1, 10, 8);
-        assert_eq!(own.step_over(&mut other_epoch), None);
+        assert_eq!(own.step_over(&mut other_epoch), Step::default());
         assert_eq!(other_epoch.offset, 10);
 
         let mut other_stream = Position::new(2, 10, 7);
-        assert_eq!(own.step_over(&mut other_stream), None);
+        assert_eq!(own.step_over(&mut other_stream), Step::default());
+    }
+
+    #[test]
+    fn an_offset_handed_out_again_is_reported_once() {
+        let mut own = OwnEntries::default();
+        own.insert(Position::new(0, 5, 7), prints(3));
+        own.insert(Position::new(0, 8, 7), prints(2));
+        // The log went back to offset 6, and this node appended there again.
+        own.insert(Position::new(0, 6, 7), prints(1));
+        let mut cursor = Position::new(0, 5, 7);
+        let step = own.step_over(&mut cursor);
+        assert_eq!(step.reissued, Some(6));
+        // What the other history had from offset 6 on is gone.
+        assert_eq!(step.passed, [(5, 100), (6, 100)]);
+        assert_eq!(cursor.offset, 7);
+        assert_eq!(own.step_over(&mut cursor).reissued, None);
+        // After the reader forgot the stream, appends at the new end are no change.
+        own.forget(0);
+        own.insert(Position::new(0, 7, 7), prints(1));
+        assert_eq!(own.step_over(&mut cursor).reissued, None);
     }
 
     #[test]
     fn remembers_a_bounded_number_of_ranges() {
         let mut own = OwnEntries::default();
         for i in 0..(OWN_RANGES as u64 + 10) {
-            own.insert(Position::new(0, i, 1), 1);
+            own.insert(Position::new(0, i, 1), prints(1));
         }
         let mut cursor = Position::new(0, 0, 1);
-        assert_eq!(own.step_over(&mut cursor), Some(10));
+        assert_eq!(own.step_over(&mut cursor).next, Some(10));
         assert_eq!(cursor.offset, 0);
     }
 }

@@ -146,6 +146,9 @@ pub(crate) fn durable_message(row: &Row) -> Result<DurableMessage> {
 }
 
 /// The first column of the first row as a count.
+/// Entries one trim statement deletes at most, so each stays short whatever the backlog.
+const TRIM_BATCH: u32 = 5_000;
+
 fn count(rows: &[Row], context: &'static str) -> Result<u64> {
     let Some(row) = rows.first() else {
         return Ok(0);
@@ -665,7 +668,29 @@ impl Backplane for MssqlBackplane {
                 query.bind(millis);
                 query.bind(max_entries);
                 let rows = conn.rows(query, "trimming the log").await?;
-                removed += count(&rows, "trimming the log")?;
+                let Some(first) = rows
+                    .first()
+                    .map(|row| get::<i64>(row, 0, "trimming the log"))
+                    .transpose()?
+                    .flatten()
+                else {
+                    // The stream went meanwhile.
+                    continue;
+                };
+                // Bounded batches, none under the stream row's lock, so appends never wait for
+                // a long delete.
+                loop {
+                    let mut query = Query::new(set.sql.trim_delete.as_str());
+                    query.bind(id);
+                    query.bind(first);
+                    query.bind(i64::from(TRIM_BATCH));
+                    let rows = conn.rows(query, "trimming the log").await?;
+                    let deleted = count(&rows, "trimming the log")?;
+                    removed += deleted;
+                    if deleted < u64::from(TRIM_BATCH) {
+                        break;
+                    }
+                }
             }
         }
         Ok(removed)

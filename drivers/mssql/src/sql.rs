@@ -199,7 +199,11 @@ pub(crate) struct Sql {
     pub(crate) tail: String,
     pub(crate) read: String,
     pub(crate) trim_streams: String,
+    /// Moves a stream's `first_offset` under a short lock and returns it.
     pub(crate) trim: String,
+    /// Deletes up to `@P3` entries below `@P2`: one bounded batch, outside any lock on the
+    /// stream row. Returns how many went.
+    pub(crate) trim_delete: String,
     pub(crate) add_connection: String,
     pub(crate) remove_connection: String,
     pub(crate) connection: String,
@@ -246,8 +250,8 @@ impl Sql {
                 "SELECT next_offset, epoch FROM {} WHERE hub = @P1 AND stream = @P2",
                 n.streams
             ),
-            // OUTER APPLY and TOP (@var): SQL Server 2005+. One statement, so the stream row and
-            // the entries come from one consistent read (a trim holds the stream row's lock).
+            // OUTER APPLY and TOP (@var): SQL Server 2005+. A trim deleting meanwhile can only
+            // leave a gap at the start, which the core's read check turns into PositionTooOld.
             read: format!(
                 "SELECT s.first_offset, s.epoch, l.[offset], l.data, s.next_offset
                  FROM {streams} AS s
@@ -264,11 +268,11 @@ impl Sql {
             trim_streams: format!("SELECT id FROM {}", n.streams),
             // Trims stream `@P1`: `@P2` seconds plus `@P3` milliseconds of age, `@P4` entries.
             // The UPDLOCK on the stream row waits for appends in flight (they hold it until
-            // commit), so every entry below next_offset is visible to what follows.
+            // commit), so every entry below next_offset is visible to what follows. It only
+            // moves first_offset; `trim_delete` removes the entries below it afterwards.
             trim: format!(
                 "SET XACT_ABORT ON;
-                 DECLARE @next bigint, @first bigint, @floor bigint, @young bigint, @new bigint,
-                         @removed bigint = 0;
+                 DECLARE @next bigint, @first bigint, @floor bigint, @young bigint, @new bigint;
                  BEGIN TRANSACTION;
                  SELECT @next = next_offset, @first = first_offset
                  FROM {streams} WITH (UPDLOCK, ROWLOCK) WHERE id = @P1;
@@ -283,15 +287,19 @@ impl Sql {
                      IF @new > @first
                      BEGIN
                          UPDATE {streams} SET first_offset = @new WHERE id = @P1;
-                         DELETE FROM {log} WHERE stream_id = @P1 AND [offset] < @new;
-                         SET @removed = @@ROWCOUNT;
+                         SET @first = @new;
                      END
                  END
                  COMMIT TRANSACTION;
-                 SELECT @removed;",
+                 SELECT @first;",
                 streams = n.streams,
                 log = n.log,
                 cutoff = ago("@P2", "@P3")
+            ),
+            trim_delete: format!(
+                "DELETE TOP (@P3) FROM {} WHERE stream_id = @P1 AND [offset] < @P2;
+                 SELECT @@ROWCOUNT;",
+                n.log
             ),
             // The connection, then the user's session: updated under a key-range lock, or
             // inserted when the user has none. A taken id fails with error 2627.
@@ -660,6 +668,26 @@ mod tests {
     }
 
     #[test]
+    fn a_trim_deletes_in_batches_outside_the_stream_lock() {
+        let sql = Sql::new(&set());
+        // The locked part only moves the start of the stream.
+        assert!(sql.trim.contains("UPDLOCK"), "{}", sql.trim);
+        assert!(!sql.trim.contains("DELETE"), "{}", sql.trim);
+        // The deletes are bounded, and take no lock on the stream row.
+        assert!(
+            sql.trim_delete.contains("DELETE TOP (@P3)"),
+            "{}",
+            sql.trim_delete
+        );
+        assert!(!sql.trim_delete.contains("streams"), "{}", sql.trim_delete);
+        assert!(
+            !sql.trim_delete.contains("TRANSACTION"),
+            "{}",
+            sql.trim_delete
+        );
+    }
+
+    #[test]
     fn transactions_are_balanced() {
         let sql = Sql::new(&set());
         let node = NodeSql::new(&Names::new(&MssqlOptions::new("h", "u", "p")));
@@ -831,6 +859,7 @@ mod tests {
                 sql.read.clone(),
                 sql.trim_streams.clone(),
                 sql.trim.clone(),
+                sql.trim_delete.clone(),
                 sql.add_connection.clone(),
                 sql.remove_connection.clone(),
                 sql.connection.clone(),

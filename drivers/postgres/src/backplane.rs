@@ -20,7 +20,7 @@ use crate::error::{connection_lost, corrupt, db, db_write, pool};
 use crate::listener::{self, Listener};
 use crate::options::PgOptions;
 use crate::schema::{self, Names, SetNames};
-use crate::sql::{NodeSql, remove_orphaned_connections};
+use crate::sql::{NodeSql, Sql, remove_orphaned_connections};
 use crate::tables::{Layout, PerHub, TableSet};
 use backplane_core::batch::AppendRequest;
 
@@ -143,7 +143,8 @@ fn durable_message(row: &Row) -> Result<DurableMessage> {
     })
 }
 
-/// Trims one table set's streams, each in a transaction of its own.
+/// Trims one table set's streams, one after another: a short transaction moves each stream's
+/// start, then bounded deletes remove what fell below it.
 async fn trim_set(
     client: &mut deadpool_postgres::Object,
     set: &TableSet,
@@ -159,32 +160,77 @@ async fn trim_set(
     let mut removed = 0;
     for row in streams {
         let id: i64 = row.try_get(0).map_err(db("listing streams to trim"))?;
-        let tx = client.transaction().await.map_err(db("trimming the log"))?;
-        // Locking the stream row waits for appends in flight, so the next statement's
-        // snapshot sees every entry that has an offset below next_offset.
-        let lock = tx
-            .query_one(&sql.trim_lock, &[&id])
+        let first = move_first_offset(client, sql, id, max_age, max_entries).await?;
+        removed += delete_below(client, sql, id, first).await?;
+    }
+    Ok(removed)
+}
+
+/// Entries one trim statement deletes at most, so each statement stays short whatever the
+/// backlog, and appends never wait for it.
+const TRIM_BATCH: i64 = 5_000;
+
+/// Moves the stream's `first_offset` past the entries `retention` drops, under a short lock on
+/// the stream row, and returns it. From then on a read below it fails with `PositionTooOld`.
+async fn move_first_offset(
+    client: &mut deadpool_postgres::Object,
+    sql: &Sql,
+    id: i64,
+    max_age: f64,
+    max_entries: i64,
+) -> Result<i64> {
+    let tx = client.transaction().await.map_err(db("trimming the log"))?;
+    // Locking the stream row waits for appends in flight, so the next statement's snapshot
+    // sees every entry that has an offset below next_offset.
+    let lock = tx
+        .query_one(&sql.trim_lock, &[&id])
+        .await
+        .map_err(db("trimming the log"))?;
+    let next: i64 = lock.try_get(0).map_err(db("trimming the log"))?;
+    let first: i64 = lock.try_get(1).map_err(db("trimming the log"))?;
+    let floor = first.max(next.saturating_sub(max_entries));
+    let young = tx
+        .query_one(&sql.trim_oldest_young, &[&id, &max_age, &floor])
+        .await
+        .map_err(db("trimming the log"))?;
+    let oldest_young: Option<i64> = young.try_get(0).map_err(db("trimming the log"))?;
+    let new_first = floor.max(oldest_young.unwrap_or(next));
+    if new_first > first {
+        tx.execute(&sql.trim_set_first, &[&id, &new_first])
             .await
             .map_err(db("trimming the log"))?;
-        let next: i64 = lock.try_get(0).map_err(db("trimming the log"))?;
-        let first: i64 = lock.try_get(1).map_err(db("trimming the log"))?;
-        let floor = first.max(next.saturating_sub(max_entries));
-        let young = tx
-            .query_one(&sql.trim_oldest_young, &[&id, &max_age, &floor])
+    }
+    tx.commit().await.map_err(db("trimming the log"))?;
+    Ok(new_first.max(first))
+}
+
+/// Deletes the stream's entries below `first`, [`TRIM_BATCH`] at a time, each batch its own
+/// statement and none under the stream row's lock. Entries an earlier, interrupted trim left
+/// below `first` go too.
+async fn delete_below(
+    client: &deadpool_postgres::Object,
+    sql: &Sql,
+    id: i64,
+    first: i64,
+) -> Result<u64> {
+    let lowest = client
+        .query_one(&sql.trim_lowest, &[&id])
+        .await
+        .map_err(db("trimming the log"))?;
+    let Some(mut lowest) = lowest
+        .try_get::<_, Option<i64>>(0)
+        .map_err(db("trimming the log"))?
+    else {
+        return Ok(0);
+    };
+    let mut removed = 0;
+    while lowest < first {
+        let upto = first.min(lowest.saturating_add(TRIM_BATCH));
+        removed += client
+            .execute(&sql.trim_delete, &[&id, &lowest, &upto])
             .await
             .map_err(db("trimming the log"))?;
-        let oldest_young: Option<i64> = young.try_get(0).map_err(db("trimming the log"))?;
-        let new_first = floor.max(oldest_young.unwrap_or(next));
-        if new_first > first {
-            tx.execute(&sql.trim_set_first, &[&id, &new_first])
-                .await
-                .map_err(db("trimming the log"))?;
-            removed += tx
-                .execute(&sql.trim_delete, &[&id, &new_first])
-                .await
-                .map_err(db("trimming the log"))?;
-        }
-        tx.commit().await.map_err(db("trimming the log"))?;
+        lowest = upto;
     }
     Ok(removed)
 }

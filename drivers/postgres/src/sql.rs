@@ -21,6 +21,9 @@ pub(crate) struct Sql {
     /// there and stops at the first young entry, so its cost follows the entries removed.
     pub(crate) trim_oldest_young: String,
     pub(crate) trim_set_first: String,
+    /// The stream's lowest entry still stored: below `first_offset` when a trim is deleting.
+    pub(crate) trim_lowest: String,
+    /// Deletes the entries from `$2` up to (not including) `$3`: one bounded batch.
     pub(crate) trim_delete: String,
     pub(crate) add_connection: String,
     pub(crate) open_session: String,
@@ -252,8 +255,12 @@ impl Sql {
                 "UPDATE {} SET first_offset = $2 WHERE id = $1",
                 n.streams
             ),
+            trim_lowest: format!(
+                "SELECT min(\"offset\") FROM {} WHERE stream_id = $1",
+                n.log
+            ),
             trim_delete: format!(
-                "DELETE FROM {} WHERE stream_id = $1 AND \"offset\" < $2",
+                "DELETE FROM {} WHERE stream_id = $1 AND \"offset\" >= $2 AND \"offset\" < $3",
                 n.log
             ),
             add_connection: format!(
