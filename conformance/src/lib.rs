@@ -92,6 +92,7 @@ macro_rules! for_each_case {
             presence::presence_removed_on_disconnect,
             presence::closed_connections_stay_registered_until_they_disconnect,
             presence::user_session_lifecycle,
+            presence::reaping_waits_for_other_nodes_after_an_outage,
             presence::dead_node_is_reaped,
             presence::reaped_node_registers_again,
             presence::live_nodes_listed,

@@ -2,6 +2,7 @@
 //! re-registration of nodes.
 
 use std::collections::BTreeSet;
+use std::time::Duration;
 
 use backplane_core::{
     ConnectionId, ConnectionInfo, GroupName, Job, Message, Node, NodeEvent, NodeId,
@@ -10,7 +11,7 @@ use backplane_core::{
 
 use crate::{
     CaseError, CaseResult, Ctx, Faulty, Op, WAIT, check, check_eq, sentinel, test_options,
-    wait_event,
+    until_after_jobs, wait_event,
 };
 
 /// The user's current session, failing the case when there is none.
@@ -310,6 +311,66 @@ pub async fn user_session_lifecycle(ctx: &mut Ctx) -> CaseResult {
         "a new connection after the session ended did not start a new session: {:?}",
         reopened
     );
+    Ok(())
+}
+
+/// Both nodes lose the backplane for longer than the node timeout, as in a database outage.
+/// Node A gets through first: it does not take B for dead while B's heartbeat is only as old
+/// as the outage, so B's connection stays; B, still cut off a node timeout later, is reaped.
+pub async fn reaping_waits_for_other_nodes_after_an_outage(ctx: &mut Ctx) -> CaseResult {
+    const TIMEOUT: Duration = Duration::from_millis(1500);
+    let backplane = ctx.backplane().await?;
+    let (fa, fb) = (
+        Faulty::new(ctx.backplane().await?),
+        Faulty::new(ctx.backplane().await?),
+    );
+    let options = test_options().connection_timeout(TIMEOUT);
+    let a = ctx.node_on(fa.clone(), options.clone()).await?;
+    let b = ctx.node_on(fb.clone(), options).await?;
+    let kept = ctx.connect(&b, Some("kept")).await?;
+
+    for faulty in [&fa, &fb] {
+        faulty.fail_next(Op::Heartbeat, usize::MAX);
+        faulty.fail_next(Op::ReapNodes, usize::MAX);
+    }
+    until_after_jobs(
+        &a,
+        Job::Heartbeat,
+        "B's heartbeat grew older than the node timeout",
+        || async {
+            let nodes = backplane.live_nodes().await?;
+            Ok(nodes.iter().any(|n| {
+                &n.id == b.id()
+                    && n.last_heartbeat.elapsed().unwrap_or_default() > TIMEOUT + TIMEOUT / 4
+            }))
+        },
+    )
+    .await?;
+
+    // A is back, B not yet.
+    fa.fail_next(Op::Heartbeat, 0);
+    fa.fail_next(Op::ReapNodes, 0);
+    let mut events = a.events();
+    let mut runs = 0;
+    until_after_jobs(&a, Job::Reap, "A reaped twice after the outage", || {
+        runs += 1;
+        std::future::ready(Ok(runs > 2))
+    })
+    .await?;
+    check!(
+        backplane.connection(&ctx.hub, kept.id()).await?.is_some(),
+        "a node back from an outage reaped another before it could heartbeat again"
+    );
+
+    let cut_off = b.id().clone();
+    wait_event(
+        &mut events,
+        WAIT,
+        |e| matches!(e, NodeEvent::NodesReaped(nodes) if nodes.contains(&cut_off)),
+    )
+    .await?;
+    fb.fail_next(Op::Heartbeat, 0);
+    fb.fail_next(Op::ReapNodes, 0);
     Ok(())
 }
 

@@ -19,7 +19,9 @@ pub enum Job {
     /// unregistration failed earlier, and fails client results awaited from nodes that are gone.
     Heartbeat,
     /// Reaps dead nodes (and connections whose node is not registered), and fails client
-    /// results awaited from them.
+    /// results awaited from them. Skipped while the node's own heartbeats fail, and for a node
+    /// timeout after they work again, so that other nodes back from the same outage are not
+    /// taken for dead.
     Reap,
     /// Purges expired durable messages and trims the log, each step on its own.
     Cleanup,
@@ -41,6 +43,15 @@ pub struct JobStatus {
 #[derive(Debug, Default)]
 pub(crate) struct JobTable {
     jobs: Mutex<BTreeMap<Job, JobStatus>>,
+    heartbeats: Mutex<Heartbeats>,
+}
+
+/// How this node's heartbeats went: whether they fail, and since when they succeed again.
+#[derive(Debug, Default)]
+struct Heartbeats {
+    failing: bool,
+    /// When the first heartbeat after a failed one succeeded.
+    recovered_at: Option<Instant>,
 }
 
 impl JobTable {
@@ -55,6 +66,36 @@ impl JobTable {
         status.runs += 1;
         status.last_run = Some(SystemTime::now());
         status.last_error = outcome.as_ref().err().map(ToString::to_string);
+        drop(jobs);
+        if job == Job::Heartbeat {
+            let mut heartbeats = self
+                .heartbeats
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            match outcome {
+                Err(_) => heartbeats.failing = true,
+                Ok(()) if heartbeats.failing => {
+                    heartbeats.failing = false;
+                    heartbeats.recovered_at = Some(Instant::now());
+                }
+                Ok(()) => {}
+            }
+        }
+    }
+
+    /// Whether this node may judge others dead: its own heartbeats succeed, and have for
+    /// `timeout` since they last failed. After an outage of the backplane every node's last
+    /// heartbeat is old; the first node back would otherwise reap all the others before their
+    /// own heartbeats get through.
+    fn may_reap(&self, timeout: Duration) -> bool {
+        let heartbeats = self
+            .heartbeats
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        !heartbeats.failing
+            && heartbeats
+                .recovered_at
+                .is_none_or(|at| at.elapsed() >= timeout)
     }
 
     pub(crate) fn snapshot(&self) -> Vec<JobStatus> {
@@ -185,8 +226,19 @@ impl Node {
         Ok(())
     }
 
-    /// Reaps dead nodes, and fails the client results awaited from them.
+    /// Reaps dead nodes, and fails the client results awaited from them. Waits while this
+    /// node's own heartbeats fail, and for a node timeout after they work again.
     pub(super) async fn reap_once(&self) -> Result<()> {
+        if !self
+            .inner
+            .jobs
+            .may_reap(self.inner.options.connection_timeout)
+        {
+            tracing::debug!(
+                "not reaping: this node's own heartbeats failed within the node timeout"
+            );
+            return Ok(());
+        }
         let reaped = self
             .inner
             .backplane
