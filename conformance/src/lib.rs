@@ -110,6 +110,7 @@ macro_rules! for_each_case {
             durable::durable_stored_before_send,
             durable::durable_requires_user_target,
             durable::durable_expired_in_log_not_delivered,
+            durable::durable_acknowledged_on_one_node_still_reaches_the_other,
             durable::acknowledged_durable_not_redelivered_by_a_lagging_node,
             durable::pending_delivery_survives_a_failed_attempt_record,
             durable::durable_publish_survives_a_failed_append,

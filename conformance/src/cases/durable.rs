@@ -515,6 +515,33 @@ pub async fn acknowledged_durable_not_redelivered_by_a_lagging_node(ctx: &mut Ct
     second.quiet_until(&marker).await
 }
 
+/// A durable message to a user with a connection on each node: the one on A gets it and
+/// acknowledges it before B's reader reaches the record. B's connection, there since before
+/// the message was sent, gets it too: one connection's acknowledgement does not take the
+/// message from the user's other live connections.
+pub async fn durable_acknowledged_on_one_node_still_reaches_the_other(ctx: &mut Ctx) -> CaseResult {
+    let a = ctx.node().await?;
+    let faulty = crate::Faulty::new(ctx.backplane().await?);
+    let b = ctx.node_on(faulty.clone(), test_options()).await?;
+    let ursula = UserId::new("ursula")?;
+    let mut on_a = ctx.connect(&a, Some("ursula")).await?;
+    let mut on_b = ctx.connect(&b, Some("ursula")).await?;
+    faulty.hold_before(crate::Op::Read, true);
+    let published = a
+        .publish(Message::to_user(ctx.hub.clone(), ursula, "both").durable(LONG_TTL))
+        .await?;
+    let id = single_id(&published)?;
+    let delivery = on_a.recv().await?;
+    expect_durable(&delivery, id, b"both")?;
+    on_a.ack(&delivery).await?;
+    faulty.waiting_before(crate::Op::Read, 1).await?;
+    faulty.hold_before(crate::Op::Read, false);
+    let delivery = on_b.recv().await?;
+    expect_durable(&delivery, id, b"both")?;
+    let marker = sentinel(&a, &ctx.hub, &[&on_b]).await?;
+    on_b.quiet_until(&marker).await
+}
+
 /// Recording a delivery attempt fails for the first of a returning user's pending messages:
 /// the others are still delivered, every one once. Issue: a failed attempt record stops the
 /// delivery of pending messages.

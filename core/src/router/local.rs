@@ -1,6 +1,7 @@
 //! This node's live connections and their group and user indexes.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::time::SystemTime;
 
 use crate::queue;
 
@@ -41,6 +42,8 @@ pub(crate) struct LocalConnection {
     /// The durable messages handed to this connection: one can arrive both from the user's
     /// inbox on connect and from the log, and must be delivered once.
     pub(crate) durable: Claims,
+    /// When the connection was registered (just before the backplane had it).
+    pub(crate) connected_at: SystemTime,
 }
 
 /// The durable messages handed to one connection and not acknowledged by it yet, the most
@@ -140,6 +143,13 @@ impl LocalIndex {
         if let Some(connection) = self.connections.get_mut(id) {
             connection.durable.remove(message);
         }
+    }
+
+    /// Whether connection `id` was registered before `time`.
+    pub(crate) fn connected_before(&self, id: &ConnectionId, time: SystemTime) -> bool {
+        self.connections
+            .get(id)
+            .is_some_and(|c| c.connected_at < time)
     }
 
     pub(crate) fn version(&self, id: &ConnectionId) -> Option<u64> {

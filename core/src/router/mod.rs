@@ -536,6 +536,7 @@ impl Node {
                     groups: HashSet::new(),
                     version: 0,
                     durable: local::Claims::default(),
+                    connected_at: info.connected_at,
                 },
             );
             changed
@@ -874,13 +875,26 @@ impl Node {
                 .await
             {
                 Ok(Some(stored)) if stored.acknowledged.is_none() => {}
-                Ok(_) => {
-                    // Acknowledged, or expired and purged: not due any more.
+                Ok(stored) => {
+                    // Acknowledged, or expired and purged: not due any more to a connection
+                    // that came later (it had its chance on connect). One of the user's
+                    // connections that was there when the message was sent gets it anyway,
+                    // as it would have without the reader's delay.
+                    let created = stored
+                        .filter(|s| s.expires_at > SystemTime::now())
+                        .map(|s| s.created_at);
                     let mut index = state.write();
-                    for (id, _) in &recipients {
-                        index.release_durable(id, message);
+                    recipients.retain(|(id, _)| {
+                        let due = created.is_some_and(|at| index.connected_before(id, at));
+                        if !due {
+                            index.release_durable(id, message);
+                        }
+                        due
+                    });
+                    drop(index);
+                    if recipients.is_empty() {
+                        return;
                     }
-                    return;
                 }
                 Err(err) => {
                     // Better twice than never: the client acknowledges by id.
