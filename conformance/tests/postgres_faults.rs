@@ -5,47 +5,29 @@
 use std::str::FromStr;
 use std::time::Duration;
 
-use backplane_conformance::{Cluster, PG_URL_VAR};
+use backplane_conformance::test_database_url;
 use backplane_core::{Backplane, Error, HubName, Retention};
 use backplane_postgres::{PgBackplane, PgOptions};
 use bytes::Bytes;
-use tokio::sync::OnceCell;
 use tokio_postgres::NoTls;
 
 /// Every test finishes well within this, or fails.
 const LIMIT: Duration = Duration::from_secs(60);
 
-/// The cluster the tests of this file share, unless `BACKPLANE_TEST_PG_URL` names a database.
-static CLUSTER: OnceCell<Result<Cluster, String>> = OnceCell::const_new();
-
-async fn url() -> String {
-    if let Some(url) = std::env::var(PG_URL_VAR).ok().filter(|u| !u.is_empty()) {
-        return url;
-    }
-    let cluster = CLUSTER
-        .get_or_init(|| async {
-            let cluster = tokio::task::spawn_blocking(Cluster::start)
-                .await
-                .map_err(|e| e.to_string())??;
-            cluster.remove_at_exit();
-            Ok(cluster)
-        })
-        .await;
-    match cluster {
-        Ok(cluster) => cluster.url(),
-        Err(err) => panic!("no PostgreSQL for the tests: {err}"),
-    }
-}
-
+/// Options for `schema` on the database the tests share (`BACKPLANE_TEST_PG_URL`, or a
+/// throwaway cluster).
 async fn options(schema: &str) -> PgOptions {
-    PgOptions::from_str(&url().await)
-        .expect("valid url")
-        .schema(schema)
-        .pool_size(2)
+    let url = test_database_url(schema)
+        .await
+        .expect("PostgreSQL is needed for these tests");
+    PgOptions::from_str(&url).expect("valid url").pool_size(2)
 }
 
 async fn admin() -> tokio_postgres::Client {
-    let (client, connection) = tokio_postgres::connect(&url().await, NoTls)
+    let (client, connection) = options("public")
+        .await
+        .config()
+        .connect(NoTls)
         .await
         .expect("admin connects");
     tokio::spawn(connection);

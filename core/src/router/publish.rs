@@ -217,19 +217,18 @@ async fn deliver(node: &Node, batch: Vec<Request>, stored: Option<Stored>) {
             (Some(base), Some(at)) if !request.encoded.is_empty() => {
                 let count = request.encoded.len() as u64;
                 let position = base.at(at);
+                // Hashed before the lock, which the reader takes too.
+                let prints = request
+                    .encoded
+                    .iter()
+                    .map(|record| super::reader::fingerprint(record))
+                    .collect();
                 request
                     .state
                     .own
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
-                    .insert(
-                        position,
-                        request
-                            .encoded
-                            .iter()
-                            .map(|record| super::reader::fingerprint(record))
-                            .collect(),
-                    );
+                    .insert(position, prints);
                 offset = Some(at + count);
                 Some(position)
             }

@@ -351,13 +351,7 @@ impl Reader {
                     .map(|(offset, _)| *offset),
             );
             if let Some(changed) = changed.min() {
-                let end = self
-                    .node
-                    .inner
-                    .backplane
-                    .tail(&self.state.name, before.stream)
-                    .await?;
-                self.rewound(stream, before, end, changed);
+                self.rewound_at_tail(stream, before, changed).await?;
                 continue;
             }
             let next_own = step.next;
@@ -421,13 +415,7 @@ impl Reader {
                         continue;
                     }
                     Some(_) => {
-                        let end = self
-                            .node
-                            .inner
-                            .backplane
-                            .tail(&self.state.name, cursor.stream)
-                            .await?;
-                        self.rewound(stream, cursor, end, offset);
+                        self.rewound_at_tail(stream, cursor, offset).await?;
                         continue;
                     }
                 }
@@ -464,6 +452,23 @@ impl Reader {
                 return Ok(());
             }
         }
+    }
+
+    /// [`rewound`](Self::rewound), with the stream's end read from the backplane.
+    async fn rewound_at_tail(
+        &mut self,
+        stream: usize,
+        requested: Position,
+        changed: u64,
+    ) -> Result<()> {
+        let end = self
+            .node
+            .inner
+            .backplane
+            .tail(&self.state.name, requested.stream)
+            .await?;
+        self.rewound(stream, requested, end, changed);
+        Ok(())
     }
 
     /// The log went back in time under the reader of `stream`, which was at `requested`: its
