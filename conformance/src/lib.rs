@@ -117,6 +117,8 @@ macro_rules! for_each_case {
             log::log_offsets_gap_free_in_commit_order,
             log::log_replay_from_position,
             log::log_position_too_old_after_trim,
+            log::concurrent_trims_count_each_entry_once,
+            log::trim_cut_short_does_not_block_the_next,
             log::log_position_of_other_epoch_too_old,
             log::log_position_past_end_too_old,
             log::log_rewind_rereads_without_duplicates,

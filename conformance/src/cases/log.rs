@@ -311,6 +311,107 @@ pub async fn log_position_too_old_after_trim(ctx: &mut Ctx) -> CaseResult {
     Ok(())
 }
 
+/// Trims running at once, as every node's cleanup job does, each remove an entry at most once,
+/// and a trim that leaves a stream with fewer entries reports every entry it took away: a laxer
+/// trim running meanwhile does not finish its deletes for it. The log holds several delete
+/// batches, so a trim's deletes take a while. Checklist B.39.
+pub async fn concurrent_trims_count_each_entry_once(ctx: &mut Ctx) -> CaseResult {
+    const ENTRIES: usize = 12_000;
+    const KEPT: usize = 10;
+    let backplane = ctx.backplane().await?;
+    let hub = ctx.hub.clone();
+    let start = backplane.tail(&hub, 0).await?;
+    for chunk in payloads("many", ENTRIES).chunks(1000) {
+        backplane.append(&hub, 0, chunk).await?;
+    }
+
+    let (done, _) = tokio::sync::watch::channel(false);
+    let lax = (0..3)
+        .map(|_| {
+            let backplane = backplane.clone();
+            let mut finished = done.subscribe();
+            tokio::spawn(async move {
+                let mut removed = 0;
+                while !*finished.borrow_and_update() {
+                    removed += backplane.trim(&keep_last(u64::MAX)).await?;
+                    tokio::task::yield_now().await;
+                }
+                Ok::<u64, backplane_core::Error>(removed)
+            })
+        })
+        .collect::<Vec<_>>();
+    let strict = backplane.trim(&keep_last(KEPT as u64)).await;
+    done.send_replace(true);
+    let mut stolen = 0;
+    for task in lax {
+        stolen += task
+            .await
+            .map_err(|e| CaseError::Failed(format!("a trim task failed: {e}")))??;
+    }
+    check_eq!(strict?, (ENTRIES - KEPT) as u64);
+    check_eq!(stolen, 0);
+
+    let earliest = start.at(start.offset + (ENTRIES - KEPT) as u64);
+    expect_too_old(backplane.read(&hub, start, 100).await, start, earliest)?;
+    let mut cursor = earliest;
+    check_eq!(
+        read_on(&backplane, &hub, &mut cursor, 100).await?.len(),
+        KEPT
+    );
+    check_eq!(backplane.trim(&keep_last(KEPT as u64)).await?, 0);
+    Ok(())
+}
+
+/// A trim cut short, its future dropped at any point (a node shutting down, a caller's
+/// timeout), leaves nothing behind that blocks the next trim or corrupts the stream: later trims
+/// finish, and the stream reads gap-free from its earliest entry to its end. Checklist B.39.
+pub async fn trim_cut_short_does_not_block_the_next(ctx: &mut Ctx) -> CaseResult {
+    const ENTRIES: usize = 12_000;
+    const KEPT: usize = 10;
+    let backplane = ctx.backplane().await?;
+    let hub = ctx.hub.clone();
+    for cut in [1, 2, 4, 8, 16, 32, 64, 128] {
+        for chunk in payloads("cut", ENTRIES).chunks(1000) {
+            backplane.append(&hub, 0, chunk).await?;
+        }
+        let retention = keep_last(KEPT as u64);
+        let cut_short =
+            tokio::time::timeout(Duration::from_millis(cut), backplane.trim(&retention));
+        if let Ok(trimmed) = cut_short.await {
+            trimmed?;
+        }
+        // Two at once, so at least one runs on another pooled connection than the cut one.
+        let lax = keep_last(u64::MAX);
+        let (one, other) = tokio::time::timeout(WAIT, async {
+            tokio::join!(backplane.trim(&lax), backplane.trim(&lax))
+        })
+        .await
+        .map_err(|_| {
+            CaseError::Failed(format!(
+                "trims after one cut short at {cut} ms did not finish within {WAIT:?}"
+            ))
+        })?;
+        one?;
+        other?;
+    }
+    tokio::time::timeout(WAIT, backplane.trim(&keep_last(KEPT as u64)))
+        .await
+        .map_err(|_| {
+            CaseError::Failed(format!("the last trim did not finish within {WAIT:?}"))
+        })??;
+    check_eq!(backplane.trim(&keep_last(KEPT as u64)).await?, 0);
+    let end = backplane.tail(&hub, 0).await?;
+    let earliest = end.at(end.offset - KEPT as u64);
+    let below = end.at(end.offset - KEPT as u64 - 1);
+    expect_too_old(backplane.read(&hub, below, 100).await, below, earliest)?;
+    let mut cursor = earliest;
+    check_eq!(
+        read_on(&backplane, &hub, &mut cursor, 100).await?,
+        payloads("cut", ENTRIES)[ENTRIES - KEPT..].to_vec()
+    );
+    Ok(())
+}
+
 /// A position that belongs to another epoch of a stream fails with `PositionTooOld` naming the
 /// stream's earliest position in its real epoch, whatever its offset, and reading from that
 /// position works. Checklist B.39.

@@ -149,6 +149,59 @@ pub(crate) fn durable_message(row: &Row) -> Result<DurableMessage> {
 /// Entries one trim statement deletes at most, so each stays short whatever the backlog.
 const TRIM_BATCH: u32 = 5_000;
 
+/// Trims one table set's streams, one after another: a short transaction moves each stream's
+/// start (`secs` and `millis` of age, `max_entries`), then bounded deletes remove what fell
+/// below it, none under the stream row's lock, so appends never wait for a long delete.
+async fn trim_set(
+    conn: &mut Conn,
+    set: &TableSet,
+    secs: i32,
+    millis: i32,
+    max_entries: i64,
+) -> Result<u64> {
+    let streams = conn
+        .rows(
+            Query::new(set.sql.trim_streams.as_str()),
+            "listing streams to trim",
+        )
+        .await?;
+    let ids: Vec<i64> = streams
+        .iter()
+        .map(|row| need::<i64>(row, 0, "listing streams to trim"))
+        .collect::<Result<_>>()?;
+    let mut removed = 0;
+    for id in ids {
+        let mut query = Query::new(set.sql.trim.as_str());
+        query.bind(id);
+        query.bind(secs);
+        query.bind(millis);
+        query.bind(max_entries);
+        let rows = conn.rows(query, "trimming the log").await?;
+        let Some(first) = rows
+            .first()
+            .map(|row| get::<i64>(row, 0, "trimming the log"))
+            .transpose()?
+            .flatten()
+        else {
+            // The stream went meanwhile.
+            continue;
+        };
+        loop {
+            let mut query = Query::new(set.sql.trim_delete.as_str());
+            query.bind(id);
+            query.bind(first);
+            query.bind(i64::from(TRIM_BATCH));
+            let rows = conn.rows(query, "trimming the log").await?;
+            let deleted = count(&rows, "trimming the log")?;
+            removed += deleted;
+            if deleted < u64::from(TRIM_BATCH) {
+                break;
+            }
+        }
+    }
+    Ok(removed)
+}
+
 fn count(rows: &[Row], context: &'static str) -> Result<u64> {
     let Some(row) = rows.first() else {
         return Ok(0);
@@ -651,47 +704,13 @@ impl Backplane for MssqlBackplane {
         let max_entries = i64::try_from(retention.max_entries).unwrap_or(i64::MAX);
         let mut removed = 0;
         for set in self.all_tables(&mut conn).await? {
-            let streams = conn
-                .rows(
-                    Query::new(set.sql.trim_streams.as_str()),
-                    "listing streams to trim",
-                )
+            // One trim of a set at a time, whichever node runs it: the others wait, then find
+            // nothing left to delete, so each trim reports what it removed.
+            conn.lock_session(&set.sql.trim_key, "waiting for another trim")
                 .await?;
-            let ids: Vec<i64> = streams
-                .iter()
-                .map(|row| need::<i64>(row, 0, "listing streams to trim"))
-                .collect::<Result<_>>()?;
-            for id in ids {
-                let mut query = Query::new(set.sql.trim.as_str());
-                query.bind(id);
-                query.bind(secs);
-                query.bind(millis);
-                query.bind(max_entries);
-                let rows = conn.rows(query, "trimming the log").await?;
-                let Some(first) = rows
-                    .first()
-                    .map(|row| get::<i64>(row, 0, "trimming the log"))
-                    .transpose()?
-                    .flatten()
-                else {
-                    // The stream went meanwhile.
-                    continue;
-                };
-                // Bounded batches, none under the stream row's lock, so appends never wait for
-                // a long delete.
-                loop {
-                    let mut query = Query::new(set.sql.trim_delete.as_str());
-                    query.bind(id);
-                    query.bind(first);
-                    query.bind(i64::from(TRIM_BATCH));
-                    let rows = conn.rows(query, "trimming the log").await?;
-                    let deleted = count(&rows, "trimming the log")?;
-                    removed += deleted;
-                    if deleted < u64::from(TRIM_BATCH) {
-                        break;
-                    }
-                }
-            }
+            removed += trim_set(&mut conn, &set, secs, millis, max_entries).await?;
+            conn.unlock_session(&set.sql.trim_key, "trimming the log")
+                .await?;
         }
         Ok(removed)
     }

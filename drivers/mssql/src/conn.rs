@@ -15,10 +15,53 @@ use crate::sql;
 pub(crate) type Tds = tiberius::Client<Compat<TcpStream>>;
 
 /// A connection that knows whether it is still in step with the server: a call that was
-/// cancelled or failed at the transport leaves it `broken`, and the pool drops it.
+/// cancelled or failed at the transport leaves it `broken`, and the pool drops it. So does a
+/// session-level lock it may still hold.
 pub(crate) struct Conn {
     client: Tds,
+    standing: Standing,
+}
+
+/// What the pool needs to know of a connection before it hands it out again.
+#[derive(Debug, Default)]
+struct Standing {
+    /// A call is unsettled (cancelled halfway) or failed at the transport.
     broken: bool,
+    /// Session locks asked for and not released: some may be held.
+    session_locks: u32,
+}
+
+impl Standing {
+    /// A call goes out: until it settles, the connection counts as broken.
+    fn call_started(&mut self) {
+        self.broken = true;
+    }
+
+    /// The call came back: in step unless it failed at the transport.
+    fn call_settled(&mut self, in_step: bool) {
+        self.broken = !in_step;
+    }
+
+    /// A session lock is asked for: from now on it may be held.
+    fn lock_asked(&mut self) {
+        self.session_locks += 1;
+    }
+
+    /// The server refused or released a lock asked for.
+    fn lock_gone(&mut self) {
+        self.session_locks = self.session_locks.saturating_sub(1);
+    }
+
+    /// Why the connection must be closed rather than reused, if it must.
+    fn unusable(&self) -> Option<&'static str> {
+        if self.broken {
+            Some("the connection broke or was interrupted mid-call")
+        } else if self.session_locks > 0 {
+            Some("the connection may still hold a session lock")
+        } else {
+            None
+        }
+    }
 }
 
 /// Opens a connection, following one redirect (Azure SQL's gateway sends clients to the node
@@ -41,7 +84,7 @@ pub(crate) async fn open(
                         .await?;
                     return Ok(Conn {
                         client,
-                        broken: false,
+                        standing: Standing::default(),
                     });
                 }
                 Err(tiberius::error::Error::Routing { host, port }) => {
@@ -86,7 +129,7 @@ impl Conn {
         &mut self,
         sql: &str,
     ) -> Result<Vec<Row>, tiberius::error::Error> {
-        self.broken = true;
+        self.standing.call_started();
         let outcome = async {
             self.client
                 .simple_query(sql)
@@ -104,7 +147,7 @@ impl Conn {
         &mut self,
         query: Query<'_>,
     ) -> Result<Vec<Row>, tiberius::error::Error> {
-        self.broken = true;
+        self.standing.call_started();
         let outcome = async {
             query
                 .query(&mut self.client)
@@ -123,8 +166,58 @@ impl Conn {
         &mut self,
         outcome: Result<T, tiberius::error::Error>,
     ) -> Result<T, tiberius::error::Error> {
-        self.broken = !matches!(&outcome, Ok(_) | Err(tiberius::error::Error::Server(_)));
+        self.standing.call_settled(matches!(
+            &outcome,
+            Ok(_) | Err(tiberius::error::Error::Server(_))
+        ));
         outcome
+    }
+
+    /// Takes the session-level application lock `resource` (`sp_getapplock`), waiting for it as
+    /// long as [`sql::LOCK_SESSION`] says. Until [`unlock_session`](Self::unlock_session)
+    /// succeeds, the connection counts as holding it: the pool closes it rather than reuse it,
+    /// so a call cut short never leaves the lock on a pooled connection.
+    ///
+    /// # Errors
+    ///
+    /// A transient error when the lock was not granted in time.
+    pub(crate) async fn lock_session(
+        &mut self,
+        resource: &str,
+        context: &'static str,
+    ) -> Result<()> {
+        self.standing.lock_asked();
+        let mut lock = Query::new(sql::LOCK_SESSION);
+        lock.bind(resource);
+        let rows = self.rows(lock, context).await?;
+        let granted = rows
+            .first()
+            .map(|row| need::<i32>(row, 0, context))
+            .transpose()?
+            .unwrap_or(-999);
+        if granted < 0 {
+            self.standing.lock_gone();
+            return Err(Error::transient(
+                crate::MssqlBackplane::NAME,
+                format!(
+                    "{context}: {resource:?} was not granted (sp_getapplock returned {granted})"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Releases the lock [`lock_session`](Self::lock_session) took.
+    pub(crate) async fn unlock_session(
+        &mut self,
+        resource: &str,
+        context: &'static str,
+    ) -> Result<()> {
+        let mut unlock = Query::new(sql::UNLOCK_SESSION);
+        unlock.bind(resource);
+        self.rows(unlock, context).await?;
+        self.standing.lock_gone();
+        Ok(())
     }
 
     /// Rolls back a transaction this connection may have open; a connection where that fails
@@ -135,7 +228,7 @@ impl Conn {
             .await
             .is_err()
         {
-            self.broken = true;
+            self.standing.call_settled(false);
         }
     }
 }
@@ -159,10 +252,8 @@ impl deadpool::managed::Manager for Manager {
         conn: &mut Conn,
         _: &deadpool::managed::Metrics,
     ) -> deadpool::managed::RecycleResult<tiberius::error::Error> {
-        if conn.broken {
-            return Err(deadpool::managed::RecycleError::message(
-                "the connection broke or was interrupted mid-call",
-            ));
+        if let Some(reason) = conn.standing.unusable() {
+            return Err(deadpool::managed::RecycleError::message(reason));
         }
         Ok(())
     }
@@ -237,6 +328,45 @@ pub(crate) fn seconds_and_millis(duration: Duration) -> (i32, i32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_connection_cut_short_is_not_reused() {
+        let mut standing = Standing::default();
+        assert_eq!(standing.unusable(), None);
+        standing.call_started();
+        assert!(standing.unusable().is_some(), "a call never settled");
+        standing.call_settled(true);
+        assert_eq!(standing.unusable(), None);
+        standing.call_started();
+        standing.call_settled(false);
+        assert!(standing.unusable().is_some(), "a transport error");
+    }
+
+    #[test]
+    fn a_connection_that_may_hold_a_session_lock_is_not_reused() {
+        let mut standing = Standing::default();
+        // A trim takes its lock, and its future is dropped after the lock came back.
+        standing.lock_asked();
+        standing.call_started();
+        standing.call_settled(true);
+        assert_eq!(
+            standing.unusable(),
+            Some("the connection may still hold a session lock")
+        );
+        // Released: the connection goes back to the pool.
+        standing.call_started();
+        standing.call_settled(true);
+        standing.lock_gone();
+        assert_eq!(standing.unusable(), None);
+        // Two locks, one released.
+        standing.lock_asked();
+        standing.lock_asked();
+        standing.lock_gone();
+        assert!(standing.unusable().is_some());
+        standing.lock_gone();
+        standing.lock_gone();
+        assert_eq!(standing.unusable(), None, "never below zero");
+    }
 
     #[test]
     fn durations_split_for_dateadd() {

@@ -148,27 +148,17 @@ async fn schema_check(conn: &mut Conn, names: &Names, options: &MssqlOptions) ->
 }
 
 async fn app_lock(conn: &mut Conn, names: &Names) -> Check {
-    let mut lock = Query::new(sql::LOCK_SESSION);
-    lock.bind(names.lock.as_str());
-    let granted = match conn.rows(lock, "taking the migration lock").await {
-        Ok(rows) => rows
-            .first()
-            .and_then(|row| need::<i32>(row, 0, "taking the migration lock").ok())
-            .unwrap_or(-999),
-        Err(err) => return Check::new("migration lock", Err(err.to_string())),
-    };
-    if granted < 0 {
-        return Check::new(
-            "migration lock",
-            Err(format!(
-                "sp_getapplock returned {granted}: another session holds it"
-            )),
-        );
+    if let Err(err) = conn
+        .lock_session(&names.lock, "taking the migration lock")
+        .await
+    {
+        return Check::new("migration lock", Err(err.to_string()));
     }
-    let mut unlock = Query::new(sql::UNLOCK_SESSION);
-    unlock.bind(names.lock.as_str());
-    match conn.rows(unlock, "releasing the migration lock").await {
-        Ok(_) => Check::new(
+    match conn
+        .unlock_session(&names.lock, "releasing the migration lock")
+        .await
+    {
+        Ok(()) => Check::new(
             "migration lock",
             Ok(format!("sp_getapplock on {:?} works", names.lock)),
         ),

@@ -333,25 +333,13 @@ fn layout_error(options: &MssqlOptions) -> Error {
 /// goes with the session if this fails half-way.
 pub(crate) async fn migrate(conn: &mut Conn, options: &MssqlOptions) -> Result<()> {
     let names = Names::new(options);
-    let mut lock = Query::new(sql::LOCK_SESSION);
-    lock.bind(names.lock.as_str());
-    let rows = conn.rows(lock, "taking the migration lock").await?;
-    let granted = rows
-        .first()
-        .map(|row| need::<i32>(row, 0, "taking the migration lock"))
-        .transpose()?
-        .unwrap_or(-999);
-    if granted < 0 {
-        return Err(Error::transient(
-            MssqlBackplane::NAME,
-            format!("the migration lock was not granted (sp_getapplock returned {granted})"),
-        ));
-    }
+    conn.lock_session(&names.lock, "taking the migration lock")
+        .await?;
     let outcome = apply(conn, options, &names).await;
-    let mut unlock = Query::new(sql::UNLOCK_SESSION);
-    unlock.bind(names.lock.as_str());
-    let unlocked = conn.rows(unlock, "releasing the migration lock").await;
-    outcome.and(unlocked.map(drop))
+    let unlocked = conn
+        .unlock_session(&names.lock, "releasing the migration lock")
+        .await;
+    outcome.and(unlocked)
 }
 
 async fn apply(conn: &mut Conn, options: &MssqlOptions, names: &Names) -> Result<()> {

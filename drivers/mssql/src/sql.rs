@@ -199,6 +199,10 @@ pub(crate) struct Sql {
     pub(crate) tail: String,
     pub(crate) read: String,
     pub(crate) trim_streams: String,
+    /// The session lock one trim of the set holds at a time (see [`Conn::lock_session`]).
+    ///
+    /// [`Conn::lock_session`]: crate::conn::Conn::lock_session
+    pub(crate) trim_key: String,
     /// Moves a stream's `first_offset` under a short lock and returns it.
     pub(crate) trim: String,
     /// Deletes up to `@P3` entries below `@P2`: one bounded batch, outside any lock on the
@@ -266,6 +270,7 @@ impl Sql {
                 log = n.log
             ),
             trim_streams: format!("SELECT id FROM {}", n.streams),
+            trim_key: format!("backplane trim {}", n.log),
             // Trims stream `@P1`: `@P2` seconds plus `@P3` milliseconds of age, `@P4` entries.
             // The UPDLOCK on the stream row waits for appends in flight (they hold it until
             // commit), so every entry below next_offset is visible to what follows. It only
@@ -505,14 +510,14 @@ pub(crate) fn poll_hubs(sql: &Sql, hubs: &[&str]) -> String {
 
 // ---- Schema management ----------------------------------------------------------------------
 
-/// Takes the migration lock for the session (`sp_getapplock`, SQL Server 2005+): `@P1` the
-/// resource. Returns the procedure's result: 0 or 1 granted, negative refused or timed out.
+/// Takes a session-level application lock (`sp_getapplock`, SQL Server 2005+), the migration
+/// lock or a table set's trim lock: `@P1` the resource. Returns the procedure's result: 0 or 1 granted, negative refused or timed out.
 pub(crate) const LOCK_SESSION: &str = "DECLARE @r int;
      EXEC @r = sp_getapplock @Resource = @P1, @LockMode = 'Exclusive',
                              @LockOwner = 'Session', @LockTimeout = 60000;
      SELECT @r;";
 
-/// Releases the session's migration lock (`@P1` the resource).
+/// Releases a lock [`LOCK_SESSION`] took (`@P1` the resource).
 pub(crate) const UNLOCK_SESSION: &str =
     "EXEC sp_releaseapplock @Resource = @P1, @LockOwner = 'Session';";
 
@@ -685,6 +690,12 @@ mod tests {
             "{}",
             sql.trim_delete
         );
+        // One trim of the set at a time: a session lock named after its log table, which
+        // outlives the batches of one trim and fits sp_getapplock's 255 characters.
+        assert!(sql.trim_key.contains(&set().log), "{}", sql.trim_key);
+        assert!(sql.trim_key.len() <= 255, "{}", sql.trim_key);
+        assert!(LOCK_SESSION.contains("@LockOwner = 'Session'"));
+        assert!(UNLOCK_SESSION.contains("@LockOwner = 'Session'"));
     }
 
     #[test]

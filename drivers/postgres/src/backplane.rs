@@ -20,7 +20,7 @@ use crate::error::{connection_lost, corrupt, db, db_write, pool};
 use crate::listener::{self, Listener};
 use crate::options::PgOptions;
 use crate::schema::{self, Names, SetNames};
-use crate::sql::{NodeSql, Sql, remove_orphaned_connections};
+use crate::sql::{self, NodeSql, Sql, remove_orphaned_connections};
 use crate::tables::{Layout, PerHub, TableSet};
 use backplane_core::batch::AppendRequest;
 
@@ -164,6 +164,31 @@ async fn trim_set(
         removed += delete_below(client, sql, id, first).await?;
     }
     Ok(removed)
+}
+
+/// A pooled connection that goes back to the pool only through [`Self::give_back`]. Dropped any
+/// other way (an error, a future dropped halfway) it is closed instead, so a session-level lock
+/// it may hold ends with it rather than stay on a pooled connection.
+struct ClosedUnlessReturned(Option<deadpool_postgres::Object>);
+
+impl ClosedUnlessReturned {
+    fn client(&mut self) -> Result<&mut deadpool_postgres::Object> {
+        self.0
+            .as_mut()
+            .ok_or_else(|| corrupt("a connection used after it went back to the pool"))
+    }
+
+    fn give_back(mut self) {
+        drop(self.0.take());
+    }
+}
+
+impl Drop for ClosedUnlessReturned {
+    fn drop(&mut self) {
+        if let Some(client) = self.0.take() {
+            drop(deadpool_postgres::Object::take(client));
+        }
+    }
 }
 
 /// Entries one trim statement deletes at most, so each statement stays short whatever the
@@ -652,11 +677,25 @@ impl Backplane for PgBackplane {
     }
 
     async fn trim(&self, retention: &Retention) -> Result<u64> {
-        let mut client = self.client().await?;
+        // One trim of a set at a time, whichever node runs it: the others wait, then find
+        // nothing left to delete, so each trim reports what it removed and no two nodes delete
+        // the same batches.
+        let mut locking = ClosedUnlessReturned(Some(self.client().await?));
+        let client = locking.client()?;
         let mut removed = 0;
-        for set in self.all_tables(&mut client).await? {
-            removed += trim_set(&mut client, &set, retention).await?;
+        for set in self.all_tables(client).await? {
+            let key = &set.sql.trim_key;
+            client
+                .execute(sql::LOCK_TRIMS, &[key])
+                .await
+                .map_err(db("waiting for another trim"))?;
+            removed += trim_set(client, &set, retention).await?;
+            client
+                .execute(sql::UNLOCK_TRIMS, &[key])
+                .await
+                .map_err(db("trimming the log"))?;
         }
+        locking.give_back();
         Ok(removed)
     }
 

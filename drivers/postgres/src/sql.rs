@@ -16,6 +16,8 @@ pub(crate) struct Sql {
     pub(crate) tail: String,
     pub(crate) read: String,
     pub(crate) trim_streams: String,
+    /// Names the set's trim lock in [`LOCK_TRIMS`] and [`UNLOCK_TRIMS`].
+    pub(crate) trim_key: String,
     pub(crate) trim_lock: String,
     /// The first entry young enough to keep, at or above `$3`. It walks the primary key from
     /// there and stops at the first young entry, so its cost follows the entries removed.
@@ -50,6 +52,12 @@ pub(crate) struct Sql {
     /// memberships, and closes the sessions they leave empty.
     pub(crate) remove_node_connections: String,
 }
+
+/// Waits for the session-level lock that one trim of a table set holds at a time (`$1`: the
+/// set's [`Sql::trim_key`]). Appends and reads never take it.
+pub(crate) const LOCK_TRIMS: &str = "SELECT pg_advisory_lock(hashtextextended($1, 0))";
+/// Releases the lock [`LOCK_TRIMS`] took.
+pub(crate) const UNLOCK_TRIMS: &str = "SELECT pg_advisory_unlock(hashtextextended($1, 0))";
 
 /// The statements on the nodes table. By default the node-wide ones also clean up the table set
 /// every hub shares, in the same statement; with tables per hub they touch the nodes table only,
@@ -240,6 +248,7 @@ impl Sql {
                 log = n.log
             ),
             trim_streams: format!("SELECT id FROM {}", n.streams),
+            trim_key: format!("backplane trim {}", n.log),
             trim_lock: format!(
                 "SELECT next_offset, first_offset FROM {} WHERE id = $1 FOR UPDATE",
                 n.streams
