@@ -16,7 +16,9 @@ use tiberius::{Query, Row};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::batch;
-use crate::conn::{self, Conn, Manager, Pool, Pooled, get, need, need_time, text_bytes, time};
+use crate::conn::{
+    self, Conn, Connector, Manager, Pool, Pooled, get, need, need_time, text_bytes, time,
+};
 use crate::error::{CONSTRAINT_CONFLICT, DUPLICATE_KEY, corrupt, db, db_write, number, pool};
 use crate::options::{MAX_BATCH, MssqlOptions};
 use crate::poller::{PollState, Poller};
@@ -57,7 +59,7 @@ pub(crate) struct Inner {
     pub(crate) names: Names,
     pub(crate) node_sql: NodeSql,
     pub(crate) layout: Layout,
-    config: tiberius::Config,
+    connector: Connector,
     poll: Arc<PollState>,
     shutdown: watch::Sender<bool>,
     batchers: Mutex<HashMap<(HubName, u32), mpsc::Sender<AppendRequest>>>,
@@ -239,17 +241,17 @@ impl MssqlBackplane {
     pub async fn connect_with(options: MssqlOptions) -> Result<Self> {
         options.validate()?;
         let names = Names::new(&options);
-        let config = options.tds_config(&options.endpoint.application_name);
+        let connector = Connector::new(&options, &options.endpoint.application_name);
         let connect_timeout = options.endpoint.connect_timeout;
         if options.create_schema {
-            let mut conn = conn::open(&config, connect_timeout)
+            let mut conn = connector
+                .open()
                 .await
                 .map_err(db("connecting to run migrations"))?;
             schema::migrate(&mut conn, &options).await?;
         }
         let pool = Pool::builder(Manager {
-            config: config.clone(),
-            connect_timeout,
+            connector: connector.clone(),
         })
         .max_size(options.pool_size)
         .runtime(deadpool::Runtime::Tokio1)
@@ -265,8 +267,7 @@ impl MssqlBackplane {
         let poll = Arc::new(PollState::default());
         tokio::spawn(
             Poller {
-                config: options.tds_config(&names.poller),
-                connect_timeout,
+                connector: Connector::new(&options, &names.poller),
                 min: options.poll_min,
                 max: options.poll_max,
                 state: poll.clone(),
@@ -286,7 +287,7 @@ impl MssqlBackplane {
                 options,
                 names,
                 layout,
-                config,
+                connector,
                 poll,
                 shutdown,
                 batchers: Mutex::default(),
@@ -1155,12 +1156,12 @@ impl MssqlBackplane {
         // The stream row must exist, so the held statement only updates it.
         self.tail(hub, stream).await?;
         let set = self.tables(hub).await?;
-        let mut conn = conn::open(
-            &self.inner.config,
-            self.inner.options.endpoint.connect_timeout,
-        )
-        .await
-        .map_err(db("connecting for a held append"))?;
+        let mut conn = self
+            .inner
+            .connector
+            .open()
+            .await
+            .map_err(db("connecting for a held append"))?;
         conn.batch(
             "SET XACT_ABORT ON; BEGIN TRANSACTION;",
             "starting a held append",

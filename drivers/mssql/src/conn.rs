@@ -8,6 +8,7 @@ use tiberius::{Query, Row};
 use tokio::net::TcpStream;
 use tokio_util::compat::{Compat, TokioAsyncWriteCompatExt};
 
+use crate::MssqlOptions;
 use crate::error::{corrupt, db};
 use crate::sql;
 
@@ -20,6 +21,8 @@ pub(crate) type Tds = tiberius::Client<Compat<TcpStream>>;
 pub(crate) struct Conn {
     client: Tds,
     standing: Standing,
+    /// How long a lock may keep a statement waiting (`LOCK_TIMEOUT`), below the command timeout.
+    lock_timeout_ms: i32,
 }
 
 /// What the pool needs to know of a connection before it hands it out again.
@@ -29,6 +32,9 @@ struct Standing {
     broken: bool,
     /// Session locks asked for and not released: some may be held.
     session_locks: u32,
+    /// The server answered a call with an error: a transaction may be left open (errors at
+    /// compile time are not rolled back by `XACT_ABORT`), so it is rolled back before reuse.
+    failed: bool,
 }
 
 impl Standing {
@@ -37,9 +43,11 @@ impl Standing {
         self.broken = true;
     }
 
-    /// The call came back: in step unless it failed at the transport.
-    fn call_settled(&mut self, in_step: bool) {
+    /// The call came back: in step unless it failed at the transport; `failed` when the server
+    /// answered with an error.
+    fn call_settled(&mut self, in_step: bool, failed: bool) {
         self.broken = !in_step;
+        self.failed |= failed;
     }
 
     /// A session lock is asked for: from now on it may be held.
@@ -64,12 +72,38 @@ impl Standing {
     }
 }
 
-/// Opens a connection, following one redirect (Azure SQL's gateway sends clients to the node
-/// that holds the database), and applies the session settings.
-pub(crate) async fn open(
+/// How to open connections: the server, the login and the session's settings.
+#[derive(Clone)]
+pub(crate) struct Connector {
+    config: tiberius::Config,
+    connect_timeout: Duration,
+    lock_timeout: Duration,
+}
+
+impl Connector {
+    /// Connections of `options`, named `application` on the server.
+    pub(crate) fn new(options: &MssqlOptions, application: &str) -> Self {
+        Self {
+            config: options.tds_config(application),
+            connect_timeout: options.endpoint.connect_timeout,
+            lock_timeout: options.lock_timeout(),
+        }
+    }
+
+    /// Opens a connection, following one redirect (Azure SQL's gateway sends clients to the
+    /// node that holds the database), and applies the session settings.
+    pub(crate) async fn open(&self) -> Result<Conn, tiberius::error::Error> {
+        open(&self.config, self.connect_timeout, self.lock_timeout).await
+    }
+}
+
+async fn open(
     config: &tiberius::Config,
     timeout: Duration,
+    lock_timeout: Duration,
 ) -> Result<Conn, tiberius::error::Error> {
+    let settings = sql::session_settings(lock_timeout);
+    let lock_timeout_ms = sql::millis(lock_timeout);
     let attempt = async {
         let mut config = config.clone();
         for _ in 0..2 {
@@ -78,13 +112,14 @@ pub(crate) async fn open(
             match tiberius::Client::connect(config.clone(), tcp.compat_write()).await {
                 Ok(mut client) => {
                     client
-                        .simple_query(sql::SESSION_SETTINGS)
+                        .simple_query(settings.as_str())
                         .await?
                         .into_results()
                         .await?;
                     return Ok(Conn {
                         client,
                         standing: Standing::default(),
+                        lock_timeout_ms,
                     });
                 }
                 Err(tiberius::error::Error::Routing { host, port }) => {
@@ -166,15 +201,19 @@ impl Conn {
         &mut self,
         outcome: Result<T, tiberius::error::Error>,
     ) -> Result<T, tiberius::error::Error> {
-        self.standing.call_settled(matches!(
-            &outcome,
-            Ok(_) | Err(tiberius::error::Error::Server(_))
-        ));
+        let server_error = matches!(&outcome, Err(tiberius::error::Error::Server(_)));
+        self.standing
+            .call_settled(outcome.is_ok() || server_error, server_error);
         outcome
     }
 
-    /// Takes the session-level application lock `resource` (`sp_getapplock`), waiting for it as
-    /// long as [`sql::LOCK_SESSION`] says. Until [`unlock_session`](Self::unlock_session)
+    /// How long a statement of this session may wait for a lock, in milliseconds.
+    pub(crate) fn lock_timeout_ms(&self) -> i32 {
+        self.lock_timeout_ms
+    }
+
+    /// Takes the session-level application lock `resource` (`sp_getapplock`), waiting for it
+    /// as long as the session's lock timeout. Until [`unlock_session`](Self::unlock_session)
     /// succeeds, the connection counts as holding it: the pool closes it rather than reuse it,
     /// so a call cut short never leaves the lock on a pooled connection.
     ///
@@ -189,6 +228,7 @@ impl Conn {
         self.standing.lock_asked();
         let mut lock = Query::new(sql::LOCK_SESSION);
         lock.bind(resource);
+        lock.bind(self.lock_timeout_ms);
         let rows = self.rows(lock, context).await?;
         let granted = rows
             .first()
@@ -223,20 +263,30 @@ impl Conn {
     /// Rolls back a transaction this connection may have open; a connection where that fails
     /// is dropped by the pool.
     pub(crate) async fn rollback(&mut self) {
-        if self
-            .batch("IF @@TRANCOUNT > 0 ROLLBACK TRANSACTION", "rolling back")
-            .await
-            .is_err()
-        {
-            self.standing.call_settled(false);
+        if self.batch(sql::ROLLBACK, "rolling back").await.is_err() {
+            self.standing.call_settled(false, false);
         }
+    }
+
+    /// Makes the connection fit for its next user: after a server error, rolls back a
+    /// transaction it may have left open. Anything else wrong with it, and it must go.
+    async fn reset(&mut self) -> Result<(), &'static str> {
+        if let Some(reason) = self.standing.unusable() {
+            return Err(reason);
+        }
+        if self.standing.failed {
+            self.try_batch(sql::ROLLBACK)
+                .await
+                .map_err(|_| "rolling back after an error failed")?;
+            self.standing.failed = false;
+        }
+        Ok(())
     }
 }
 
 /// Creates and checks pooled connections.
 pub(crate) struct Manager {
-    pub(crate) config: tiberius::Config,
-    pub(crate) connect_timeout: Duration,
+    pub(crate) connector: Connector,
 }
 
 impl deadpool::managed::Manager for Manager {
@@ -244,7 +294,7 @@ impl deadpool::managed::Manager for Manager {
     type Error = tiberius::error::Error;
 
     async fn create(&self) -> Result<Conn, tiberius::error::Error> {
-        open(&self.config, self.connect_timeout).await
+        self.connector.open().await
     }
 
     async fn recycle(
@@ -252,10 +302,9 @@ impl deadpool::managed::Manager for Manager {
         conn: &mut Conn,
         _: &deadpool::managed::Metrics,
     ) -> deadpool::managed::RecycleResult<tiberius::error::Error> {
-        if let Some(reason) = conn.standing.unusable() {
-            return Err(deadpool::managed::RecycleError::message(reason));
-        }
-        Ok(())
+        conn.reset()
+            .await
+            .map_err(deadpool::managed::RecycleError::message)
     }
 }
 
@@ -335,11 +384,25 @@ mod tests {
         assert_eq!(standing.unusable(), None);
         standing.call_started();
         assert!(standing.unusable().is_some(), "a call never settled");
-        standing.call_settled(true);
+        standing.call_settled(true, false);
         assert_eq!(standing.unusable(), None);
         standing.call_started();
-        standing.call_settled(false);
+        standing.call_settled(false, false);
         assert!(standing.unusable().is_some(), "a transport error");
+    }
+
+    #[test]
+    fn a_server_error_is_remembered_until_the_rollback() {
+        let mut standing = Standing::default();
+        standing.call_started();
+        standing.call_settled(true, true);
+        // In step, so reusable, but rolled back first.
+        assert_eq!(standing.unusable(), None);
+        assert!(standing.failed);
+        // A later call that works does not clear it: the transaction may still be open.
+        standing.call_started();
+        standing.call_settled(true, false);
+        assert!(standing.failed);
     }
 
     #[test]
@@ -348,14 +411,14 @@ mod tests {
         // A trim takes its lock, and its future is dropped after the lock came back.
         standing.lock_asked();
         standing.call_started();
-        standing.call_settled(true);
+        standing.call_settled(true, false);
         assert_eq!(
             standing.unusable(),
             Some("the connection may still hold a session lock")
         );
         // Released: the connection goes back to the pool.
         standing.call_started();
-        standing.call_settled(true);
+        standing.call_settled(true, false);
         standing.lock_gone();
         assert_eq!(standing.unusable(), None);
         // Two locks, one released.

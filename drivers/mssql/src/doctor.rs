@@ -2,7 +2,7 @@
 
 use tiberius::Query;
 
-use crate::conn::{self, Conn, need};
+use crate::conn::{Conn, Connector, need};
 use crate::options::{Encrypt, MssqlOptions};
 use crate::schema::{self, Names};
 use crate::sql;
@@ -175,8 +175,8 @@ pub async fn doctor(options: &MssqlOptions) -> Vec<Check> {
         checks.push(Check::new("options", Err(err.to_string())));
         return checks;
     }
-    let config = options.tds_config(&options.endpoint.application_name);
-    let mut conn = match conn::open(&config, options.endpoint.connect_timeout).await {
+    let connector = Connector::new(options, &options.endpoint.application_name);
+    let mut conn = match connector.open().await {
         Ok(conn) => conn,
         Err(err) => {
             checks.push(Check::new(

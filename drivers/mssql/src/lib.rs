@@ -10,6 +10,7 @@ mod options;
 mod poller;
 mod schema;
 mod sql;
+pub mod statements;
 mod tables;
 
 pub use backplane::{MssqlBackplane, MssqlHeldAppend};
@@ -30,12 +31,10 @@ pub mod testing {
     use crate::sql;
 
     async fn admin(options: &MssqlOptions) -> Result<conn::Conn> {
-        conn::open(
-            &options.tds_config("backplane-conformance"),
-            options.endpoint.connect_timeout,
-        )
-        .await
-        .map_err(db("opening an admin connection"))
+        conn::Connector::new(options, "backplane-conformance")
+            .open()
+            .await
+            .map_err(db("opening an admin connection"))
     }
 
     /// Drops `schema` with every table in it.

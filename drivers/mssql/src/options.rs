@@ -358,7 +358,9 @@ impl MssqlOptions {
     }
 
     /// How long the server may keep one statement waiting before it fails (the connection is
-    /// then discarded). Defaults to 30 seconds.
+    /// then discarded). Defaults to 30 seconds. A statement waiting for a lock fails on the
+    /// server after two thirds of it (`LOCK_TIMEOUT`), so it never commits after the client
+    /// gave up.
     pub fn command_timeout(mut self, timeout: Duration) -> Self {
         self.command_timeout = timeout;
         self
@@ -512,6 +514,12 @@ impl MssqlOptions {
     }
 
     /// The tiberius configuration of a connection named `application`.
+    /// How long a statement may wait for a lock, `sp_getapplock` included: two thirds of the
+    /// command timeout, so the server fails the statement before the client gives up on it.
+    pub(crate) fn lock_timeout(&self) -> Duration {
+        self.command_timeout * 2 / 3
+    }
+
     pub(crate) fn tds_config(&self, application: &str) -> tiberius::Config {
         let e = &self.endpoint;
         let mut config = tiberius::Config::new();

@@ -9,7 +9,7 @@ use backplane_core::{HubName, WakeupHub, Wakeups};
 use tiberius::{Query, Row};
 use tokio::sync::{Notify, watch};
 
-use crate::conn::{self, Conn, need};
+use crate::conn::{Conn, Connector, need};
 use crate::sql;
 use crate::tables::TableSet;
 
@@ -133,8 +133,7 @@ fn changes(
 
 /// The polling task of one backplane handle.
 pub(crate) struct Poller {
-    pub(crate) config: tiberius::Config,
-    pub(crate) connect_timeout: Duration,
+    pub(crate) connector: Connector,
     pub(crate) min: Duration,
     pub(crate) max: Duration,
     pub(crate) state: Arc<PollState>,
@@ -163,7 +162,7 @@ impl Poller {
                 break;
             }
             let Some(active) = conn.as_mut() else {
-                match conn::open(&self.config, self.connect_timeout).await {
+                match self.connector.open().await {
                     Ok(opened) => {
                         conn = Some(opened);
                         backoff = RECONNECT_MIN;

@@ -209,6 +209,37 @@ fn migration_batch(names: &Names, scope: &str, version: i32, body: &str) -> Stri
     )
 }
 
+/// Every migration batch the driver runs for `options`, named `migration-{scope}-{version}`:
+/// the shared tables', then the default set's or, with tables per hub, those of a hub named
+/// `hub`.
+pub(crate) fn migration_batches(options: &MssqlOptions, hub: &str) -> Vec<(String, String)> {
+    let names = Names::new(options);
+    let set = if options.tables_per_hub {
+        SetNames::hub(options, &default_slug(hub))
+    } else {
+        SetNames::shared(options)
+    };
+    let shared = SHARED
+        .iter()
+        .map(|(version, body)| (SHARED_SCOPE, *version, render_shared(body, options)));
+    let own = SET.iter().map(|(version, body)| {
+        (
+            set.scope.as_str(),
+            *version,
+            render_set(body, options, &set),
+        )
+    });
+    shared
+        .chain(own)
+        .map(|(scope, version, body)| {
+            (
+                format!("migration-{scope}-{version}"),
+                migration_batch(&names, scope, version, &body),
+            )
+        })
+        .collect()
+}
+
 /// The DDL for a schema and prefix, for a DBA to run once where the application may not
 /// create tables; with tables per hub, the shared tables only ([`hub_ddl`] gives each hub's).
 /// `GO` separates the batches, as `sqlcmd` and SSMS expect.
@@ -462,7 +493,10 @@ async fn create_hub_set(
     changed: impl Fn(String) -> Error,
 ) -> Result<()> {
     let rows = conn
-        .batch(&sql::begin_locked(&names.lock), "taking the migration lock")
+        .batch(
+            &sql::begin_locked(&names.lock, conn.lock_timeout_ms()),
+            "taking the migration lock",
+        )
         .await?;
     let granted = rows
         .first()

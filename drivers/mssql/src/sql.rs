@@ -20,9 +20,26 @@ pub(crate) const COLLATION: &str = "Latin1_General_100_BIN2";
 /// (SQL Server 2008+). These are the `SET` options SQL Server requires for indexes on computed
 /// columns and filtered indexes (the ones ODBC and ADO.NET use); `XACT_ABORT` makes any error
 /// roll back the whole transaction.
-pub(crate) const SESSION_SETTINGS: &str = "SET ANSI_NULLS ON; SET ANSI_PADDING ON; SET ANSI_WARNINGS ON; \
-     SET ARITHABORT ON; SET CONCAT_NULL_YIELDS_NULL ON; SET QUOTED_IDENTIFIER ON; \
-     SET NUMERIC_ROUNDABORT OFF; SET XACT_ABORT ON;";
+///
+/// `LOCK_TIMEOUT` makes a statement waiting for a lock fail (error 1222, transient, rolling the
+/// transaction back under `XACT_ABORT`) before the command timeout would cut it short: a
+/// statement cut short by the client may still commit later, one that fails on the server
+/// cannot.
+pub(crate) fn session_settings(lock_timeout: std::time::Duration) -> String {
+    format!(
+        "SET ANSI_NULLS ON; SET ANSI_PADDING ON; SET ANSI_WARNINGS ON; \
+         SET ARITHABORT ON; SET CONCAT_NULL_YIELDS_NULL ON; SET QUOTED_IDENTIFIER ON; \
+         SET NUMERIC_ROUNDABORT OFF; SET XACT_ABORT ON; SET LOCK_TIMEOUT {};",
+        millis(lock_timeout)
+    )
+}
+
+/// `duration` in whole milliseconds, at least 1, at most `i32::MAX`.
+pub(crate) fn millis(duration: std::time::Duration) -> i32 {
+    i32::try_from(duration.as_millis())
+        .unwrap_or(i32::MAX)
+        .max(1)
+}
 
 /// A `datetime2` column as microseconds since 1970 (`DATEDIFF_BIG`: SQL Server 2016+).
 fn micros(column: &str) -> String {
@@ -508,13 +525,17 @@ pub(crate) fn poll_hubs(sql: &Sql, hubs: &[&str]) -> String {
     format!("{} WHERE hub IN ({})", sql.poll, list.join(", "))
 }
 
+/// Rolls back a transaction the session may have left open.
+pub(crate) const ROLLBACK: &str = "IF @@TRANCOUNT > 0 ROLLBACK TRANSACTION";
+
 // ---- Schema management ----------------------------------------------------------------------
 
 /// Takes a session-level application lock (`sp_getapplock`, SQL Server 2005+), the migration
-/// lock or a table set's trim lock: `@P1` the resource. Returns the procedure's result: 0 or 1 granted, negative refused or timed out.
+/// lock or a table set's trim lock: `@P1` the resource, `@P2` how many milliseconds to wait.
+/// Returns the procedure's result: 0 or 1 granted, negative refused or timed out.
 pub(crate) const LOCK_SESSION: &str = "DECLARE @r int;
      EXEC @r = sp_getapplock @Resource = @P1, @LockMode = 'Exclusive',
-                             @LockOwner = 'Session', @LockTimeout = 60000;
+                             @LockOwner = 'Session', @LockTimeout = @P2;
      SELECT @r;";
 
 /// Releases a lock [`LOCK_SESSION`] took (`@P1` the resource).
@@ -523,13 +544,13 @@ pub(crate) const UNLOCK_SESSION: &str =
 
 /// Begins a transaction and takes the migration lock for it (released at commit or rollback).
 /// A plain batch: the transaction outlives it.
-pub(crate) fn begin_locked(resource: &str) -> String {
+pub(crate) fn begin_locked(resource: &str, timeout_ms: i32) -> String {
     format!(
         "SET XACT_ABORT ON;
          BEGIN TRANSACTION;
          DECLARE @r int;
          EXEC @r = sp_getapplock @Resource = {}, @LockMode = 'Exclusive',
-                                 @LockOwner = 'Transaction', @LockTimeout = 60000;
+                                 @LockOwner = 'Transaction', @LockTimeout = {timeout_ms};
          SELECT @r;",
         quote_literal(resource)
     )
@@ -649,6 +670,7 @@ pub(crate) const DROP_SCHEMA: &str = "DECLARE @drop nvarchar(max) = N'';
 mod tests {
     use super::*;
     use crate::MssqlOptions;
+    use std::time::Duration;
 
     fn set() -> SetNames {
         SetNames::shared(&MssqlOptions::new("h", "u", "p").schema("rt"))
@@ -830,75 +852,18 @@ mod tests {
 
     #[test]
     fn every_statement_is_well_formed() {
-        let options = MssqlOptions::new("h", "u", "p")
-            .schema("we]ird sch'ema")
-            .table_prefix("p(");
-        let names = Names::new(&options);
-        let sets = [
-            SetNames::shared(&options),
-            SetNames::hub(&options, "o'dd]slug("),
-        ];
-        let node = NodeSql::new(&names);
-        let mut texts = vec![
-            SESSION_SETTINGS.to_owned(),
-            LOCK_SESSION.to_owned(),
-            UNLOCK_SESSION.to_owned(),
-            begin_locked(&names.lock),
-            CREATE_SCHEMA.to_owned(),
-            migrations_table(&names),
-            versions(&names),
-            hub_state(&names),
-            slug_holder(&names),
-            register_hub(&names),
-            registered_hubs(&names),
-            SERVER_INFO.to_owned(),
-            PERMISSIONS.to_owned(),
-            KILL_PROGRAM.to_owned(),
-            DROP_SCHEMA.to_owned(),
-            node.register_node.clone(),
-            node.live_nodes.clone(),
-            node.heartbeat(&[]),
-            node.heartbeat(&[&sets[0], &sets[1]]),
-            node.unregister_node(&[&sets[0], &sets[1]]),
-            node.reap_nodes(&[&sets[0], &sets[1]]),
-        ];
-        for set in &sets {
-            let sql = Sql::new(set);
-            texts.extend([
-                sql.create_stream.clone(),
-                sql.tail.clone(),
-                sql.read.clone(),
-                sql.trim_streams.clone(),
-                sql.trim.clone(),
-                sql.trim_delete.clone(),
-                sql.add_connection.clone(),
-                sql.remove_connection.clone(),
-                sql.connection.clone(),
-                sql.user_connections.clone(),
-                sql.online_users.clone(),
-                sql.user_session.clone(),
-                sql.add_member.clone(),
-                sql.remove_member.clone(),
-                sql.group_members.clone(),
-                sql.connection_groups.clone(),
-                sql.enqueue.clone(),
-                sql.pending.clone(),
-                sql.durable_message.clone(),
-                sql.acknowledge.clone(),
-                sql.record_attempt.clone(),
-                sql.attempts.clone(),
-                sql.purge_expired.clone(),
-                sql.pending_count.clone(),
-                sql.reserve(),
-                sql.insert_chunk(4),
-                poll_hubs(&sql, &["a", "b'c"]),
-            ]);
-            for bucket in [1, 2, 64, 1024] {
-                texts.push(sql.append(bucket).to_owned());
-            }
-        }
-        texts.push(crate::schema::ddl(&options));
-        texts.push(crate::schema::ddl(&options.clone().tables_per_hub(true)));
+        let base = MssqlOptions::new("h", "u", "p");
+        let texts: Vec<String> = [
+            base.clone(),
+            base.clone().schema("we]ird sch'ema").table_prefix("p("),
+            base.schema("we]ird sch'ema")
+                .table_prefix("p(")
+                .tables_per_hub(true),
+        ]
+        .iter()
+        .flat_map(crate::statements::render)
+        .map(|statement| statement.text)
+        .collect();
         for text in &texts {
             // Comments may hold anything; the migrations' comments are plain prose.
             let code: String = text
@@ -915,6 +880,45 @@ mod tests {
         assert!(well_formed("SELECT [a").is_err());
         assert!(well_formed("IF 1 = 1 BEGIN SELECT 1").is_err());
         assert!(well_formed("SELECT N'it''s', [a]]b] WHERE (1 = 1)").is_ok());
+    }
+
+    #[test]
+    fn locks_wait_less_than_the_command_timeout() {
+        let options = MssqlOptions::new("h", "u", "p").command_timeout(Duration::from_secs(30));
+        assert_eq!(options.lock_timeout(), Duration::from_secs(20));
+        let settings = session_settings(options.lock_timeout());
+        assert!(settings.contains("SET LOCK_TIMEOUT 20000;"), "{settings}");
+        assert!(settings.contains("SET XACT_ABORT ON;"), "{settings}");
+        assert!(LOCK_SESSION.contains("@LockTimeout = @P2"));
+        assert!(begin_locked("r", 20_000).contains("@LockTimeout = 20000"));
+        assert_eq!(
+            millis(Duration::ZERO),
+            1,
+            "0 would mean: do not wait at all"
+        );
+        assert_eq!(millis(Duration::from_secs(u64::MAX)), i32::MAX);
+    }
+
+    #[test]
+    fn streams_are_looked_up_by_their_clustered_key() {
+        let ddl = crate::schema::ddl(&MssqlOptions::new("h", "u", "p"));
+        let streams = ddl
+            .split("CREATE TABLE")
+            .find(|table| table.contains("streams] ("))
+            .expect("the streams table");
+        assert!(
+            streams.contains("PRIMARY KEY CLUSTERED (hub, stream)"),
+            "{streams}"
+        );
+        assert!(streams.contains("UNIQUE NONCLUSTERED"), "{streams}");
+        let sql = Sql::new(&set());
+        for text in [&sql.tail, &sql.read, &sql.create_stream] {
+            assert!(
+                text.contains("hub = @P1 AND s.stream = @P2")
+                    || text.contains("hub = @P1 AND stream = @P2"),
+                "{text}"
+            );
+        }
     }
 
     #[test]

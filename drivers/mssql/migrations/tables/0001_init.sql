@@ -11,15 +11,18 @@
 
 -- One row per (hub, stream): the next offset to allocate, the first offset still stored, and the
 -- stream's epoch. An append updates this row first and holds its lock until it commits, so
--- offsets are handed out and committed in the same order.
+-- offsets are handed out and committed in the same order. Clustered on (hub, stream), the key
+-- every append and read looks it up by: a seek that locks only its own row, so an append to
+-- one stream never waits behind another stream's (a scan of a clustered `id` would). `id`, the
+-- log's key, is unique beside it.
 CREATE TABLE {schema}.[{set}streams] (
-    id           bigint       IDENTITY(1, 1) NOT NULL PRIMARY KEY,
+    id           bigint       IDENTITY(1, 1) NOT NULL UNIQUE NONCLUSTERED,
     hub          nvarchar(64) COLLATE Latin1_General_100_BIN2 NOT NULL,
     stream       int          NOT NULL,
     next_offset  bigint       NOT NULL DEFAULT 0,
     first_offset bigint       NOT NULL DEFAULT 0,
     epoch        bigint       NOT NULL,
-    UNIQUE (hub, stream)
+    PRIMARY KEY CLUSTERED (hub, stream)
 );
 
 -- The log: one row per entry, keyed by the stream's id.
