@@ -261,6 +261,7 @@ impl MssqlBackplane {
         .map_err(|e| Error::permanent(Self::NAME, format!("could not build the pool: {e}")))?;
         {
             let mut conn = pool.get().await.map_err(pool_error)?;
+            schema::check_snapshot_reads(&mut conn).await?;
             schema::check_version(&mut conn, &names, &options).await?;
         }
         let (shutdown, shutdown_rx) = watch::channel(false);

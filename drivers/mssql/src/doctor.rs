@@ -66,18 +66,15 @@ async fn server(conn: &mut Conn) -> Vec<Check> {
         ))
     };
     let snapshot = if rcsi != 0 {
-        "readers use row versions (READ_COMMITTED_SNAPSHOT ON)".to_owned()
+        Ok(format!(
+            "{database}, compatibility level {level}; readers use row versions (READ_COMMITTED_SNAPSHOT ON)"
+        ))
     } else {
-        "READ_COMMITTED_SNAPSHOT is OFF: readers wait for appends in flight; turning it on lets them read without waiting".to_owned()
+        Err(sql::snapshot_required(&database))
     };
     vec![
         Check::new("server", server),
-        Check::new(
-            "database",
-            Ok(format!(
-                "{database}, compatibility level {level}; {snapshot}"
-            )),
-        ),
+        Check::new("database", snapshot),
     ]
 }
 
@@ -92,28 +89,51 @@ async fn permissions(conn: &mut Conn, options: &MssqlOptions) -> Check {
         return Check::new("privileges", Err("no answer".into()));
     };
     let context = "checking permissions";
-    let flags = (
-        need::<i32>(row, 0, context),
-        need::<i32>(row, 1, context),
-        need::<i32>(row, 2, context),
-    );
-    let (Ok(create_table), Ok(alter_schema), Ok(exists)) = flags else {
+    let flag = |column| need::<i32>(row, column, context).map(|v| v != 0);
+    let (Ok(create_table), Ok(alter_schema), Ok(exists), Ok(create_schema)) =
+        (flag(0), flag(1), flag(2), flag(3))
+    else {
         return Check::new("privileges", Err("could not read the permissions".into()));
     };
-    let outcome = match (options.create_schema, create_table != 0, exists != 0, alter_schema != 0) {
-        (false, _, _, _) => Ok("create_schema=false: the schema is managed by a DBA".to_owned()),
-        (true, true, true, true) | (true, true, false, _) => {
-            Ok("may create tables in the schema".to_owned())
-        }
-        (true, false, _, _) => Err(
-            "the login may not CREATE TABLE in this database: grant it, or set create_schema=false and run the DDL (--print-ddl)".to_owned(),
-        ),
-        (true, true, true, false) => Err(format!(
-            "the login may not ALTER schema {:?}: grant it, or set create_schema=false and run the DDL",
-            options.schema
-        )),
+    let granted = Granted {
+        create_table,
+        alter_schema,
+        schema_exists: exists,
+        create_schema,
     };
-    Check::new("privileges", outcome)
+    Check::new("privileges", granted.verdict(options))
+}
+
+/// What the login may do, as the server answered.
+#[derive(Debug, Clone, Copy)]
+struct Granted {
+    create_table: bool,
+    alter_schema: bool,
+    schema_exists: bool,
+    create_schema: bool,
+}
+
+impl Granted {
+    /// Whether the driver can create what it needs with `options`, and if not, what to grant.
+    fn verdict(self, options: &MssqlOptions) -> Result<String, String> {
+        if !options.create_schema {
+            return Ok("create_schema=false: the schema is managed by a DBA".to_owned());
+        }
+        if !self.create_table {
+            return Err("the login may not CREATE TABLE in this database: grant it, or set create_schema=false and run the DDL (--print-ddl)".to_owned());
+        }
+        match (self.schema_exists, self.alter_schema, self.create_schema) {
+            (true, true, _) | (false, _, true) => Ok("may create tables in the schema".to_owned()),
+            (true, false, _) => Err(format!(
+                "the login may not ALTER schema {:?}: grant it, or set create_schema=false and run the DDL",
+                options.schema
+            )),
+            (false, _, false) => Err(format!(
+                "schema {:?} does not exist and the login may not CREATE SCHEMA: grant it, create the schema, or set create_schema=false and run the DDL",
+                options.schema
+            )),
+        }
+    }
 }
 
 async fn schema_check(conn: &mut Conn, names: &Names, options: &MssqlOptions) -> Check {
@@ -213,4 +233,41 @@ pub async fn doctor(options: &MssqlOptions) -> Vec<Check> {
     checks.push(schema_check(&mut conn, &names, options).await);
     checks.push(app_lock(&mut conn, &names).await);
     checks
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn granted(
+        create_table: bool,
+        alter_schema: bool,
+        exists: bool,
+        create_schema: bool,
+    ) -> Granted {
+        Granted {
+            create_table,
+            alter_schema,
+            schema_exists: exists,
+            create_schema,
+        }
+    }
+
+    #[test]
+    fn privileges_name_what_to_grant() {
+        let options = MssqlOptions::new("h", "u", "p");
+        assert!(granted(true, true, true, false).verdict(&options).is_ok());
+        assert!(granted(true, false, false, true).verdict(&options).is_ok());
+        let verdict = |g: Granted| g.verdict(&options).expect_err("refused");
+        assert!(verdict(granted(false, true, true, true)).contains("CREATE TABLE"));
+        assert!(verdict(granted(true, false, true, true)).contains("ALTER schema"));
+        assert!(verdict(granted(true, true, false, false)).contains("may not CREATE SCHEMA"));
+        // A DBA manages the schema: nothing to grant.
+        let managed = options.create_schema(false);
+        assert!(
+            granted(false, false, false, false)
+                .verdict(&managed)
+                .is_ok()
+        );
+    }
 }

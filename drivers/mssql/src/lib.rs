@@ -47,6 +47,11 @@ pub mod testing {
     }
 
     /// Kills the sessions named `program` (the pollers of a deployment); returns how many.
+    ///
+    /// # Errors
+    ///
+    /// A permanent error naming the permissions when the login lacks `VIEW SERVER STATE` or
+    /// `ALTER ANY CONNECTION`.
     pub async fn kill_sessions(options: &MssqlOptions, program: &str) -> Result<u64> {
         let mut conn = admin(options).await?;
         let mut query = Query::new(sql::KILL_PROGRAM);
@@ -57,6 +62,12 @@ pub mod testing {
             .map(|row| conn::need::<i32>(row, 0, "killing sessions"))
             .transpose()?
             .unwrap_or(0);
+        if n < 0 {
+            return Err(Error::permanent(
+                crate::MssqlBackplane::NAME,
+                "the login lacks VIEW SERVER STATE or ALTER ANY CONNECTION, which killing sessions needs",
+            ));
+        }
         u64::try_from(n).map_err(|_| Error::Corrupt("negative session count".into()))
     }
 }

@@ -636,6 +636,59 @@ impl MssqlOptions {
                 | "loadbalancetimeout"
                 | "connectretrycount"
                 | "connectretryinterval" => options,
+                // Common in .NET applications' strings and harmless here: distributed
+                // transactions, pool tuning, Always Encrypted (the backplane's columns are not
+                // encrypted), type system and resolution details.
+                "enlist"
+                | "connectionlifetime"
+                | "connectionreset"
+                | "poolblockingperiod"
+                | "transactionbinding"
+                | "typesystemversion"
+                | "columnencryptionsetting"
+                | "enclaveattestationurl"
+                | "attestationprotocol"
+                | "transparentnetworkipresolution"
+                | "ipaddresspreference"
+                | "serverspn"
+                | "asynchronousprocessing"
+                | "async"
+                | "replication" => {
+                    tracing::debug!(
+                        keyword = key,
+                        "ignoring a connection string keyword the backplane does not need"
+                    );
+                    options
+                }
+                // Database mirroring: the driver connects to the principal only.
+                "failoverpartner" | "failoverpartnerspn" => {
+                    tracing::warn!(
+                        keyword = key,
+                        value,
+                        "ignoring the mirroring failover partner: the backplane connects to Server only"
+                    );
+                    options
+                }
+                "networklibrary" | "network" | "net" => {
+                    if normalize(value) == "dbmssocn" {
+                        options
+                    } else {
+                        return Err(bad(format!(
+                            "{key}={value}: only TCP (dbmssocn) is supported"
+                        )));
+                    }
+                }
+                "userinstance" | "contextconnection" => {
+                    if boolean(key, value)? {
+                        return Err(bad(format!("{key}=true is not supported")));
+                    }
+                    options
+                }
+                "attachdbfilename" | "initialfilename" | "extendedproperties" => {
+                    return Err(bad(format!(
+                        "{key}: attaching a database file is not supported; name the database with Database"
+                    )));
+                }
                 "schema" => options.schema(value),
                 "tableprefix" => options.table_prefix(value),
                 "streams" => options.streams(
@@ -793,6 +846,22 @@ mod tests {
     }
 
     #[test]
+    fn keywords_of_dotnet_strings_that_change_nothing_are_accepted() {
+        let dotnet = "Server=tcp:db.example.com,1433;Initial Catalog=app;User ID=u;Password=p;\
+            Enlist=false;Connection Lifetime=300;Failover Partner=db2;\
+            Column Encryption Setting=Enabled;Pooling=true;Max Pool Size=20;\
+            Connection Reset=true;Pool Blocking Period=Auto;Type System Version=Latest;\
+            Transaction Binding=Implicit Unbind;Network Library=DBMSSOCN;\
+            Transparent Network IP Resolution=false;Asynchronous Processing=true;\
+            User Instance=false;Multiple Active Result Sets=true";
+        let options: MssqlOptions = dotnet.parse().expect("a common .NET string parses");
+        let plain: MssqlOptions = "Server=tcp:db.example.com,1433;Initial Catalog=app;User ID=u;Password=p;Max Pool Size=20"
+            .parse()
+            .expect("parses");
+        assert_eq!(format!("{options:?}"), format!("{plain:?}"));
+    }
+
+    #[test]
     fn ado_strings_parse() {
         let o = parse(
             "Server=tcp:db.example.com,1444;Database=chat;User Id=app;Password=hunter2;TrustServerCertificate=true;Encrypt=true",
@@ -881,6 +950,18 @@ mod tests {
             (
                 "Server=db,99999;User Id=u;Password=hunter2",
                 "port in Server",
+            ),
+            (
+                "Server=db;User Id=u;Password=hunter2;Network Library=dbnmpntw",
+                "only TCP",
+            ),
+            (
+                "Server=db;User Id=u;Password=hunter2;User Instance=true",
+                "User Instance=true is not supported",
+            ),
+            (
+                "Server=db;User Id=u;Password=hunter2;AttachDbFilename=|DataDirectory|x.mdf",
+                "attaching a database file is not supported",
             ),
             (
                 "Server=db;User Id=u;Password=hunter2;Frobnicate=1",

@@ -11,7 +11,7 @@ use tiberius::Query;
 
 use crate::MssqlBackplane;
 use crate::conn::{Conn, need};
-use crate::error::{INVALID_OBJECT, MssqlTableSetError, db, number};
+use crate::error::{INVALID_OBJECT, MssqlTableSetError, corrupt, db, number};
 use crate::options::MssqlOptions;
 use crate::sql;
 
@@ -246,7 +246,8 @@ pub(crate) fn migration_batches(options: &MssqlOptions, hub: &str) -> Vec<(Strin
 pub(crate) fn ddl(options: &MssqlOptions) -> String {
     let names = Names::new(options);
     let mut out = format!(
-        "-- backplane schema for SQL Server 2016+ / Azure SQL.\nIF SCHEMA_ID({}) IS NULL EXEC (N'CREATE SCHEMA {}');\nGO\n{}\nGO\n",
+        "-- backplane schema for SQL Server 2016+ / Azure SQL.\n{}\nGO\nIF SCHEMA_ID({}) IS NULL EXEC (N'CREATE SCHEMA {}');\nGO\n{}\nGO\n",
+        sql::ENABLE_SNAPSHOT_READS,
         quote_literal(&options.schema),
         quote(&options.schema).replace('\'', "''"),
         sql::migrations_table(&names)
@@ -357,6 +358,23 @@ fn layout_error(options: &MssqlOptions) -> Error {
         prefix: options.table_prefix.clone(),
         tables_per_hub: options.tables_per_hub,
     })
+}
+
+/// Fails unless the database has `READ_COMMITTED_SNAPSHOT` on: without it every read and poll
+/// waits for the appends in flight.
+pub(crate) async fn check_snapshot_reads(conn: &mut Conn) -> Result<()> {
+    let context = "checking READ_COMMITTED_SNAPSHOT";
+    let rows = conn.rows(Query::new(sql::SNAPSHOT_READS), context).await?;
+    let Some(row) = rows.first() else {
+        return Err(corrupt("the current database is not in sys.databases"));
+    };
+    if need::<i32>(row, 0, context)? == 1 {
+        return Ok(());
+    }
+    Err(Error::permanent(
+        MssqlBackplane::NAME,
+        sql::snapshot_required(need::<&str>(row, 1, context)?),
+    ))
 }
 
 /// Creates the schema and applies pending migrations under a session app lock, so nodes

@@ -636,20 +636,53 @@ pub(crate) const SERVER_INFO: &str =
             CAST(d.is_read_committed_snapshot_on AS int)
      FROM sys.databases AS d WHERE d.name = DB_NAME()";
 
+/// Whether the database reads committed rows from their versions (`READ_COMMITTED_SNAPSHOT`):
+/// 1 or 0, and the database's name.
+pub(crate) const SNAPSHOT_READS: &str =
+    "SELECT CAST(is_read_committed_snapshot_on AS int), DB_NAME()
+     FROM sys.databases WHERE name = DB_NAME()";
+
+/// Turns `READ_COMMITTED_SNAPSHOT` on where it is off (the DDL's first batch): it ends other
+/// sessions' open transactions, so run it where nothing else is writing.
+pub(crate) const ENABLE_SNAPSHOT_READS: &str = "-- The backplane needs READ_COMMITTED_SNAPSHOT: readers use row versions, never waiting for appends.
+IF (SELECT is_read_committed_snapshot_on FROM sys.databases WHERE name = DB_NAME()) = 0
+    ALTER DATABASE CURRENT SET READ_COMMITTED_SNAPSHOT ON WITH ROLLBACK IMMEDIATE;";
+
+/// Why the driver refuses a database without `READ_COMMITTED_SNAPSHOT`, and the statement that
+/// turns it on.
+pub(crate) fn snapshot_required(database: &str) -> String {
+    format!(
+        "READ_COMMITTED_SNAPSHOT is OFF in database {database:?}: reads and the poller would wait \
+         for every append in flight, and appends for them. Turn it on once (it waits for, or with \
+         ROLLBACK IMMEDIATE ends, the other sessions' transactions): \
+         ALTER DATABASE {} SET READ_COMMITTED_SNAPSHOT ON WITH ROLLBACK IMMEDIATE;",
+        crate::schema::quote(database)
+    )
+}
+
 /// Whether the login may create tables in the database and use schema `@P1` (1 or 0 each).
 pub(crate) const PERMISSIONS: &str =
     "SELECT ISNULL(HAS_PERMS_BY_NAME(DB_NAME(), 'DATABASE', 'CREATE TABLE'), 0),
             ISNULL(HAS_PERMS_BY_NAME(@P1, 'SCHEMA', 'ALTER'), 0),
-            CASE WHEN SCHEMA_ID(@P1) IS NULL THEN 0 ELSE 1 END";
+            CASE WHEN SCHEMA_ID(@P1) IS NULL THEN 0 ELSE 1 END,
+            ISNULL(HAS_PERMS_BY_NAME(DB_NAME(), 'DATABASE', 'CREATE SCHEMA'), 0)";
 
-/// Kills the sessions whose program name is `@P1` (needs `ALTER ANY CONNECTION`); returns how
-/// many there were.
-pub(crate) const KILL_PROGRAM: &str = "DECLARE @kill nvarchar(max) = N'', @n int;
-     SELECT @kill = @kill + N'KILL ' + CAST(session_id AS nvarchar(12)) + N'; ',
-            @n = ISNULL(@n, 0) + 1
-     FROM sys.dm_exec_sessions WHERE program_name = @P1 AND session_id <> @@SPID;
-     EXEC sp_executesql @kill;
-     SELECT ISNULL(@n, 0);";
+/// Kills the sessions whose program name is `@P1`; returns how many there were, or -1 when the
+/// login lacks `VIEW SERVER STATE` (without it, it sees only its own session) or
+/// `ALTER ANY CONNECTION` (needed to kill).
+pub(crate) const KILL_PROGRAM: &str =
+    "IF ISNULL(HAS_PERMS_BY_NAME(NULL, NULL, 'VIEW SERVER STATE'), 0) = 0
+        OR ISNULL(HAS_PERMS_BY_NAME(NULL, NULL, 'ALTER ANY CONNECTION'), 0) = 0
+         SELECT -1;
+     ELSE
+     BEGIN
+         DECLARE @kill nvarchar(max) = N'', @n int;
+         SELECT @kill = @kill + N'KILL ' + CAST(session_id AS nvarchar(12)) + N'; ',
+                @n = ISNULL(@n, 0) + 1
+         FROM sys.dm_exec_sessions WHERE program_name = @P1 AND session_id <> @@SPID;
+         EXEC sp_executesql @kill;
+         SELECT ISNULL(@n, 0);
+     END";
 
 /// Drops schema `@P1` with every table in it: foreign keys first, then tables, then the schema
 /// (SQL Server has no `DROP SCHEMA … CASCADE`).
@@ -897,6 +930,22 @@ mod tests {
             "0 would mean: do not wait at all"
         );
         assert_eq!(millis(Duration::from_secs(u64::MAX)), i32::MAX);
+    }
+
+    #[test]
+    fn a_database_without_snapshot_reads_is_refused_with_the_fix() {
+        let why = snapshot_required("app]db");
+        assert!(why.contains("READ_COMMITTED_SNAPSHOT is OFF"), "{why}");
+        assert!(
+            why.contains("ALTER DATABASE [app]]db] SET READ_COMMITTED_SNAPSHOT ON"),
+            "{why}"
+        );
+        // The DDL turns it on first, in a batch of its own (ALTER DATABASE cannot run in a
+        // transaction).
+        let ddl = crate::schema::ddl(&MssqlOptions::new("h", "u", "p"));
+        let first = ddl.split("\nGO\n").next().unwrap_or_default();
+        assert!(first.contains(ENABLE_SNAPSHOT_READS), "{first}");
+        assert!(!first.contains("TRANSACTION"), "{first}");
     }
 
     #[test]

@@ -54,6 +54,7 @@ pub fn render(options: &MssqlOptions) -> Vec<Statement> {
         ("register-hub".into(), sql::register_hub(&names)),
         ("registered-hubs".into(), sql::registered_hubs(&names)),
         ("server-info".into(), sql::SERVER_INFO.into()),
+        ("snapshot-reads".into(), sql::SNAPSHOT_READS.into()),
         ("permissions".into(), sql::PERMISSIONS.into()),
         ("kill-program".into(), sql::KILL_PROGRAM.into()),
         ("drop-schema".into(), sql::DROP_SCHEMA.into()),
