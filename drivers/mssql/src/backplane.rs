@@ -529,15 +529,22 @@ impl MssqlBackplane {
     async fn node_batch<'a>(
         &self,
         build: impl Fn(&NodeSql, &[&SetNames]) -> String,
-        bind: impl FnOnce(&mut Query<'a>),
+        bind: impl Fn(&mut Query<'a>),
         context: &'static str,
     ) -> Result<Vec<Row>> {
         let mut conn = self.conn().await?;
         let sets = self.all_tables(&mut conn).await?;
         let names: Vec<&SetNames> = sets.iter().map(|set| &set.names).collect();
-        let mut query = Query::new(build(&self.inner.node_sql, &names));
-        bind(&mut query);
-        conn.rows(query, context).await
+        let text = build(&self.inner.node_sql, &names);
+        conn.rows_retrying(
+            || {
+                let mut query = Query::new(text.clone());
+                bind(&mut query);
+                query
+            },
+            context,
+        )
+        .await
     }
 
     /// Runs `sql` with `hub` and `key` as `@P1` and `@P2` and decodes every row.
@@ -719,10 +726,13 @@ impl Backplane for MssqlBackplane {
 
     async fn register_node(&self, node: &NodeId, address: Option<&str>) -> Result<()> {
         let mut conn = self.conn().await?;
-        let mut query = Query::new(self.inner.node_sql.register_node.as_str());
-        query.bind(node.as_str());
-        query.bind(address);
-        conn.rows(query, "registering a node").await?;
+        let query = || {
+            let mut query = Query::new(self.inner.node_sql.register_node.as_str());
+            query.bind(node.as_str());
+            query.bind(address);
+            query
+        };
+        conn.rows_retrying(query, "registering a node").await?;
         Ok(())
     }
 
@@ -810,11 +820,14 @@ impl Backplane for MssqlBackplane {
     ) -> Result<Option<ConnectionInfo>> {
         let set = self.tables(hub).await?;
         let mut conn = self.conn().await?;
-        let mut query = Query::new(&set.sql.remove_connection);
-        query.bind(hub.as_str());
-        query.bind(connection.as_str());
-        query.bind(node.as_str());
-        let rows = conn.rows(query, "removing a connection").await?;
+        let query = || {
+            let mut query = Query::new(set.sql.remove_connection.as_str());
+            query.bind(hub.as_str());
+            query.bind(connection.as_str());
+            query.bind(node.as_str());
+            query
+        };
+        let rows = conn.rows_retrying(query, "removing a connection").await?;
         rows.iter().map(connection_info).next().transpose()
     }
 
@@ -896,11 +909,14 @@ impl Backplane for MssqlBackplane {
     ) -> Result<bool> {
         let set = self.tables(hub).await?;
         let mut conn = self.conn().await?;
-        let mut query = Query::new(set.sql.add_member.as_str());
-        query.bind(hub.as_str());
-        query.bind(group.as_str().as_bytes());
-        query.bind(connection.as_str());
-        match conn.try_rows(query).await {
+        let query = || {
+            let mut query = Query::new(set.sql.add_member.as_str());
+            query.bind(hub.as_str());
+            query.bind(group.as_str().as_bytes());
+            query.bind(connection.as_str());
+            query
+        };
+        match conn.try_rows_retrying(query).await {
             Ok(rows) => Ok(count(&rows, "adding to a group")? > 0),
             Err(err) if number(&err) == Some(CONSTRAINT_CONFLICT) => {
                 Err(Error::UnknownConnection(connection.to_string()))
@@ -919,11 +935,14 @@ impl Backplane for MssqlBackplane {
     ) -> Result<bool> {
         let set = self.tables(hub).await?;
         let mut conn = self.conn().await?;
-        let mut query = Query::new(set.sql.remove_member.as_str());
-        query.bind(hub.as_str());
-        query.bind(group.as_str().as_bytes());
-        query.bind(connection.as_str());
-        let rows = conn.rows(query, "removing from a group").await?;
+        let query = || {
+            let mut query = Query::new(set.sql.remove_member.as_str());
+            query.bind(hub.as_str());
+            query.bind(group.as_str().as_bytes());
+            query.bind(connection.as_str());
+            query
+        };
+        let rows = conn.rows_retrying(query, "removing from a group").await?;
         Ok(count(&rows, "removing from a group")? > 0)
     }
 

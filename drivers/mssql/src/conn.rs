@@ -194,6 +194,35 @@ impl Conn {
         self.settle(outcome)
     }
 
+    /// Like [`try_rows`](Self::try_rows) for a batch that is one whole transaction (or none),
+    /// made by `query` for each attempt: when the server picks it as a deadlock victim (1205)
+    /// it rolled all of it back, so it runs again, up to [`DEADLOCK_ATTEMPTS`] times in all.
+    pub(crate) async fn try_rows_retrying<'a>(
+        &mut self,
+        query: impl Fn() -> Query<'a>,
+    ) -> Result<Vec<Row>, tiberius::error::Error> {
+        let mut attempt = 1;
+        loop {
+            match self.try_rows(query()).await {
+                Err(err) if retry_deadlock(crate::error::number(&err), attempt) => {
+                    tracing::debug!(attempt, "deadlock victim; running the transaction again");
+                    tokio::time::sleep(Duration::from_millis(5 * u64::from(attempt))).await;
+                    attempt += 1;
+                }
+                outcome => return outcome,
+            }
+        }
+    }
+
+    /// [`try_rows_retrying`](Self::try_rows_retrying) with errors in the driver's form.
+    pub(crate) async fn rows_retrying<'a>(
+        &mut self,
+        query: impl Fn() -> Query<'a>,
+        context: &'static str,
+    ) -> Result<Vec<Row>> {
+        self.try_rows_retrying(query).await.map_err(db(context))
+    }
+
     /// Marks the connection broken unless the call succeeded or the server answered with an
     /// error: a transport or protocol error leaves it out of step. Until this runs (a call that
     /// was cancelled), it counts as broken.
@@ -282,6 +311,15 @@ impl Conn {
         }
         Ok(())
     }
+}
+
+/// How many times a transaction a deadlock rolled back runs in all.
+pub(crate) const DEADLOCK_ATTEMPTS: u32 = 3;
+
+/// Whether attempt `attempt` (from 1) of a one-transaction batch that failed with error
+/// `number` runs again.
+fn retry_deadlock(number: Option<u32>, attempt: u32) -> bool {
+    number == Some(crate::error::DEADLOCK_VICTIM) && attempt < DEADLOCK_ATTEMPTS
 }
 
 /// Creates and checks pooled connections.
@@ -389,6 +427,17 @@ mod tests {
         standing.call_started();
         standing.call_settled(false, false);
         assert!(standing.unusable().is_some(), "a transport error");
+    }
+
+    #[test]
+    fn deadlock_victims_run_again_a_bounded_number_of_times() {
+        assert!(retry_deadlock(Some(1205), 1));
+        assert!(retry_deadlock(Some(1205), DEADLOCK_ATTEMPTS - 1));
+        assert!(!retry_deadlock(Some(1205), DEADLOCK_ATTEMPTS));
+        // A lock timeout, a duplicate key, a broken connection: never here.
+        assert!(!retry_deadlock(Some(1222), 1));
+        assert!(!retry_deadlock(Some(2627), 1));
+        assert!(!retry_deadlock(None, 1));
     }
 
     #[test]

@@ -30,6 +30,9 @@ pub fn is_transient_number(number: u32) -> bool {
 /// Duplicate key in a unique index (2601) or a primary key or unique constraint (2627).
 pub(crate) const DUPLICATE_KEY: [u32; 2] = [2601, 2627];
 
+/// Chosen as a deadlock victim: the server rolled the whole transaction back.
+pub(crate) const DEADLOCK_VICTIM: u32 = 1205;
+
 /// A foreign key (or check) constraint refused the row.
 pub(crate) const CONSTRAINT_CONFLICT: u32 = 547;
 
