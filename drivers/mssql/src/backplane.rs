@@ -375,7 +375,7 @@ impl MssqlBackplane {
         Ok(position)
     }
 
-    /// One request: [`Sql::append`](crate::sql::Sql::append).
+    /// One request: [`Sql::append`](crate::sql::Sql::append), the records packed.
     async fn write_one(
         &self,
         conn: &mut Conn,
@@ -386,18 +386,14 @@ impl MssqlBackplane {
     ) -> Result<Position> {
         let stream_db = stream_i32(stream)?;
         let count = i64::try_from(records.len()).map_err(|_| corrupt("too many records"))?;
-        let bucket = sql::append_bucket(records.len());
+        let packed = sql::Packed::new(records);
         for _ in 0..2 {
-            let mut query = Query::new(set.sql.append(bucket));
+            let mut query = Query::new(set.sql.append.as_str());
             query.bind(hub.as_str());
             query.bind(stream_db);
             query.bind(count);
-            for record in records {
-                query.bind(record.as_ref());
-            }
-            for _ in records.len()..bucket {
-                query.bind(Option::<&[u8]>::None);
-            }
+            query.bind(packed.data.as_slice());
+            query.bind(packed.ends.as_slice());
             let rows = conn
                 .try_rows(query)
                 .await
@@ -439,19 +435,15 @@ impl MssqlBackplane {
             let context = "appending to the log";
             let id = need::<i64>(row, 0, context)?;
             let first = position(row, 1, stream, context)?;
-            let insert = set.sql.insert_chunk(MAX_BATCH);
             let mut offset = to_i64(first.offset, "offset")?;
             for chunk in records.chunks(MAX_BATCH) {
-                let mut query = Query::new(insert.as_str());
+                let packed = sql::Packed::new(chunk);
+                let mut query = Query::new(set.sql.insert_chunk.as_str());
                 query.bind(id);
                 query.bind(offset);
                 query.bind(i64::try_from(chunk.len()).unwrap_or(i64::MAX));
-                for record in chunk {
-                    query.bind(record.as_ref());
-                }
-                for _ in chunk.len()..MAX_BATCH {
-                    query.bind(Option::<&[u8]>::None);
-                }
+                query.bind(packed.data.as_slice());
+                query.bind(packed.ends.as_slice());
                 conn.rows(query, "appending to the log").await?;
                 offset += i64::try_from(chunk.len()).unwrap_or(i64::MAX);
             }

@@ -110,8 +110,8 @@ impl fmt::Debug for MssqlOptions {
     }
 }
 
-/// The most parameters SQL Server takes in one request is 2 100; a batch binds one per record
-/// plus three, rounded up to a power of two.
+/// The most records one append request carries: the rows its statement generates to unpack
+/// them (larger appends span several requests of one transaction).
 pub(crate) const MAX_BATCH: usize = 1024;
 
 fn bad(reason: impl Into<String>) -> Error {
@@ -398,8 +398,8 @@ impl MssqlOptions {
         self
     }
 
-    /// The most records written by one batch, at most 1 024 (SQL Server takes 2 100
-    /// parameters per request). Defaults to 512.
+    /// The most records written by one batch, at most 1 024 (the rows one append request
+    /// unpacks). Defaults to 512.
     pub fn max_batch(mut self, records: usize) -> Self {
         self.max_batch = records.clamp(1, MAX_BATCH);
         self

@@ -201,11 +201,51 @@ impl NodeSql {
     }
 }
 
-/// The batch sizes an append statement is rendered for: a batch of `n` records uses the
-/// smallest size at or above `n`, its unused parameters NULL, so SQL Server caches a dozen plans
-/// rather than one per count.
-pub(crate) fn append_bucket(records: usize) -> usize {
-    records.max(1).next_power_of_two()
+/// Records as an append sends them: two parameters whatever their count and sizes, so SQL
+/// Server compiles one plan per statement (per `varbinary(8000)` or `varbinary(max)` of each)
+/// instead of one per count and mix of sizes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Packed {
+    /// The records one after another.
+    pub(crate) data: Vec<u8>,
+    /// Where each record ends in `data`, in bytes from its start: 8 bytes each, big-endian, as
+    /// `CAST(… AS bigint)` reads them.
+    pub(crate) ends: Vec<u8>,
+}
+
+impl Packed {
+    pub(crate) fn new(records: &[bytes::Bytes]) -> Self {
+        let mut data = Vec::with_capacity(records.iter().map(bytes::Bytes::len).sum());
+        let mut ends = Vec::with_capacity(records.len() * 8);
+        for record in records {
+            data.extend_from_slice(record);
+            ends.extend_from_slice(&(data.len() as u64).to_be_bytes());
+        }
+        Self { data, ends }
+    }
+}
+
+// The row generator of `packed_rows` covers the largest batch.
+const _: () = assert!(crate::options::MAX_BATCH <= 1024);
+
+/// The records of a [`Packed`] as rows `(i, start, length)`: `@P3` records, `@P4` the data,
+/// `@P5` the ends; `start` counts from 1, as `SUBSTRING` does. Up to 1 024 records (five base-4
+/// digits).
+fn packed_rows() -> String {
+    let digits = "(VALUES (0), (1), (2), (3))";
+    format!(
+        "(SELECT n.i,
+                 CASE WHEN n.i = 0 THEN 0
+                      ELSE CAST(SUBSTRING(@P5, 8 * n.i - 7, 8) AS bigint) END + 1 AS start,
+                 CAST(SUBSTRING(@P5, 8 * n.i + 1, 8) AS bigint)
+                 - CASE WHEN n.i = 0 THEN 0
+                        ELSE CAST(SUBSTRING(@P5, 8 * n.i - 7, 8) AS bigint) END AS length
+          FROM (SELECT d1.v * 256 + d2.v * 64 + d3.v * 16 + d4.v * 4 + d5.v AS i
+                FROM {digits} AS d1 (v) CROSS JOIN {digits} AS d2 (v)
+                CROSS JOIN {digits} AS d3 (v) CROSS JOIN {digits} AS d4 (v)
+                CROSS JOIN {digits} AS d5 (v)) AS n
+          WHERE n.i < @P3)"
+    )
 }
 
 /// The statements of one table set.
@@ -245,7 +285,10 @@ pub(crate) struct Sql {
     pub(crate) pending_count: String,
     /// `(hub, stream, next_offset)` of every stream, for the poller (`WHERE` added per poll).
     pub(crate) poll: String,
-    appends: Vec<std::sync::OnceLock<String>>,
+    /// Appends records to a stream in one batch and transaction; see [`Sql::new`].
+    pub(crate) append: String,
+    /// Inserts records of a reserved range (appends too large for one request).
+    pub(crate) insert_chunk: String,
 }
 
 impl Sql {
@@ -449,25 +492,13 @@ impl Sql {
                 n.messages
             ),
             poll: format!("SELECT hub, stream, next_offset FROM {}", n.streams),
-            appends: (0..=MAX_BUCKET_BITS).map(|_| std::sync::OnceLock::new()).collect(),
-            names: n.clone(),
-        }
-    }
-
-    /// The append statement for a batch of up to `bucket` records (a power of two): `@P1` hub,
-    /// `@P2` stream, `@P3` the record count, then one parameter per record (NULL past the
-    /// count). In one batch and transaction: the stream row's `next_offset` is bumped (its lock
-    /// held until commit, so offsets commit in the order they are handed out; `OUTPUT … INTO`
-    /// returns the old value), the records are inserted at the offsets that gives, and the
-    /// first offset and the epoch are returned. No row: the stream does not exist yet.
-    pub(crate) fn append(&self, bucket: usize) -> &str {
-        let bits = bucket.max(1).trailing_zeros() as usize;
-        let Some(cell) = self.appends.get(bits) else {
-            return "THROW 50000, 'append batch too large', 1;";
-        };
-        cell.get_or_init(|| {
-            let rows: Vec<String> = (0..bucket).map(|i| format!("({i}, @P{})", i + 4)).collect();
-            format!(
+            // `@P1` hub, `@P2` stream, `@P3` the record count, `@P4` and `@P5` the records
+            // (see `Packed`). In one batch and transaction: the stream row's `next_offset` is
+            // bumped (its lock held until commit, so offsets commit in the order they are handed
+            // out; `OUTPUT … INTO` returns the old value), the records are inserted at the
+            // offsets that gives, and the first offset and the epoch are returned. No row: the
+            // stream does not exist yet.
+            append: format!(
                 "SET XACT_ABORT ON;
                  DECLARE @a TABLE (id bigint, base bigint, epoch bigint);
                  BEGIN TRANSACTION;
@@ -475,17 +506,24 @@ impl Sql {
                  OUTPUT inserted.id, deleted.next_offset, inserted.epoch INTO @a
                  WHERE hub = @P1 AND stream = @P2;
                  INSERT INTO {log} (stream_id, [offset], data)
-                 SELECT a.id, a.base + t.i, t.d
-                 FROM @a AS a
-                 CROSS JOIN (VALUES {rows}) AS t (i, d)
-                 WHERE t.i < @P3;
+                 SELECT a.id, a.base + r.i, SUBSTRING(@P4, r.start, r.length)
+                 FROM @a AS a CROSS JOIN {rows} AS r;
                  COMMIT TRANSACTION;
                  SELECT base, epoch FROM @a;",
-                streams = self.names.streams,
-                log = self.names.log,
-                rows = rows.join(", ")
-            )
-        })
+                streams = n.streams,
+                log = n.log,
+                rows = packed_rows()
+            ),
+            // `@P1` the stream id, `@P2` the first offset of this chunk, `@P3` the record
+            // count, `@P4` and `@P5` the records (see `Packed`).
+            insert_chunk: format!(
+                "INSERT INTO {log} (stream_id, [offset], data)
+                 SELECT @P1, @P2 + r.i, SUBSTRING(@P4, r.start, r.length) FROM {rows} AS r",
+                log = n.log,
+                rows = packed_rows()
+            ),
+            names: n.clone(),
+        }
     }
 }
 
@@ -502,22 +540,7 @@ impl Sql {
             streams = self.names.streams
         )
     }
-
-    /// Inserts up to `bucket` records of a reserved range: `@P1` the stream id, `@P2` the first
-    /// offset of this chunk, `@P3` the record count, then the records.
-    pub(crate) fn insert_chunk(&self, bucket: usize) -> String {
-        let rows: Vec<String> = (0..bucket).map(|i| format!("({i}, @P{})", i + 4)).collect();
-        format!(
-            "INSERT INTO {log} (stream_id, [offset], data)
-             SELECT @P1, @P2 + t.i, t.d FROM (VALUES {rows}) AS t (i, d) WHERE t.i < @P3",
-            log = self.names.log,
-            rows = rows.join(", ")
-        )
-    }
 }
-
-/// Appends are rendered for up to 2^10 = 1 024 records ([`crate::options::MAX_BATCH`]).
-const MAX_BUCKET_BITS: usize = 10;
 
 /// The poll of the streams of `hubs` in one table set.
 pub(crate) fn poll_hubs(sql: &Sql, hubs: &[&str]) -> String {
@@ -710,21 +733,39 @@ mod tests {
     }
 
     #[test]
-    fn appends_are_bucketed_and_cached() {
-        assert_eq!(append_bucket(0), 1);
-        assert_eq!(append_bucket(1), 1);
-        assert_eq!(append_bucket(3), 4);
-        assert_eq!(append_bucket(1000), 1024);
+    fn records_are_packed_into_two_parameters() {
+        let records = [
+            bytes::Bytes::from_static(b"ab"),
+            bytes::Bytes::new(),
+            bytes::Bytes::from_static(b"cde"),
+        ];
+        let packed = Packed::new(&records);
+        assert_eq!(packed.data, b"abcde");
+        let ends: Vec<u64> = packed
+            .ends
+            .chunks(8)
+            .map(|c| u64::from_be_bytes(c.try_into().expect("8 bytes")))
+            .collect();
+        assert_eq!(ends, [2, 2, 5]);
+        // What the statement computes from them, with SUBSTRING's 1-based starts.
+        let rows: Vec<(u64, u64)> = (0..ends.len())
+            .map(|i| {
+                let before = if i == 0 { 0 } else { ends[i - 1] };
+                (before + 1, ends[i] - before)
+            })
+            .collect();
+        assert_eq!(rows, [(1, 2), (3, 0), (3, 3)]);
         let sql = Sql::new(&set());
-        let four = sql.append(4);
-        assert!(four.contains("(3, @P7)"), "{four}");
-        assert!(!four.contains("@P8"), "{four}");
-        assert!(four.contains("OUTPUT inserted.id, deleted.next_offset, inserted.epoch INTO @a"));
-        assert!(four.contains("[rt].[log]"), "{four}");
-        assert!(std::ptr::eq(four, sql.append(4)), "rendered once");
-        // 1 024 records + 3 parameters stay under SQL Server's 2 100.
-        assert!(sql.append(1024).contains("@P1027"));
-        assert!(!sql.append(1024).contains("@P1028"));
+        for text in [&sql.append, &sql.insert_chunk] {
+            assert!(text.contains("SUBSTRING(@P4, r.start, r.length)"), "{text}");
+            assert!(!text.contains("@P6"), "{text}");
+            assert!(text.contains("WHERE n.i < @P3"), "{text}");
+        }
+        assert!(
+            sql.append
+                .contains("OUTPUT inserted.id, deleted.next_offset, inserted.epoch INTO @a")
+        );
+        assert!(sql.append.contains("[rt].[log]"));
     }
 
     #[test]
@@ -759,7 +800,7 @@ mod tests {
         let node = NodeSql::new(&Names::new(&MssqlOptions::new("h", "u", "p")));
         let s = set();
         for text in [
-            sql.append(8).to_owned(),
+            sql.append.clone(),
             sql.trim.clone(),
             sql.add_connection.clone(),
             sql.remove_connection.clone(),

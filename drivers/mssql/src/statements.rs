@@ -22,8 +22,7 @@ pub const SAMPLE_HUB: &str = "o'dd]hub(";
 /// Every statement and batch the driver sends with `options`: the session settings, schema
 /// management and migrations, the node-wide statements, and each table set's (the default
 /// set's, or with tables per hub the one of [`SAMPLE_HUB`]). Statements whose text depends on
-/// a count (appends of so many records, heartbeats over so many sets) come in the sizes that
-/// change their shape.
+/// a count (heartbeats over so many sets) come in the sizes that change their shape.
 pub fn render(options: &MssqlOptions) -> Vec<Statement> {
     let names = Names::new(options);
     let set = if options.tables_per_hub {
@@ -95,13 +94,10 @@ pub fn render(options: &MssqlOptions) -> Vec<Statement> {
         ("purge-expired".into(), sql.purge_expired.clone()),
         ("pending-count".into(), sql.pending_count.clone()),
         ("reserve".into(), sql.reserve()),
-        ("insert-chunk-1".into(), sql.insert_chunk(1)),
-        ("insert-chunk-4".into(), sql.insert_chunk(4)),
+        ("insert-chunk".into(), sql.insert_chunk.clone()),
+        ("append".into(), sql.append.clone()),
         ("poll".into(), sql::poll_hubs(&sql, &["chat", "o'brien"])),
     ];
-    for bucket in [1, 2, 64, 1024] {
-        out.push((format!("append-{bucket}"), sql.append(bucket).to_owned()));
-    }
     out.extend(schema::migration_batches(options, SAMPLE_HUB));
     out.push(("ddl".into(), schema::ddl(options)));
     if options.tables_per_hub {
