@@ -77,29 +77,48 @@ fn remove_connections(n: &SetNames, condition: &str) -> String {
              connections = CASE WHEN s.connections - g.n > 0 THEN s.connections - g.n ELSE 0 END,
              last_activity = SYSUTCDATETIME(),
              ended_at = CASE WHEN s.connections - g.n <= 0 THEN SYSUTCDATETIME() ELSE s.ended_at END
-         FROM {s} AS s
-         JOIN (SELECT hub, user_id, COUNT(*) AS n FROM @gone WHERE user_id IS NOT NULL
+         FROM (SELECT hub, user_id, COUNT(*) AS n FROM @gone WHERE user_id IS NOT NULL
                GROUP BY hub, user_id) AS g
+         JOIN {s} AS s WITH (FORCESEEK)
            ON s.hub = g.hub AND s.user_id = g.user_id;",
         c = n.connections,
         s = n.sessions,
     )
 }
 
-/// Marks the sessions of node `@P1`'s users active.
+/// Marks the sessions of node `@P1`'s users active. The users are read first (from row
+/// versions: no locks), then their sessions are updated by key seeks, so the heartbeat locks
+/// only those rows, as a connection's removal does (see the lock order on [`NodeSql`]).
 fn touch_sessions(n: &SetNames) -> String {
     format!(
-        "UPDATE s SET last_activity = SYSUTCDATETIME()
-         FROM {s} AS s
-         WHERE EXISTS (SELECT 1 FROM {c} AS c
-                       WHERE c.node = @P1 AND c.hub = s.hub AND c.user_id = s.user_id);",
+        "DELETE FROM @users;
+         INSERT INTO @users (hub, user_id)
+         SELECT DISTINCT c.hub, c.user_id FROM {c} AS c
+         WHERE c.node = @P1 AND c.user_id IS NOT NULL;
+         UPDATE s SET last_activity = SYSUTCDATETIME()
+         FROM @users AS u
+         JOIN {s} AS s WITH (FORCESEEK) ON s.hub = u.hub AND s.user_id = u.user_id;",
         s = n.sessions,
         c = n.connections
     )
 }
 
+/// The user list of [`touch_sessions`].
+fn users_table() -> String {
+    format!(
+        "DECLARE @users TABLE (
+             hub nvarchar(64) COLLATE {COLLATION}, user_id varbinary(256),
+             PRIMARY KEY (hub, user_id));"
+    )
+}
+
 /// The statements on the nodes table. Those that remove connections or touch sessions cover the
 /// table sets they are given, in the same batch and transaction.
+///
+/// Lock order, the same in every statement so no two wait on each other in a cycle: the nodes
+/// row (by its clustered key, before its index on `last_heartbeat`), then connections (and
+/// their memberships, by cascade), then sessions, each by key seeks on rows picked beforehand
+/// from row versions, never by a scan that locks rows it does not change.
 #[derive(Debug)]
 pub(crate) struct NodeSql {
     nodes: String,
@@ -142,12 +161,14 @@ impl NodeSql {
         format!(
             "SET XACT_ABORT ON;
              DECLARE @n int;
+             {users}
              BEGIN TRANSACTION;
              UPDATE {nodes} SET last_heartbeat = SYSUTCDATETIME() WHERE id = @P1;
              SET @n = @@ROWCOUNT;
              {touch}
              COMMIT TRANSACTION;
              SELECT @n;",
+            users = users_table(),
             nodes = self.nodes
         )
     }
@@ -187,10 +208,14 @@ impl NodeSql {
         format!(
             "SET XACT_ABORT ON;
              DECLARE @dead TABLE (id nvarchar(64) COLLATE {COLLATION} PRIMARY KEY);
+             DECLARE @silent TABLE (id nvarchar(64) COLLATE {COLLATION} PRIMARY KEY);
              {gone}
+             INSERT INTO @silent (id) SELECT id FROM {nodes} WHERE last_heartbeat < {cutoff};
              BEGIN TRANSACTION;
-             DELETE FROM {nodes} OUTPUT deleted.id INTO @dead
-             WHERE last_heartbeat < {cutoff};
+             DELETE n OUTPUT deleted.id INTO @dead
+             FROM @silent AS q
+             JOIN {nodes} AS n WITH (FORCESEEK) ON n.id = q.id
+             WHERE n.last_heartbeat < {cutoff};
              {remove}
              COMMIT TRANSACTION;
              SELECT id FROM @dead ORDER BY id;",
@@ -987,6 +1012,39 @@ mod tests {
         let first = ddl.split("\nGO\n").next().unwrap_or_default();
         assert!(first.contains(ENABLE_SNAPSHOT_READS), "{first}");
         assert!(!first.contains("TRANSACTION"), "{first}");
+    }
+
+    #[test]
+    fn node_statements_lock_rows_they_picked_beforehand_by_key() {
+        let node = NodeSql::new(&Names::new(&MssqlOptions::new("h", "u", "p")));
+        let s = set();
+        let heartbeat = node.heartbeat(&[&s]);
+        let (before, within) = heartbeat
+            .split_once("BEGIN TRANSACTION;")
+            .expect("a transaction");
+        assert!(before.contains("DECLARE @users TABLE"), "{heartbeat}");
+        assert!(within.contains("INSERT INTO @users"), "{heartbeat}");
+        assert!(
+            within.contains("[rt].[sessions] AS s WITH (FORCESEEK)"),
+            "{heartbeat}"
+        );
+        assert!(
+            !heartbeat.contains("EXISTS"),
+            "a scan of sessions: {heartbeat}"
+        );
+        let reap = node.reap_nodes(&[&s]);
+        let (before, within) = reap
+            .split_once("BEGIN TRANSACTION;")
+            .expect("a transaction");
+        assert!(before.contains("INSERT INTO @silent"), "{reap}");
+        assert!(within.contains("WITH (FORCESEEK) ON n.id = q.id"), "{reap}");
+        // Picked from row versions, checked again under the lock.
+        assert_eq!(reap.matches("last_heartbeat <").count(), 2, "{reap}");
+        let remove = Sql::new(&s).remove_connection;
+        assert!(
+            remove.contains("JOIN [rt].[sessions] AS s WITH (FORCESEEK)"),
+            "{remove}"
+        );
     }
 
     #[test]
