@@ -798,6 +798,9 @@ pub async fn removal_while_reaped_is_not_undone(ctx: &mut Ctx) -> CaseResult {
 
     faulty.hold_before(Op::Heartbeat, true);
     faulty.hold_before(Op::Read, true);
+    // A heartbeat already past the gate could otherwise land after the removal below, find the
+    // node gone and register it again before the registration is held.
+    faulty.waiting_before(Op::Heartbeat, 1).await?;
     backplane.unregister_node(b.id()).await?;
     // Not a member any more in the shared state: the reap took every membership.
     check!(

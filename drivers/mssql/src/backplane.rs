@@ -147,9 +147,13 @@ pub(crate) fn durable_message(row: &Row) -> Result<DurableMessage> {
     })
 }
 
-/// The first column of the first row as a count.
-/// Entries one trim statement deletes at most, so each stays short whatever the backlog.
-const TRIM_BATCH: u32 = 5_000;
+/// Entries one trim statement deletes at most, so each stays short whatever the backlog, and
+/// below the 5 000 locks at which SQL Server escalates to a lock on the whole table.
+const TRIM_BATCH: u32 = 4_000;
+
+/// Expired messages one purge statement deletes at most: with their attempts (by cascade), well
+/// below the lock escalation threshold.
+const PURGE_BATCH: u32 = 2_000;
 
 /// Trims one table set's streams, one after another: a short transaction moves each stream's
 /// start (`secs` and `millis` of age, `max_entries`), then bounded deletes remove what fell
@@ -204,6 +208,7 @@ async fn trim_set(
     Ok(removed)
 }
 
+/// The first column of the first row as a count.
 fn count(rows: &[Row], context: &'static str) -> Result<u64> {
     let Some(row) = rows.first() else {
         return Ok(0);
@@ -1084,13 +1089,16 @@ impl Backplane for MssqlBackplane {
         let mut conn = self.conn().await?;
         let mut purged = 0;
         for set in self.all_tables(&mut conn).await? {
-            let rows = conn
-                .rows(
-                    Query::new(set.sql.purge_expired.as_str()),
-                    "purging expired messages",
-                )
-                .await?;
-            purged += count(&rows, "purging expired messages")?;
+            loop {
+                let mut query = Query::new(set.sql.purge_expired.as_str());
+                query.bind(i64::from(PURGE_BATCH));
+                let rows = conn.rows(query, "purging expired messages").await?;
+                let deleted = count(&rows, "purging expired messages")?;
+                purged += deleted;
+                if deleted < u64::from(PURGE_BATCH) {
+                    break;
+                }
+            }
         }
         Ok(purged)
     }

@@ -507,8 +507,9 @@ impl Sql {
                 m = n.messages
             ),
             // Attempts go by foreign-key cascade; the count is of messages only.
+            // Deletes up to `@P1` expired messages: one bounded batch.
             purge_expired: format!(
-                "DELETE FROM {} WHERE expires_at <= SYSUTCDATETIME();
+                "DELETE TOP (@P1) FROM {} WHERE expires_at <= SYSUTCDATETIME();
                  SELECT @@ROWCOUNT;",
                 n.messages
             ),
@@ -1045,6 +1046,18 @@ mod tests {
             remove.contains("JOIN [rt].[sessions] AS s WITH (FORCESEEK)"),
             "{remove}"
         );
+    }
+
+    #[test]
+    fn purges_delete_in_bounded_batches() {
+        let sql = Sql::new(&set());
+        assert!(
+            sql.purge_expired
+                .starts_with("DELETE TOP (@P1) FROM [rt].[messages]"),
+            "{}",
+            sql.purge_expired
+        );
+        assert!(sql.purge_expired.contains("SELECT @@ROWCOUNT"));
     }
 
     #[test]
