@@ -229,7 +229,7 @@ async fn handshake(
             return None;
         }
     };
-    if !matches!(&handshake, Ok(h) if Protocol::from_name(&h.protocol).is_some() && h.version >= 1 && h.version <= protocol::MAX_VERSION)
+    if !matches!(&handshake, Ok(h) if Protocol::from_name(&h.protocol).is_some() && h.version <= protocol::MAX_VERSION)
     {
         setup.metrics.refused("handshake");
     }
@@ -239,7 +239,9 @@ async fn handshake(
             reject(reader, &reason, limit).await;
             return None;
         }
-        Ok(h) if h.version == 0 || h.version > protocol::MAX_VERSION => {
+        // Every version up to the server's own, as ASP.NET Core's protocols accept: 0 and 1
+        // differ from 2 only in having no stateful reconnect.
+        Ok(h) if h.version > protocol::MAX_VERSION => {
             let reason = format!(
                 "The server does not support version {} of the '{}' protocol.",
                 h.version, h.protocol

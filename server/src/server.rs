@@ -525,8 +525,10 @@ fn negotiate(req: &Request<Incoming>, shared: &Shared, hub: &str) -> Response<Bo
         }
         body
     } else {
-        // Version 0 clients send the connection id back as `id`.
+        // Version 0 clients send the connection id back as `id`. ASP.NET Core writes the
+        // version in every successful response, and such clients refuse one without it.
         json!({
+            "negotiateVersion": 0,
             "connectionId": token,
             "availableTransports": transports,
         })

@@ -610,6 +610,36 @@ async fn negotiate_hands_out_tokens_that_the_upgrade_checks() {
     running.shutdown(Duration::from_secs(5)).await;
 }
 
+/// Older and third-party clients: a negotiate without `negotiateVersion` (version 0) is answered
+/// with `negotiateVersion: 0` and the connection id to send back, and a handshake of version 0
+/// is accepted; the connection then works like any other.
+#[tokio::test]
+async fn version_0_clients_negotiate_shake_hands_and_call() {
+    let running = server(vec![chat::hub()], limits()).await;
+    let addr = running.local_addr();
+    let (status, body) = http(addr, "POST", "/hubs/chat/negotiate?user=old", &[]).await;
+    assert_eq!(status, 200, "{body}");
+    let negotiated: Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(negotiated["negotiateVersion"], 0, "{negotiated}");
+    assert!(negotiated.get("connectionToken").is_none(), "{negotiated}");
+    let id = negotiated["connectionId"]
+        .as_str()
+        .expect("an id")
+        .to_owned();
+
+    let mut c = RawClient::open(addr, &format!("/hubs/chat?id={id}&user=old"))
+        .await
+        .expect("the upgrade succeeds");
+    c.send(br#"{"protocol":"json","version":0}"#).await;
+    assert_eq!(c.next_record().await.expect("an answer"), json!({}));
+    c.send(br#"{"type":1,"invocationId":"1","target":"GetOnlineUsers","arguments":[]}"#)
+        .await;
+    let completion = c.next_message().await.expect("a completion");
+    assert_eq!(completion["invocationId"], "1", "{completion}");
+    assert!(completion.get("error").is_none(), "{completion}");
+    running.shutdown(Duration::from_secs(5)).await;
+}
+
 #[tokio::test]
 async fn negotiate_refuses_past_the_connection_limit() {
     let running = server_with(
