@@ -57,19 +57,16 @@ pub(crate) fn encode(message: &HubMessage) -> Vec<u8> {
             target,
             arguments,
             stream_ids,
-        } => {
-            let mut items = vec![
-                1.into(),
-                headers(),
-                invocation_id.clone().map_or(Value::Null, Value::String),
-                target.clone().into(),
-                Value::Array(arguments.clone()),
-            ];
-            if !stream_ids.is_empty() {
-                items.push(stream_ids.clone().into());
-            }
-            items
-        }
+        } => vec![
+            1.into(),
+            headers(),
+            invocation_id.clone().map_or(Value::Null, Value::String),
+            target.clone().into(),
+            Value::Array(arguments.clone()),
+            // Always six elements, as ASP.NET Core writes them: clients that read the
+            // sixth fail on five.
+            stream_ids.clone().into(),
+        ],
         HubMessage::StreamItem {
             invocation_id,
             item,
@@ -102,19 +99,14 @@ pub(crate) fn encode(message: &HubMessage) -> Vec<u8> {
             target,
             arguments,
             stream_ids,
-        } => {
-            let mut items = vec![
-                4.into(),
-                headers(),
-                invocation_id.clone().into(),
-                target.clone().into(),
-                Value::Array(arguments.clone()),
-            ];
-            if !stream_ids.is_empty() {
-                items.push(stream_ids.clone().into());
-            }
-            items
-        }
+        } => vec![
+            4.into(),
+            headers(),
+            invocation_id.clone().into(),
+            target.clone().into(),
+            Value::Array(arguments.clone()),
+            stream_ids.clone().into(),
+        ],
         HubMessage::CancelInvocation { invocation_id } => {
             vec![5.into(), headers(), invocation_id.clone().into()]
         }
@@ -219,7 +211,7 @@ mod tests {
     fn matches_the_specification_bytes() {
         // From the hub protocol specification: a Ping is `[6]`, framed.
         assert_eq!(encode(&HubMessage::Ping), vec![0x02, 0x91, 0x06]);
-        // An invocation without id: [1, {}, nil, "Target", [42]].
+        // An invocation without id, as ASP.NET Core writes it: [1, {}, nil, "Target", [42], []].
         let bytes = encode(&HubMessage::Invocation {
             invocation_id: None,
             target: "Target".into(),
@@ -229,12 +221,66 @@ mod tests {
         assert_eq!(
             bytes,
             [
-                &[0x0d, 0x95, 0x01, 0x80, 0xc0, 0xa6][..],
+                &[0x0e, 0x96, 0x01, 0x80, 0xc0, 0xa6][..],
                 b"Target",
-                &[0x91, 0x2a]
+                &[0x91, 0x2a, 0x90]
             ]
             .concat()
         );
+    }
+
+    #[test]
+    fn arities_match_aspnet_core() {
+        // ASP.NET Core's MessagePackHubProtocolWorker: the array length of each message type.
+        let arity = |message: HubMessage| {
+            let framed = encode(&message);
+            let (_, prefix) = read_length(&framed).unwrap().unwrap();
+            match rmp_serde::from_slice::<Value>(&framed[prefix..]).unwrap() {
+                Value::Array(items) => items.len(),
+                other => panic!("not an array: {other}"),
+            }
+        };
+        let invocation = |stream_ids: Vec<String>| HubMessage::Invocation {
+            invocation_id: None,
+            target: "T".into(),
+            arguments: vec![],
+            stream_ids,
+        };
+        assert_eq!(arity(invocation(vec![])), 6);
+        assert_eq!(arity(invocation(vec!["s".into()])), 6);
+        assert_eq!(
+            arity(HubMessage::StreamInvocation {
+                invocation_id: "1".into(),
+                target: "T".into(),
+                arguments: vec![],
+                stream_ids: vec![],
+            }),
+            6
+        );
+        let item = HubMessage::StreamItem {
+            invocation_id: "1".into(),
+            item: json!(1),
+        };
+        assert_eq!(arity(item), 4);
+        let completion = |outcome| HubMessage::Completion {
+            invocation_id: "1".into(),
+            outcome,
+        };
+        assert_eq!(arity(completion(Outcome::Void)), 4);
+        assert_eq!(arity(completion(Outcome::Result(json!(1)))), 5);
+        assert_eq!(arity(completion(Outcome::Error("e".into()))), 5);
+        let cancel = HubMessage::CancelInvocation {
+            invocation_id: "1".into(),
+        };
+        assert_eq!(arity(cancel), 3);
+        assert_eq!(arity(HubMessage::Ping), 1);
+        let close = HubMessage::Close {
+            error: None,
+            allow_reconnect: false,
+        };
+        assert_eq!(arity(close), 3);
+        assert_eq!(arity(HubMessage::Ack { sequence_id: 1 }), 2);
+        assert_eq!(arity(HubMessage::Sequence { sequence_id: 1 }), 2);
     }
 
     #[test]
