@@ -192,20 +192,40 @@ async fn trim_set(
             // The stream went meanwhile.
             continue;
         };
-        loop {
-            let mut query = Query::new(set.sql.trim_delete.as_str());
-            query.bind(id);
-            query.bind(first);
-            query.bind(i64::from(TRIM_BATCH));
-            let rows = conn.rows(query, "trimming the log").await?;
-            let deleted = count(&rows, "trimming the log")?;
-            removed += deleted;
-            if deleted < u64::from(TRIM_BATCH) {
-                break;
-            }
-        }
+        removed += delete_in_batches(
+            conn,
+            TRIM_BATCH,
+            |batch| {
+                let mut query = Query::new(set.sql.trim_delete.as_str());
+                query.bind(id);
+                query.bind(first);
+                query.bind(batch);
+                query
+            },
+            "trimming the log",
+        )
+        .await?;
     }
     Ok(removed)
+}
+
+/// Runs a bounded delete (`query` of the batch size, returning `@@ROWCOUNT`) until it deletes
+/// fewer than `batch` rows; returns how many went in all.
+async fn delete_in_batches<'a>(
+    conn: &mut Conn,
+    batch: u32,
+    query: impl Fn(i64) -> Query<'a>,
+    context: &'static str,
+) -> Result<u64> {
+    let mut deleted = 0;
+    loop {
+        let rows = conn.rows(query(i64::from(batch)), context).await?;
+        let went = count(&rows, context)?;
+        deleted += went;
+        if went < u64::from(batch) {
+            return Ok(deleted);
+        }
+    }
 }
 
 /// The first column of the first row as a count.
@@ -1089,16 +1109,17 @@ impl Backplane for MssqlBackplane {
         let mut conn = self.conn().await?;
         let mut purged = 0;
         for set in self.all_tables(&mut conn).await? {
-            loop {
-                let mut query = Query::new(set.sql.purge_expired.as_str());
-                query.bind(i64::from(PURGE_BATCH));
-                let rows = conn.rows(query, "purging expired messages").await?;
-                let deleted = count(&rows, "purging expired messages")?;
-                purged += deleted;
-                if deleted < u64::from(PURGE_BATCH) {
-                    break;
-                }
-            }
+            purged += delete_in_batches(
+                &mut conn,
+                PURGE_BATCH,
+                |batch| {
+                    let mut query = Query::new(set.sql.purge_expired.as_str());
+                    query.bind(batch);
+                    query
+                },
+                "purging expired messages",
+            )
+            .await?;
         }
         Ok(purged)
     }
