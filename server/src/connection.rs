@@ -397,6 +397,10 @@ struct Conn {
     unacked: Unacked,
     /// Durable messages written to the client, to acknowledge to the node.
     acks_due: Vec<MessageId>,
+    /// Durable messages sent to a stateful client, with the sequence id of their record: they
+    /// are acknowledged to the node once the client's `Ack` covers that id, and otherwise
+    /// stay in the user's inbox for the next connection.
+    awaiting_client: VecDeque<(u64, MessageId)>,
     acking: Option<Deferred>,
 
     /// Wakes the loop at its next deadline: ping, client timeout, stalled write, resume
@@ -477,6 +481,7 @@ impl Conn {
             yielding: false,
             unacked: Unacked::default(),
             acks_due: Vec::new(),
+            awaiting_client: VecDeque::new(),
             acking: None,
             timer: Box::pin(tokio::time::sleep_until(
                 now + limits.keep_alive.min(limits.client_timeout),
@@ -604,7 +609,7 @@ impl Conn {
     }
 
     /// Forgets what was on its way to a lost socket. What counts for a resume is kept in
-    /// `unacked`; durable messages not known to be written are acknowledged after the resend.
+    /// `unacked`, and its durable messages wait for the client's `Ack`.
     fn drop_unsent(&mut self) {
         self.outbox.clear();
         self.stalled = None;
@@ -741,12 +746,20 @@ impl Conn {
                 Poll::Ready(None) => return Err(End::SlowConsumer),
             };
             progress = true;
-            if let Some(record) = delivery_record(&delivery, self.wire) {
+            let sent = if let Some(record) = delivery_record(&delivery, self.wire) {
                 self.sequenced(&record);
                 self.frame_deliveries += 1;
-            }
+                true
+            } else {
+                false
+            };
             if let DeliveryKind::Durable(id) = delivery.kind {
-                self.frame_acks.push(id);
+                if self.stateful && sent {
+                    // Delivered when the client says it has it, not when it was written.
+                    self.awaiting_client.push_back((self.unacked.last(), id));
+                } else {
+                    self.frame_acks.push(id);
+                }
             }
         }
         Ok(progress)
@@ -940,6 +953,13 @@ impl Conn {
             match &message {
                 HubMessage::Ack { sequence_id } => {
                     self.unacked.acked(*sequence_id);
+                    while let Some(&(sequence, id)) = self.awaiting_client.front() {
+                        if sequence > *sequence_id {
+                            break;
+                        }
+                        self.awaiting_client.pop_front();
+                        self.acks_due.push(id);
+                    }
                     return Ok(());
                 }
                 HubMessage::Sequence { sequence_id } => {
@@ -1443,6 +1463,11 @@ impl Unacked {
             self.bytes -= record.len();
             self.records.pop_front();
         }
+    }
+
+    /// The sequence id of the last message sent (0 before the first).
+    fn last(&self) -> u64 {
+        self.next
     }
 
     /// The sequence id of the first message a resumed socket gets.

@@ -4,12 +4,14 @@
 
 mod common;
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use backplane_core::NodeOptions;
+use backplane_conformance::{Faulty, Op};
+use backplane_core::{HubName, MemoryBackplane, NodeOptions, UserId};
 use backplane_server::protocol::{HubMessage, Outcome, Protocol, RecordBuffer};
 use backplane_server::{Hub, HubError, Limits, Security, chat, user_token};
-use common::{RawClient, Received, http, server, server_with};
+use common::{RawClient, Received, http, server, server_on, server_with};
 use serde_json::{Value, json};
 
 fn test_hub() -> Hub {
@@ -1045,6 +1047,126 @@ async fn a_resume_replaces_a_socket_the_server_still_holds() {
         old.iter().all(|m| m["type"] == 6),
         "the replaced socket got {old:?}"
     );
+    running.shutdown(Duration::from_secs(5)).await;
+}
+
+/// A server on a memory backplane whose calls the test can hold.
+async fn faulty_server() -> (Arc<Faulty>, backplane_server::Running) {
+    let faulty = Faulty::new(Arc::new(MemoryBackplane::new()));
+    let running = server_on(
+        faulty.clone(),
+        vec![chat::hub()],
+        limits(),
+        Security {
+            allow_anonymous: true,
+            ..Security::default()
+        },
+        NodeOptions::new(),
+    )
+    .await;
+    (faulty, running)
+}
+
+/// The next `ReceiveNotification` (a durable direct message of the chat hub): its text.
+async fn next_notification(c: &mut RawClient) -> String {
+    loop {
+        let m = c.next_message().await.expect("a message");
+        if m["type"] == 1 && m["target"] == "ReceiveNotification" {
+            return m["arguments"][1].as_str().expect("a text").to_owned();
+        }
+    }
+}
+
+/// Sends a durable direct message to `user` and waits for the call's completion.
+async fn send_durable(sender: &mut RawClient, user: &str, text: &str) {
+    sender
+        .send(
+            format!(
+                r#"{{"type":1,"invocationId":"{text}","target":"SendToUser","arguments":["{user}","{text}"]}}"#
+            )
+            .as_bytes(),
+        )
+        .await;
+    loop {
+        let m = sender.next_message().await.expect("the completion");
+        if m["type"] == 3 && m["invocationId"] == text {
+            assert!(m.get("error").is_none(), "{m}");
+            return;
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_durable_message_a_stateful_client_did_not_acknowledge_reaches_its_next_connection() {
+    let (_faulty, running) = faulty_server().await;
+    let addr = running.local_addr();
+    let path = negotiate_stateful(addr, "dora").await;
+    let mut first = open_stateful(addr, &path).await;
+    let mut sender = RawClient::connect(addr, "chat", "other").await;
+    send_durable(&mut sender, "dora", "kept").await;
+    assert_eq!(next_notification(&mut first).await, "kept");
+    // A round trip after the write: the server has long seen that the message went out.
+    first
+        .send(br#"{"type":1,"invocationId":"r","target":"GetOnlineUsers","arguments":[]}"#)
+        .await;
+    while next_non_ping(&mut first).await["invocationId"] != "r" {}
+
+    // The socket is cut before the client acknowledged the message; the client does not
+    // resume but connects afresh, and gets it there, once.
+    drop(first);
+    let mut next = RawClient::connect(addr, "chat", "dora").await;
+    assert_eq!(next_notification(&mut next).await, "kept");
+    send_durable(&mut sender, "dora", "after").await;
+    assert_eq!(
+        next_notification(&mut next).await,
+        "after",
+        "the unacknowledged message came once"
+    );
+    running.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn a_durable_message_is_delivered_once_the_resumed_client_acknowledges_it() {
+    let (faulty, running) = faulty_server().await;
+    let addr = running.local_addr();
+    let hub = HubName::new("chat").expect("a name");
+    let dora = UserId::new("dora").expect("a name");
+    let path = negotiate_stateful(addr, "dora").await;
+    let mut first = open_stateful(addr, &path).await;
+    let mut sender = RawClient::connect(addr, "chat", "other").await;
+    send_durable(&mut sender, "dora", "kept").await;
+    assert_eq!(next_notification(&mut first).await, "kept");
+    drop(first);
+
+    // The resumed socket gets it again (sequence id 1); until the client acknowledges it, it
+    // is still waiting in dora's inbox.
+    let mut second = RawClient::open(addr, &path).await.expect("upgrade");
+    second.send(br#"{"type":9,"sequenceId":1}"#).await;
+    assert_eq!(
+        next_non_ping(&mut second).await,
+        json!({"type":9,"sequenceId":1})
+    );
+    assert_eq!(next_notification(&mut second).await, "kept");
+    let waiting = running
+        .node()
+        .backplane()
+        .pending(&hub, &dora)
+        .await
+        .expect("the inbox");
+    assert_eq!(waiting.len(), 1, "acknowledged before the client said so");
+
+    faulty.hold_after(Op::Acknowledge, true);
+    second.send(br#"{"type":8,"sequenceId":1}"#).await;
+    faulty
+        .waiting_after(Op::Acknowledge, 1)
+        .await
+        .expect("the client's Ack acknowledges the message");
+    faulty.hold_after(Op::Acknowledge, false);
+
+    // Acknowledged: a later connection of dora's does not get it again.
+    let mut later = RawClient::connect(addr, "chat", "dora").await;
+    send_durable(&mut sender, "dora", "after").await;
+    assert_eq!(next_notification(&mut later).await, "after");
     running.shutdown(Duration::from_secs(5)).await;
 }
 

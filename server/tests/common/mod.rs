@@ -9,7 +9,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use backplane_core::{MemoryBackplane, Node, NodeOptions};
+use backplane_core::{MemoryBackplane, Node, NodeOptions, SharedBackplane};
 use backplane_server::{Hub, Limits, Running, Security, Server};
 use bytes::Bytes;
 use fastwebsockets::{FragmentCollector, Frame, OpCode, Payload};
@@ -42,9 +42,25 @@ pub async fn server_with(
     security: Security,
     options: NodeOptions,
 ) -> Running {
-    let node = Node::start(Arc::new(MemoryBackplane::new()), options)
-        .await
-        .expect("a node");
+    server_on(
+        Arc::new(MemoryBackplane::new()),
+        hubs,
+        limits,
+        security,
+        options,
+    )
+    .await
+}
+
+/// Starts a server on `backplane`.
+pub async fn server_on(
+    backplane: SharedBackplane,
+    hubs: Vec<Hub>,
+    limits: Limits,
+    security: Security,
+    options: NodeOptions,
+) -> Running {
+    let node = Node::start(backplane, options).await.expect("a node");
     let mut server = Server::new(node).limits(limits).security(security);
     for hub in hubs {
         server = server.hub(hub);
