@@ -12,13 +12,19 @@
 //!   deliveries per second;
 //! - cross-node over PostgreSQL: a publisher on node A, 100 receivers on node B: a burst of
 //!   `BENCH_MESSAGES` (20 000) messages (delivered messages per second per receiver), and
-//!   latency p50/p99 at a paced 1 000 messages per second.
+//!   latency p50/p99 at a paced 1 000 messages per second;
+//! - acknowledged calls from one connection across nodes: `BENCH_CALLS` (20 000) calls of
+//!   `SendMessage` with invocation ids, 64 in flight, from one connection on node A, one
+//!   receiver on node B: completions per second (ours: each completion goes out once its
+//!   message is stored in the log; Socket.IO's acknowledged `emit`: once emitted), beside the
+//!   same connection sending without waiting for answers (delivered messages per second).
 //!
 //! Our server runs with `--invocations-per-second 0` (no rate limit) and `--connection-buffer
 //! 32768` (a whole burst fits a receiver's queue); the publisher sends without invocation ids,
 //! as Socket.IO's `emit` does, so its calls are pipelined.
 //!
-//! `BENCH_FILTER` runs only the scenarios whose name contains it. PostgreSQL is a throwaway
+//! `BENCH_FILTER` runs only the scenarios whose name contains it; `BENCH_SERVER_LOGS` (a
+//! `RUST_LOG` filter) shows our servers' logs. PostgreSQL is a throwaway
 //! cluster, or `BACKPLANE_TEST_PG_URL`. The peer's npm packages are pinned by
 //! `benches/peer/package-lock.json` and installed with `npm ci` when missing.
 //!
@@ -84,6 +90,27 @@ impl Peer {
 
     /// One `SendMessage(text)` as the client writes it.
     fn send_message(self, text: &str) -> Vec<u8> {
+        self.call(None, text)
+    }
+
+    /// One `SendMessage(text)`, with an invocation id (an acknowledgement id for Socket.IO)
+    /// when given.
+    fn call(self, id: Option<usize>, text: &str) -> Vec<u8> {
+        match (self, id) {
+            (Self::Ours, Some(id)) => {
+                let mut out = format!(
+                    r#"{{"type":1,"invocationId":"{id}","target":"SendMessage","arguments":["{text}"]}}"#
+                )
+                .into_bytes();
+                out.push(0x1e);
+                out
+            }
+            (Self::SocketIo, Some(id)) => format!(r#"42{id}["SendMessage","{text}"]"#).into_bytes(),
+            (peer, None) => peer.fire_and_forget(text),
+        }
+    }
+
+    fn fire_and_forget(self, text: &str) -> Vec<u8> {
         match self {
             Self::Ours => {
                 let mut out =
@@ -107,7 +134,11 @@ impl Process {
     fn start(mut command: Command, what: &str) -> Self {
         let mut child = command
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(if std::env::var_os("BENCH_SERVER_LOGS").is_some() {
+                Stdio::inherit()
+            } else {
+                Stdio::null()
+            })
             .spawn()
             .unwrap_or_else(|e| panic!("{what} does not start: {e}"));
         let stdout = child.stdout.take().expect("piped stdout");
@@ -140,7 +171,10 @@ impl Process {
             // closed as slow consumers (by design) and the burst counts them as losses.
             .args(["--connection-buffer", "32768"])
             .env("BACKPLANE_TOKEN_SECRET", "bench-connection-tokens")
-            .env("RUST_LOG", "warn");
+            .env(
+                "RUST_LOG",
+                std::env::var("BENCH_SERVER_LOGS").unwrap_or_else(|_| "warn".into()),
+            );
         Self::start(command, "backplane-server")
     }
 
@@ -578,6 +612,87 @@ async fn cross_latency(
     )
 }
 
+/// What the acknowledged calls of one connection did.
+struct Acked {
+    calls_per_second: f64,
+    /// Completions that did not arrive in the calls' order.
+    out_of_order: u64,
+    errors: u64,
+    receiver: CrossNode,
+}
+
+/// `calls` acknowledged `SendMessage` calls from one connection on `a`, `window` in flight,
+/// with one receiver on `b`.
+async fn acked_calls(
+    peer: Peer,
+    a: SocketAddr,
+    b: SocketAddr,
+    calls: usize,
+    window: usize,
+) -> Acked {
+    let receiver = open(peer, b, "acked-receiver").await;
+    let mut caller = open(peer, a, "acked-caller").await;
+    let tally = Arc::new(Tally::default());
+    let start = Instant::now();
+    let task = receive(peer, receiver, calls as u64, tally.clone(), 1, start, false);
+    let (mut sent, mut completed, mut out_of_order, mut errors) = (0usize, 0usize, 0u64, 0u64);
+    while completed < calls {
+        while sent < calls && sent - completed < window {
+            write(&mut caller, peer.call(Some(sent), &format!("s:{sent} x"))).await;
+            sent += 1;
+        }
+        let frame = tokio::time::timeout(STEP, caller.read_frame())
+            .await
+            .expect("a completion in time")
+            .expect("a frame");
+        if !matches!(frame.opcode, OpCode::Text | OpCode::Binary) {
+            continue;
+        }
+        let mut done = |id: Option<u64>, error: bool| {
+            if id != Some(completed as u64) {
+                out_of_order += 1;
+            }
+            errors += u64::from(error);
+            completed += 1;
+        };
+        match peer {
+            Peer::Ours => {
+                for record in frame.payload.split(|b| *b == 0x1e) {
+                    // A completion (the server writes `invocationId` first).
+                    if record.windows(9).any(|w| w == br#""type":3}"#)
+                        || record.windows(9).any(|w| w == br#""type":3,"#)
+                    {
+                        let error = record.windows(8).any(|w| w == br#""error":"#);
+                        done(number_after(record, br#""invocationId":""#), error);
+                    }
+                }
+            }
+            Peer::SocketIo => {
+                if frame.payload.starts_with(b"43") {
+                    done(number_after(&frame.payload, b"43"), false);
+                } else if &frame.payload[..] == b"2" {
+                    write(&mut caller, b"3".to_vec()).await;
+                }
+            }
+        }
+    }
+    let elapsed = start.elapsed();
+    let _ = all_received(&tally, 1, Duration::from_secs(30)).await;
+    task.abort();
+    let delivered = tally.delivered.load(Ordering::Relaxed);
+    Acked {
+        calls_per_second: calls as f64 / elapsed.as_secs_f64(),
+        out_of_order,
+        errors,
+        receiver: CrossNode {
+            per_receiver: 0.0,
+            lost: (calls as u64).saturating_sub(delivered),
+            out_of_order: tally.out_of_order.load(Ordering::Relaxed),
+            duplicates: tally.duplicates.load(Ordering::Relaxed),
+        },
+    }
+}
+
 fn ratio(ours: f64, theirs: f64) -> String {
     if theirs > 0.0 {
         format!("{:.1}x", ours / theirs)
@@ -610,6 +725,8 @@ async fn main() {
     let idle_n = env_usize("BENCH_IDLE", 10_000);
     let burst = env_usize("BENCH_BURST", 200);
     let messages = env_usize("BENCH_MESSAGES", 20_000);
+    let calls = env_usize("BENCH_CALLS", 20_000);
+
     println!(
         "server benchmark: backplane-server vs Socket.IO 4 (same machine, same harness, same run)"
     );
@@ -645,11 +762,14 @@ async fn main() {
 
     let burst_name = format!("cross-node burst of {messages}, 100 receivers");
     let latency_name = "cross-node latency at 1000 msg/s, 100 receivers";
-    if wanted(&burst_name) || wanted(latency_name) {
+    let acked_name = format!("{calls} acknowledged calls, one connection, 64 in flight");
+    let unacked_name = format!("{calls} calls nobody waits for, one connection");
+    if wanted(&burst_name) || wanted(latency_name) || wanted(&acked_name) || wanted(&unacked_name) {
         let (_cluster, base) = database_url().await;
         let sep = if base.contains('?') { '&' } else { '?' };
         let schema = format!("{base}{sep}schema=bench_server");
         let mut results = Vec::new();
+        let mut calls_results = Vec::new();
         for peer in [Peer::Ours, Peer::SocketIo] {
             let (a, b) = match peer {
                 Peer::Ours => (Process::ours(&schema), Process::ours(&schema)),
@@ -668,7 +788,18 @@ async fn main() {
             } else {
                 None
             };
+            let acked = if wanted(&acked_name) {
+                Some(acked_calls(peer, a.addr, b.addr, calls, 64).await)
+            } else {
+                None
+            };
+            let unacked = if wanted(&unacked_name) {
+                Some(cross_burst(peer, a.addr, b.addr, 1, calls).await)
+            } else {
+                None
+            };
             results.push((peer, burst, latency));
+            calls_results.push((peer, acked, unacked));
         }
         if wanted(&burst_name) {
             for (peer, burst, _) in &results {
@@ -699,6 +830,50 @@ async fn main() {
                         peer.name()
                     );
                 }
+            }
+        }
+        if wanted(&acked_name) {
+            for (peer, acked, _) in &calls_results {
+                if let Some(r) = acked {
+                    println!(
+                        "  {acked_name:<34} {:<10} {:>9.0} calls/s   completions out of order {} errors {}; receiver lost {} out-of-order {} dup {}",
+                        peer.name(),
+                        r.calls_per_second,
+                        r.out_of_order,
+                        r.errors,
+                        r.receiver.lost,
+                        r.receiver.out_of_order,
+                        r.receiver.duplicates
+                    );
+                }
+            }
+            if let [(_, Some(ours), _), (_, Some(theirs), _)] = &calls_results[..] {
+                println!(
+                    "  {:<34} {}",
+                    "  ratio",
+                    ratio(ours.calls_per_second, theirs.calls_per_second)
+                );
+            }
+        }
+        if wanted(&unacked_name) {
+            for (peer, _, unacked) in &calls_results {
+                if let Some(r) = unacked {
+                    println!(
+                        "  {unacked_name:<34} {:<10} {:>9.0} msg/s delivered   lost {} out-of-order {} dup {}",
+                        peer.name(),
+                        r.per_receiver,
+                        r.lost,
+                        r.out_of_order,
+                        r.duplicates
+                    );
+                }
+            }
+            if let [(_, _, Some(ours)), (_, _, Some(theirs))] = &calls_results[..] {
+                println!(
+                    "  {:<34} {}",
+                    "  ratio",
+                    ratio(ours.per_receiver, theirs.per_receiver)
+                );
             }
         }
     }

@@ -32,7 +32,9 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::AbortHandle;
 use tokio::time::{Instant, Sleep};
 
-use crate::hub::{Arguments, Context, Handler, Hub, StreamReceiver, StreamSender, Upload};
+use crate::hub::{
+    Arguments, Context, Handler, Hub, HubError, StreamReceiver, StreamSender, Upload,
+};
 use crate::metrics::Metrics;
 use crate::protocol::{self, Handshake, HubMessage, Outcome, Protocol, RecordBuffer};
 use crate::server::Limits;
@@ -353,6 +355,9 @@ struct Conn {
     paused: Option<Instant>,
     /// Paces invocations: a client over its rate is read later.
     limiter: Option<Box<DefaultDirectRateLimiter>>,
+    /// Since when every invocation has had to wait for the rate limit; past the client
+    /// timeout, the connection is closed rather than make its calls wait longer.
+    throttled_since: Option<Instant>,
     /// The sequence id of the next sequenced message from the client.
     incoming: u64,
     /// The highest sequence id handled; resent messages at or below it are skipped.
@@ -460,6 +465,7 @@ impl Conn {
             held: None,
             paused: None,
             limiter,
+            throttled_since: None,
             incoming: 1,
             received: 0,
             ack_due: false,
@@ -663,7 +669,7 @@ impl Conn {
                 return Ok(progress);
             }
             if let Some(message) = self.held.take() {
-                self.handle(*message)?;
+                self.handle(*message, true)?;
                 progress = true;
                 continue;
             }
@@ -979,23 +985,44 @@ impl Conn {
                 _ => {}
             }
         }
-        self.handle(message)
+        self.handle(message, false)
     }
 
     /// Acts on one message: an invocation over the rate limit is held until the limit
-    /// allows it, and reading pauses meanwhile.
-    fn handle(&mut self, message: HubMessage) -> Result<(), End> {
-        if let (Some(limiter), HubMessage::Invocation { .. } | HubMessage::StreamInvocation { .. }) =
-            (&self.limiter, &message)
-            && let Err(not_until) = limiter.check()
+    /// allows it, and reading pauses meanwhile; `held` when it is the one that was held.
+    fn handle(&mut self, message: HubMessage, held: bool) -> Result<(), End> {
+        if let (
+            Some(limiter),
+            HubMessage::Invocation { .. } | HubMessage::StreamInvocation { .. },
+        ) = (&self.limiter, &message)
         {
-            let wait = not_until.wait_time_from(limiter.clock().now());
-            let until = Instant::now() + wait;
+            let Err(not_until) = limiter.check() else {
+                if !held {
+                    // A call that did not have to wait: the client is within its rate.
+                    self.throttled_since = None;
+                }
+                return self.run(message);
+            };
+            let now = Instant::now();
+            let since = *self.throttled_since.get_or_insert(now);
+            if now >= since + self.limits.client_timeout {
+                return Err(End::Close(format!(
+                    "Connection closed with an error: invocations kept arriving faster than the rate limit ({} per second) for {} s.",
+                    self.limits.invocations_per_second,
+                    self.limits.client_timeout.as_secs()
+                )));
+            }
+            let until = now + not_until.wait_time_from(limiter.clock().now());
             self.held = Some(Box::new(message));
             self.paused = Some(until);
             self.arm(until);
             return Ok(());
         }
+        self.run(message)
+    }
+
+    /// Acts on one message the rate limit lets through.
+    fn run(&mut self, message: HubMessage) -> Result<(), End> {
         match message {
             HubMessage::Invocation {
                 invocation_id,
@@ -1305,15 +1332,9 @@ const UPLOAD_QUEUE: usize = 32;
 /// Streams from one client that may be open at once.
 const MAX_UPLOADS: usize = 64;
 
-/// Waits for a unary or uploading call and encodes its completion (none without an
-/// invocation id).
-async fn completion(
-    call: tokio::task::JoinHandle<crate::hub::HubResult>,
-    name: &str,
-    invocation_id: Option<String>,
-    wire: Protocol,
-) -> Option<Vec<u8>> {
-    let outcome = match call.await {
+/// What a finished unary or uploading call's completion says.
+fn outcome(joined: Result<crate::hub::HubResult, tokio::task::JoinError>, name: &str) -> Outcome {
+    match joined {
         Ok(Ok(Value::Null)) => Outcome::Void,
         Ok(Ok(value)) => Outcome::Result(value),
         Ok(Err(err)) => Outcome::Error(err.message().to_owned()),
@@ -1323,7 +1344,18 @@ async fn completion(
                 "An unexpected error occurred invoking '{name}' on the server."
             ))
         }
-    };
+    }
+}
+
+/// Waits for a unary or uploading call and encodes its completion (none without an
+/// invocation id).
+async fn completion(
+    call: tokio::task::JoinHandle<crate::hub::HubResult>,
+    name: &str,
+    invocation_id: Option<String>,
+    wire: Protocol,
+) -> Option<Vec<u8>> {
+    let outcome = outcome(call.await, name);
     let invocation_id = invocation_id?;
     Some(wire.encode(&HubMessage::Completion {
         invocation_id,
@@ -1331,9 +1363,69 @@ async fn completion(
     }))
 }
 
+/// Completions a connection's worker may hold while their calls' messages are stored; past
+/// that, the next call waits for the oldest.
+const FINISHING: usize = 256;
+
+/// A completion waiting for its call's messages to be stored.
+type Finishing = Pin<Box<dyn Future<Output = Vec<u8>> + Send>>;
+
+/// Runs `work` while the completions ahead of it go out as their messages are stored, in
+/// order; with `room`, first waits until fewer than that many completions are held. `None`
+/// when the connection is gone.
+async fn beside<T>(
+    finishing: &mut VecDeque<Finishing>,
+    out: &queue::Sender<Vec<u8>>,
+    room: Option<usize>,
+    work: impl Future<Output = T>,
+) -> Option<T> {
+    let mut work = std::pin::pin!(work);
+    loop {
+        if room.is_some_and(|room| finishing.len() >= room) {
+            let oldest = finishing.pop_front()?.await;
+            out.send(oldest).await.ok()?;
+            continue;
+        }
+        let Some(oldest) = finishing.front_mut() else {
+            return Some(work.await);
+        };
+        tokio::select! {
+            biased;
+            record = oldest => {
+                finishing.pop_front();
+                out.send(record).await.ok()?;
+            }
+            value = &mut work => return Some(value),
+        }
+    }
+}
+
+/// A completion that goes out once every message its call sent is stored, and is an error if
+/// one could not be.
+fn finishing(
+    invocation_id: String,
+    outcome: Outcome,
+    commits: &crate::hub::Commits,
+    wire: Protocol,
+) -> Finishing {
+    let stored = commits.stored();
+    Box::pin(async move {
+        let outcome = match (outcome, stored.await) {
+            (Outcome::Error(message), _) => Outcome::Error(message),
+            (outcome, Ok(())) => outcome,
+            (_, Err(err)) => Outcome::Error(HubError::from(err).message().to_owned()),
+        };
+        wire.encode(&HubMessage::Completion {
+            invocation_id,
+            outcome,
+        })
+    })
+}
+
 /// Runs a connection's invocations one at a time, in order (streams, and methods that take
 /// streams from the client, run beside it: they wait for the client's next items, which must
-/// not hold up the calls behind them).
+/// not hold up the calls behind them). A call's completion waits for the messages it sent to
+/// be stored, but the next call does not: it runs while they are appended.
 async fn worker(
     mut work: mpsc::Receiver<Box<Work>>,
     ctx: Context,
@@ -1341,33 +1433,41 @@ async fn worker(
     streams: Streams,
     wire: Protocol,
 ) {
-    while let Some(item) = work.recv().await {
+    let mut held = VecDeque::new();
+    while let Some(Some(item)) = beside(&mut held, &out, Some(FINISHING), work.recv()).await {
         let args = Arguments::new(&item.method.name, item.arguments);
-        let call = match item.method.handler.clone() {
-            // A call without an invocation id is not waited for: its sends need not wait for
-            // the log either (see `Recipients::send`).
-            Handler::Unary(handler) => Ok(tokio::spawn(handler(
-                if item.invocation_id.is_some() {
-                    ctx.clone()
-                } else {
-                    ctx.not_awaited()
-                },
-                args,
-            ))),
-            Handler::Streaming(handler) => Err((handler, args)),
+        let (handler, args) = match item.method.handler.clone() {
+            Handler::Unary(handler) => match item.invocation_id {
+                // A call without an invocation id is not waited for: its sends need not wait
+                // for the log either (see `Recipients::send`).
+                None => {
+                    let call = tokio::spawn(handler(ctx.not_awaited(), args));
+                    match beside(&mut held, &out, None, call).await {
+                        None => return,
+                        Some(Err(join)) => {
+                            tracing::error!(method = %item.method.name, error = %join, "a hub method failed");
+                        }
+                        Some(Ok(_)) => {}
+                    }
+                    continue;
+                }
+                Some(invocation_id) => {
+                    let (call_ctx, commits) = ctx.completion_waits();
+                    let call = tokio::spawn(handler(call_ctx, args));
+                    let Some(joined) = beside(&mut held, &out, None, call).await else {
+                        return;
+                    };
+                    let outcome = outcome(joined, &item.method.name);
+                    held.push_back(finishing(invocation_id, outcome, &commits, wire));
+                    continue;
+                }
+            },
+            Handler::Streaming(handler) => (handler, args),
             // Run beside the worker, from `invoke`.
             Handler::Uploading(_) => continue,
         };
-        match call {
-            Ok(call) => {
-                let record = completion(call, &item.method.name, item.invocation_id, wire).await;
-                if let Some(record) = record
-                    && out.send(record).await.is_err()
-                {
-                    return;
-                }
-            }
-            Err((handler, args)) => {
+        {
+            {
                 let Some(invocation_id) = item.invocation_id else {
                     continue;
                 };

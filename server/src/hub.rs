@@ -20,10 +20,11 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use backplane_core::{
-    ConnectionId, Error, GroupName, HubName, Message, Node, Published, Target, UserId,
+    ConnectionId, Error, GroupName, HubName, Message, Node, PendingPublish, Published, Target,
+    UserId,
 };
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -423,9 +424,8 @@ pub struct Context {
     user: Option<UserId>,
     metrics: Option<Arc<Metrics>>,
     max_groups: usize,
-    /// Whether the caller waits for this invocation's completion; see
-    /// [`Recipients::send`].
-    awaited: bool,
+    /// How this invocation's sends wait for the log; see [`Recipients::send`].
+    waiting: Waiting,
 }
 
 impl fmt::Debug for Context {
@@ -454,7 +454,7 @@ impl Context {
             user,
             metrics,
             max_groups,
-            awaited: true,
+            waiting: Waiting::Stored,
         }
     }
 
@@ -462,14 +462,28 @@ impl Context {
     /// id): its sends return once queued in order.
     pub(crate) fn not_awaited(&self) -> Self {
         Self {
-            awaited: false,
+            waiting: Waiting::Nobody,
             ..self.clone()
         }
     }
 
+    /// The context of an invocation whose completion waits for what it sent: its sends return
+    /// once queued in order, and the returned [`Commits`] tell when they are stored.
+    pub(crate) fn completion_waits(&self) -> (Self, Arc<Commits>) {
+        let commits = Arc::new(Commits {
+            queued: std::sync::Mutex::new(Some(Vec::new())),
+            metrics: self.metrics.clone(),
+        });
+        let ctx = Self {
+            waiting: Waiting::Completion(commits.clone()),
+            ..self.clone()
+        };
+        (ctx, commits)
+    }
+
     /// Whether the caller waits for this invocation's completion (it sent an invocation id).
     pub fn is_awaited(&self) -> bool {
-        self.awaited
+        !matches!(self.waiting, Waiting::Nobody)
     }
 
     /// The caller's connection id.
@@ -499,7 +513,7 @@ impl Context {
             hub: self.hub.clone(),
             caller: Some(self.connection.clone()),
             metrics: self.metrics.clone(),
-            awaited: self.awaited,
+            waiting: self.waiting.clone(),
         }
     }
 
@@ -529,7 +543,7 @@ pub struct Clients {
     hub: HubName,
     caller: Option<ConnectionId>,
     metrics: Option<Arc<Metrics>>,
-    awaited: bool,
+    waiting: Waiting,
 }
 
 impl Clients {
@@ -541,7 +555,7 @@ impl Clients {
             hub,
             caller: None,
             metrics: None,
-            awaited: true,
+            waiting: Waiting::Stored,
         }
     }
 
@@ -559,7 +573,7 @@ impl Clients {
             sender: self.caller.clone(),
             durable: None,
             metrics: self.metrics.clone(),
-            awaited: self.awaited,
+            waiting: self.waiting.clone(),
         }
     }
 
@@ -643,7 +657,7 @@ pub struct Recipients {
     sender: Option<ConnectionId>,
     durable: Option<Duration>,
     metrics: Option<Arc<Metrics>>,
-    awaited: bool,
+    waiting: Waiting,
 }
 
 impl Recipients {
@@ -663,12 +677,14 @@ impl Recipients {
     /// Invokes `method` with `arguments` on every target client, without waiting for answers.
     /// Returns once the message is stored (or delivered, for local-only targets).
     ///
-    /// In an invocation the caller does not wait for (sent without an invocation id, see
-    /// [`Context::is_awaited`]), it returns as soon as the message has its place in the
-    /// caller's order, with the durable copies already stored: the caller's next invocation
-    /// runs meanwhile, and a burst of sends from one client shares appends. Messages still
-    /// reach everyone in the order sent; a failure to store one is logged (nobody is waiting
-    /// for it), and the returned [`Published`] then has no position.
+    /// In the invocation of a plain method (not a streaming or uploading one) it returns as
+    /// soon as the message has its place in the caller's order, with the durable copies already stored, and the returned [`Published`]
+    /// has no position: the caller's next invocation runs meanwhile, and a burst of sends from
+    /// one client shares appends. Messages still reach everyone in the order sent. When the
+    /// caller waits for the invocation (it sent an invocation id), the completion goes out
+    /// only once every message the method sent is stored, and is an error if one could not
+    /// be; when it does not, a failure to store is logged (nobody is waiting for it). Use
+    /// [`send_stored`](Self::send_stored) where the method itself must know.
     ///
     /// # Errors
     ///
@@ -676,6 +692,25 @@ impl Recipients {
     /// the node could not find out whether it was stored (the error says the outcome is
     /// unknown): it may have been sent, and sending it again may deliver it twice.
     pub async fn send(self, method: &str, arguments: Vec<Value>) -> HubResult<Published> {
+        self.publish(method, arguments, false).await
+    }
+
+    /// As [`send`](Self::send), but waits until the message is stored in every case, and the
+    /// returned [`Published`] says where it entered the log.
+    ///
+    /// # Errors
+    ///
+    /// As [`send`](Self::send).
+    pub async fn send_stored(self, method: &str, arguments: Vec<Value>) -> HubResult<Published> {
+        self.publish(method, arguments, true).await
+    }
+
+    async fn publish(
+        self,
+        method: &str,
+        arguments: Vec<Value>,
+        stored: bool,
+    ) -> HubResult<Published> {
         let payload = protocol::invocation(method, &arguments);
         let kind = self.target.kind();
         let hub = self.hub.clone();
@@ -688,13 +723,25 @@ impl Recipients {
         }
         let started = std::time::Instant::now();
         let pending = self.node.publish_in_order(message).await?;
-        if self.awaited {
-            let published = pending.wait().await?;
-            if let Some(metrics) = &self.metrics {
-                metrics.sent(kind, started.elapsed());
-            }
-            return Ok(published);
-        }
+        let commit = Commit {
+            pending,
+            kind,
+            started,
+        };
+        let commit = match (&self.waiting, stored) {
+            (Waiting::Completion(commits), false) => match commits.defer(commit) {
+                Ok(published) => return Ok(published),
+                // The completion has gone out: wait here.
+                Err(commit) => commit,
+            },
+            (Waiting::Nobody, false) => commit,
+            _ => return Ok(commit.stored(self.metrics.as_deref()).await?),
+        };
+        let Commit {
+            pending,
+            kind,
+            started,
+        } = commit;
         let metrics = self.metrics;
         tokio::spawn(async move {
             match pending.wait().await {
@@ -709,6 +756,88 @@ impl Recipients {
             }
         });
         Ok(Published::default())
+    }
+}
+
+/// How the sends of an invocation wait for the log.
+#[derive(Debug, Clone)]
+enum Waiting {
+    /// Until the message is stored: outside invocations, and in streaming methods.
+    Stored,
+    /// Not at all: the caller sent no invocation id, nobody waits.
+    Nobody,
+    /// The invocation's completion waits for them.
+    Completion(Arc<Commits>),
+}
+
+/// One queued message: the node's word on it, and what its metrics need.
+#[derive(Debug)]
+struct Commit {
+    pending: PendingPublish,
+    kind: &'static str,
+    started: Instant,
+}
+
+impl Commit {
+    /// Waits until the message is stored, and counts it.
+    async fn stored(self, metrics: Option<&Metrics>) -> Result<Published, Error> {
+        let published = self.pending.wait().await?;
+        if let Some(metrics) = metrics {
+            metrics.sent(self.kind, self.started.elapsed());
+        }
+        Ok(published)
+    }
+}
+
+/// The messages an invocation sent, which its completion waits for: the method returns once
+/// they have their places in order, and the caller's next invocation runs while they are
+/// stored.
+#[derive(Debug)]
+pub(crate) struct Commits {
+    /// `None` once the completion took them.
+    queued: std::sync::Mutex<Option<Vec<Commit>>>,
+    metrics: Option<Arc<Metrics>>,
+}
+
+impl Commits {
+    /// Adds a message for the completion to wait for; gives it back when the completion has
+    /// already taken the others (a task the method left running sends after it returned).
+    fn defer(&self, commit: Commit) -> Result<Published, Commit> {
+        let mut queued = self
+            .queued
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match queued.as_mut() {
+            Some(commits) => {
+                let published = commit.pending.queued();
+                commits.push(commit);
+                Ok(published)
+            }
+            None => Err(commit),
+        }
+    }
+
+    /// Waits until every message sent so far is stored; the first error if one was not.
+    /// Messages sent after this was called are waited for by their senders.
+    pub(crate) fn stored(&self) -> impl Future<Output = Result<(), Error>> + Send + 'static {
+        let metrics = self.metrics.clone();
+        let commits = self
+            .queued
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+            .unwrap_or_default();
+        async move {
+            let mut outcome = Ok(());
+            for commit in commits {
+                if let Err(err) = commit.stored(metrics.as_deref()).await
+                    && outcome.is_ok()
+                {
+                    outcome = Err(err);
+                }
+            }
+            outcome
+        }
     }
 }
 

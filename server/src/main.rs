@@ -75,7 +75,8 @@ struct Args {
     /// The largest message a client may send, in bytes [default: 1048576].
     #[arg(long, env = "BACKPLANE_MAX_MESSAGE_SIZE")]
     max_message_size: Option<usize>,
-    /// Invocations per second per connection; faster clients are slowed (0: no limit)
+    /// Invocations per second per connection, bursts of twice as many; faster clients are
+    /// slowed, and closed once over the limit for a whole client timeout (0: no limit)
     /// [default: 100].
     #[arg(long, env = "BACKPLANE_INVOCATIONS_PER_SECOND")]
     invocations_per_second: Option<u32>,

@@ -37,8 +37,10 @@ pub struct Limits {
     /// The largest message a client may send, in bytes. Defaults to 1 MiB.
     pub max_message_size: usize,
     /// Invocations a connection may make per second, with bursts of twice as many; a faster
-    /// client is slowed down (its messages are read later), not refused. 0 turns the limit
-    /// off. Defaults to 100.
+    /// client is slowed down (its messages are read later), not refused, as long as it does
+    /// not stay over the limit: once every invocation has had to wait for a whole
+    /// `client_timeout`, the connection is closed with a `Close` message saying why, so no call
+    /// waits unboundedly. 0 turns the limit off. Defaults to 100.
     pub invocations_per_second: u32,
     /// The most groups one connection may be in. Defaults to 1 000.
     pub max_groups_per_connection: usize,

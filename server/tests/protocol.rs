@@ -11,7 +11,7 @@ use backplane_conformance::{Faulty, Op};
 use backplane_core::{HubName, MemoryBackplane, NodeOptions, UserId};
 use backplane_server::protocol::{HubMessage, Outcome, Protocol, RecordBuffer};
 use backplane_server::{Hub, HubError, Limits, Security, chat, user_token};
-use common::{RawClient, Received, http, server, server_on, server_with};
+use common::{RawClient, Received, WAIT, http, server, server_on, server_with};
 use serde_json::{Value, json};
 
 fn test_hub() -> Hub {
@@ -837,6 +837,49 @@ async fn a_connection_joins_a_bounded_number_of_groups() {
 }
 
 #[tokio::test]
+async fn a_client_that_stays_over_the_rate_limit_is_closed_with_a_reason() {
+    let running = server(
+        vec![test_hub()],
+        Limits {
+            invocations_per_second: 20,
+            client_timeout: Duration::from_secs(1),
+            keep_alive: Duration::from_millis(250),
+            ..limits()
+        },
+    )
+    .await;
+    let mut c = RawClient::connect(running.local_addr(), "test", "flood").await;
+    // 40 pass at once, the other 160 would take 8 s at 20 per second: far past the bound of
+    // one client timeout that a call may be kept waiting by the limit.
+    for i in 0..200 {
+        let call =
+            format!(r#"{{"type":1,"invocationId":"{i}","target":"Echo","arguments":[{i}]}}"#);
+        c.send(call.as_bytes()).await;
+    }
+    let mut completed = 0;
+    let mut close = None;
+    while let Some(m) = c.next_record().await {
+        match m["type"].as_u64() {
+            Some(3) => {
+                assert_eq!(m["invocationId"], completed.to_string(), "in order");
+                completed += 1;
+            }
+            Some(7) => close = Some(m),
+            _ => {}
+        }
+    }
+    let close = close.expect("a Close message");
+    assert!(
+        close["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("rate limit")),
+        "{close}"
+    );
+    assert!(completed < 200, "every call waited its turn: {completed}");
+    running.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
 async fn a_flood_of_invocations_is_paced_not_dropped() {
     let running = server(
         vec![test_hub()],
@@ -899,6 +942,120 @@ async fn sends_nobody_waits_for_arrive_in_order_and_awaited_calls_after_them() {
     }
     let m = reader.next_message().await.expect("the last broadcast");
     assert_eq!(m["arguments"], json!(["writer", "last"]));
+    running.shutdown(Duration::from_secs(5)).await;
+}
+
+/// A hub whose `Send` broadcasts its argument and whose `Mark` tells the test it ran.
+fn pipelined_hub(marked: Arc<tokio::sync::Notify>) -> Hub {
+    Hub::builder("pipe")
+        .expect("a valid name")
+        .method("Send", 1, |ctx, args| async move {
+            let text: String = args.get(0)?;
+            ctx.clients().all().send("Got", vec![json!(text)]).await?;
+            Ok(Value::Null)
+        })
+        .method("Mark", 0, move |_ctx, _args| {
+            let marked = marked.clone();
+            async move {
+                marked.notify_one();
+                Ok(Value::Null)
+            }
+        })
+        .build()
+}
+
+/// The next `count` completions, skipping everything else.
+async fn completions(c: &mut RawClient, count: usize) -> Vec<Value> {
+    let mut got = Vec::new();
+    while got.len() < count {
+        let m = c.next_message().await.expect("a message");
+        if m["type"] == 3 {
+            got.push(m);
+        }
+    }
+    got
+}
+
+#[tokio::test]
+async fn the_next_call_runs_while_the_previous_one_waits_for_its_append() {
+    let marked = Arc::new(tokio::sync::Notify::new());
+    let (faulty, running) = faulty_server(vec![pipelined_hub(marked.clone())]).await;
+    let mut c = RawClient::connect(running.local_addr(), "pipe", "ann").await;
+    faulty.hold_after(Op::Append, true);
+    c.send(br#"{"type":1,"invocationId":"1","target":"Send","arguments":["one"]}"#)
+        .await;
+    c.send(br#"{"type":1,"invocationId":"2","target":"Mark","arguments":[]}"#)
+        .await;
+    faulty
+        .waiting_after(Op::Append, 1)
+        .await
+        .expect("the first call's append is held");
+    tokio::time::timeout(WAIT, marked.notified())
+        .await
+        .expect("the second call ran while the first waited for the log");
+    faulty.hold_after(Op::Append, false);
+    // The completions go out in order, the first once its message is stored.
+    assert_eq!(
+        completions(&mut c, 2).await,
+        vec![
+            json!({"type":3,"invocationId":"1"}),
+            json!({"type":3,"invocationId":"2"})
+        ]
+    );
+    running.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn a_call_whose_message_is_not_stored_completes_with_the_error() {
+    let marked = Arc::new(tokio::sync::Notify::new());
+    let (faulty, running) = faulty_server(vec![pipelined_hub(marked)]).await;
+    let mut c = RawClient::connect(running.local_addr(), "pipe", "ann").await;
+    faulty.fail_next(Op::Append, 1);
+    c.send(br#"{"type":1,"invocationId":"1","target":"Send","arguments":["lost"]}"#)
+        .await;
+    c.send(br#"{"type":1,"invocationId":"2","target":"Send","arguments":["kept"]}"#)
+        .await;
+    let got = completions(&mut c, 2).await;
+    assert_eq!(got[0]["invocationId"], "1");
+    assert!(
+        got[0]["error"].as_str().is_some_and(|e| !e.is_empty()),
+        "the method returned, but its message was not stored: {got:?}"
+    );
+    assert_eq!(got[1], json!({"type":3,"invocationId":"2"}));
+    running.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_calls_complete_in_order_after_their_messages() {
+    let unpaced = Limits {
+        invocations_per_second: 0,
+        ..Limits::default()
+    };
+    let running = server(vec![chat::hub()], unpaced).await;
+    let mut reader = RawClient::connect(running.local_addr(), "chat", "reader").await;
+    let mut writer = RawClient::connect(running.local_addr(), "chat", "writer").await;
+    for i in 0..300 {
+        let call = format!(
+            r#"{{"type":1,"invocationId":"{i}","target":"SendMessage","arguments":["m{i}"]}}"#
+        );
+        writer.send(call.as_bytes()).await;
+    }
+    let got = completions(&mut writer, 300).await;
+    for (i, m) in got.iter().enumerate() {
+        assert_eq!(
+            *m,
+            json!({"type":3,"invocationId":i.to_string()}),
+            "in order"
+        );
+    }
+    for i in 0..300 {
+        let m = reader.next_message().await.expect("a broadcast");
+        assert_eq!(
+            m["arguments"],
+            json!(["writer", format!("m{i}")]),
+            "in order"
+        );
+    }
     running.shutdown(Duration::from_secs(5)).await;
 }
 
@@ -1051,11 +1208,11 @@ async fn a_resume_replaces_a_socket_the_server_still_holds() {
 }
 
 /// A server on a memory backplane whose calls the test can hold.
-async fn faulty_server() -> (Arc<Faulty>, backplane_server::Running) {
+async fn faulty_server(hubs: Vec<Hub>) -> (Arc<Faulty>, backplane_server::Running) {
     let faulty = Faulty::new(Arc::new(MemoryBackplane::new()));
     let running = server_on(
         faulty.clone(),
-        vec![chat::hub()],
+        hubs,
         limits(),
         Security {
             allow_anonymous: true,
@@ -1098,7 +1255,7 @@ async fn send_durable(sender: &mut RawClient, user: &str, text: &str) {
 
 #[tokio::test]
 async fn a_durable_message_a_stateful_client_did_not_acknowledge_reaches_its_next_connection() {
-    let (_faulty, running) = faulty_server().await;
+    let (_faulty, running) = faulty_server(vec![chat::hub()]).await;
     let addr = running.local_addr();
     let path = negotiate_stateful(addr, "dora").await;
     let mut first = open_stateful(addr, &path).await;
@@ -1127,7 +1284,7 @@ async fn a_durable_message_a_stateful_client_did_not_acknowledge_reaches_its_nex
 
 #[tokio::test]
 async fn a_durable_message_is_delivered_once_the_resumed_client_acknowledges_it() {
-    let (faulty, running) = faulty_server().await;
+    let (faulty, running) = faulty_server(vec![chat::hub()]).await;
     let addr = running.local_addr();
     let hub = HubName::new("chat").expect("a name");
     let dora = UserId::new("dora").expect("a name");

@@ -117,6 +117,14 @@ pub struct PendingPublish {
 }
 
 impl PendingPublish {
+    /// What is known before the message is stored: the ids of its durable copies, no position.
+    pub fn queued(&self) -> Published {
+        Published {
+            position: None,
+            ..self.published.clone()
+        }
+    }
+
     /// Waits until the message is stored and delivered to the local connections.
     ///
     /// # Errors

@@ -23,7 +23,10 @@ if (process.env.DATABASE_URL) {
 
 io.on("connection", (socket) => {
   const user = String(socket.handshake.query.user ?? socket.id);
-  socket.on("SendMessage", (message) => io.emit("ReceiveMessage", user, message));
+  socket.on("SendMessage", (message, ack) => {
+    io.emit("ReceiveMessage", user, message);
+    if (typeof ack === "function") ack();
+  });
 });
 
 httpServer.listen(port, "127.0.0.1", () => {
