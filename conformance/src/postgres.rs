@@ -47,6 +47,50 @@ pub async fn test_database_url(schema: &str) -> Result<String, String> {
 pub struct PgFactory {
     url: Option<String>,
     tables_per_hub: bool,
+    restarts: Restarts,
+}
+
+/// How the cases that stop and start their database get one to restart.
+#[derive(Debug, Clone, Default)]
+enum Restarts {
+    /// A throwaway cluster of their own (the tests).
+    #[default]
+    OwnCluster,
+    /// The given database, stopped and started by these shell commands.
+    Commands { stop: String, start: String },
+    /// None: such cases are skipped (a database given by URL, with no way to restart it).
+    Skip,
+}
+
+/// How a namespace stops and starts its database.
+enum Restart {
+    /// It cannot: the cases that need it fail.
+    No,
+    Cluster(Arc<Cluster>),
+    Commands {
+        stop: String,
+        start: String,
+    },
+    /// It cannot, for this reason: the cases that need it are skipped.
+    Skip(String),
+}
+
+/// Runs a shell command that stops or starts the database.
+async fn shell(what: &str, command: &str) -> Result<(), CaseError> {
+    let mut sh = std::process::Command::new("sh");
+    sh.arg("-c").arg(command).stdin(std::process::Stdio::null());
+    let output = tokio::task::spawn_blocking(move || sh.output())
+        .await
+        .map_err(|e| CaseError::Failed(e.to_string()))?
+        .map_err(|e| CaseError::Failed(format!("the {what} command did not run: {e}")))?;
+    if output.status.success() {
+        return Ok(());
+    }
+    Err(CaseError::Failed(format!(
+        "the {what} command failed ({}): {}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr).trim()
+    )))
 }
 
 impl PgFactory {
@@ -55,15 +99,29 @@ impl PgFactory {
         Self {
             url: std::env::var(PG_URL_VAR).ok().filter(|u| !u.is_empty()),
             tables_per_hub: false,
+            restarts: Restarts::OwnCluster,
         }
     }
 
-    /// Uses the database at `url`.
+    /// Uses the database at `url`. The cases that stop and start their database are skipped
+    /// unless [`restart_commands`](Self::restart_commands) says how.
     pub fn with_url(url: impl Into<String>) -> Self {
         Self {
             url: Some(url.into()),
             tables_per_hub: false,
+            restarts: Restarts::Skip,
         }
+    }
+
+    /// The cases that stop and start their database run these shell commands (`sh -c`) to
+    /// stop and to start the server of the given URL, which must then be up again on the same
+    /// address.
+    pub fn restart_commands(mut self, stop: impl Into<String>, start: impl Into<String>) -> Self {
+        self.restarts = Restarts::Commands {
+            stop: stop.into(),
+            start: start.into(),
+        };
+        self
     }
 
     /// Gives every hub a table set of its own ([`PgOptions::tables_per_hub`]) in every
@@ -98,13 +156,28 @@ impl Factory for PgFactory {
     }
 
     async fn namespace(&self, spec: &Spec) -> Result<Box<dyn Namespace>, String> {
-        let (url, cluster) = if spec.restarts {
-            let cluster = start_cluster().await.map_err(|e| {
-                format!("this case restarts its database and needs a throwaway cluster: {e}")
-            })?;
-            (cluster.url(), Some(Arc::new(cluster)))
-        } else {
-            (self.shared_url().await?, None)
+        let (url, restart) = match (&self.restarts, spec.restarts) {
+            (_, false) => (self.shared_url().await?, Restart::No),
+            (Restarts::OwnCluster, true) => {
+                let cluster = start_cluster().await.map_err(|e| {
+                    format!("this case restarts its database and needs a throwaway cluster: {e}")
+                })?;
+                (cluster.url(), Restart::Cluster(Arc::new(cluster)))
+            }
+            (Restarts::Commands { stop, start }, true) => (
+                self.shared_url().await?,
+                Restart::Commands {
+                    stop: stop.clone(),
+                    start: start.clone(),
+                },
+            ),
+            (Restarts::Skip, true) => (
+                self.shared_url().await?,
+                Restart::Skip(
+                    "this case stops and starts the database: say how with --stop-cmd and --start-cmd"
+                        .into(),
+                ),
+            ),
         };
         let id = uuid_suffix();
         let namespace = PgNamespace {
@@ -116,7 +189,7 @@ impl Factory for PgFactory {
             },
             streams: spec.streams,
             tables_per_hub: self.tables_per_hub,
-            cluster,
+            restart,
         };
         Ok(Box::new(namespace))
     }
@@ -141,7 +214,7 @@ struct PgNamespace {
     schema: String,
     streams: u32,
     tables_per_hub: bool,
-    cluster: Option<Arc<Cluster>>,
+    restart: Restart,
 }
 
 impl PgNamespace {
@@ -171,10 +244,37 @@ impl PgNamespace {
         Ok(client)
     }
 
-    fn cluster(&self) -> Result<Arc<Cluster>, CaseError> {
-        self.cluster.clone().ok_or_else(|| {
-            CaseError::Failed("this namespace has no cluster of its own to restart".into())
-        })
+    /// The cluster of its own a namespace has, when it has one.
+    fn own_cluster(&self) -> Option<&Arc<Cluster>> {
+        match &self.restart {
+            Restart::Cluster(cluster) => Some(cluster),
+            _ => None,
+        }
+    }
+
+    /// Stops (`stop`) or starts the database.
+    async fn stop_or_start(&self, stop: bool) -> Result<(), CaseError> {
+        match &self.restart {
+            Restart::No => Err(CaseError::Failed(
+                "this namespace has no database of its own to restart".into(),
+            )),
+            Restart::Skip(reason) => Err(CaseError::Skipped(reason.clone())),
+            Restart::Commands { stop: command, .. } if stop => shell("stop", command).await,
+            Restart::Commands { start: command, .. } => shell("start", command).await,
+            Restart::Cluster(cluster) => {
+                let cluster = cluster.clone();
+                tokio::task::spawn_blocking(move || {
+                    if stop {
+                        cluster.stop()
+                    } else {
+                        cluster.restart()
+                    }
+                })
+                .await
+                .map_err(|e| CaseError::Failed(e.to_string()))?
+                .map_err(CaseError::Failed)
+            }
+        }
     }
 }
 
@@ -224,19 +324,11 @@ impl Namespace for PgNamespace {
     }
 
     async fn stop_database(&self) -> Result<(), CaseError> {
-        let cluster = self.cluster()?;
-        tokio::task::spawn_blocking(move || cluster.stop())
-            .await
-            .map_err(|e| CaseError::Failed(e.to_string()))?
-            .map_err(CaseError::Failed)
+        self.stop_or_start(true).await
     }
 
     async fn start_database(&self) -> Result<(), CaseError> {
-        let cluster = self.cluster()?;
-        tokio::task::spawn_blocking(move || cluster.restart())
-            .await
-            .map_err(|e| CaseError::Failed(e.to_string()))?
-            .map_err(CaseError::Failed)
+        self.stop_or_start(false).await
     }
 
     async fn hold_append(
@@ -306,7 +398,7 @@ impl Namespace for PgNamespace {
     }
 
     async fn drop_namespace(&self) -> Result<(), String> {
-        if self.cluster.is_some() {
+        if self.own_cluster().is_some() {
             // The cluster itself goes when the namespace is dropped.
             return Ok(());
         }

@@ -373,11 +373,9 @@ fn receive(
             let before = got;
             let mut handle = |record: &[u8]| {
                 got += 1;
-                if timed {
-                    if let Some(sent) = number_after(record, b"t:") {
-                        let now = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
-                        seen_latencies.push(now.saturating_sub(sent) / 1000);
-                    }
+                if timed && let Some(sent) = number_after(record, b"t:") {
+                    let now = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                    seen_latencies.push(now.saturating_sub(sent) / 1000);
                 }
                 if let Some(seq) = number_after(record, b"s:") {
                     let slot = usize::try_from(seq).ok().and_then(|i| seen.get_mut(i));

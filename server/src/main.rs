@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use backplane_core::{NodeId, NodeOptions, SharedBackplane};
 use backplane_server::{Limits, Security, Server, chat};
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use serde::Deserialize;
 
 /// Parses durations such as `15s`, `500ms` or `2m`.
@@ -24,6 +24,9 @@ fn duration(value: &str) -> Result<Duration, String> {
 #[derive(Debug, Parser)]
 #[command(name = "backplane-server", version)]
 struct Args {
+    /// A tool instead of the server.
+    #[command(subcommand)]
+    tool: Option<Tool>,
     /// A TOML file with any of the settings below (keys as the flags, without dashes
     /// prefix: `listen = "0.0.0.0:5000"`).
     #[arg(long, env = "BACKPLANE_CONFIG")]
@@ -31,9 +34,7 @@ struct Args {
     /// The address to listen on [default: 127.0.0.1:5000].
     #[arg(long, env = "BACKPLANE_LISTEN")]
     listen: Option<SocketAddr>,
-    /// The backplane: `memory://` (one node), `postgres://user:pass@host/db?...`
-    /// [default: memory://].
-    #[arg(long, env = "BACKPLANE_URL")]
+    #[arg(long, env = "BACKPLANE_URL", help = backplane_help())]
     backplane: Option<String>,
     /// This node's id [default: random].
     #[arg(long, env = "BACKPLANE_NODE_ID")]
@@ -109,6 +110,65 @@ struct Args {
     cleanup_interval: Option<Duration>,
 }
 
+/// Tools beside the server.
+#[derive(Debug, Subcommand)]
+enum Tool {
+    /// Prints a user access token signed with the JWT secret (`--jwt-secret` or
+    /// `BACKPLANE_JWT_SECRET`), for development: `chat --token "$(backplane-server token
+    /// --user ada)"`.
+    Token {
+        /// The user id (the token's `sub`).
+        #[arg(long)]
+        user: String,
+        /// How long the token is valid.
+        #[arg(long, value_parser = duration, default_value = "24h")]
+        ttl: Duration,
+    },
+}
+
+/// The drivers built into this binary, with their URL forms, for `--help`.
+fn backplane_help() -> String {
+    let drivers: [(&str, bool, &str); 3] = [
+        (
+            "memory",
+            cfg!(feature = "memory"),
+            "`memory://` (one node, no database)",
+        ),
+        (
+            "postgres",
+            cfg!(feature = "postgres"),
+            "`postgres://user:pass@host:5432/db?schema=backplane` (also `postgresql://`)",
+        ),
+        (
+            "mssql",
+            cfg!(feature = "mssql"),
+            "`mssql://user:pass@host:1433/db?schema=backplane` (also `sqlserver://`), or an ADO.NET connection string (`Server=host,1433;Database=db;User Id=…;Password=…`)",
+        ),
+    ];
+    let mut help = String::from("The backplane [default: memory://]. Built in:");
+    for (_, built, form) in drivers {
+        if built {
+            help.push_str(&format!(" {form};"));
+        }
+    }
+    let missing: Vec<&str> = drivers
+        .iter()
+        .filter(|(_, built, _)| !built)
+        .map(|(feature, _, _)| *feature)
+        .collect();
+    if missing.is_empty() {
+        help.pop();
+        help.push('.');
+    } else {
+        help.pop();
+        help.push_str(&format!(
+            ". Not built in (cargo features): {}.",
+            missing.join(", ")
+        ));
+    }
+    help
+}
+
 /// The same settings, from the TOML file.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
@@ -121,7 +181,9 @@ struct FileConfig {
     token_secret: Option<String>,
     server_key: Option<String>,
     allow_anonymous: Option<bool>,
-    cors_origins: Option<Vec<String>>,
+    /// Named as the flag; the plural is accepted too.
+    #[serde(alias = "cors-origins")]
+    cors_origin: Option<Vec<String>>,
     keep_alive: Option<String>,
     client_timeout: Option<String>,
     handshake_timeout: Option<String>,
@@ -243,7 +305,7 @@ fn resolve(args: Args) -> Result<Config, String> {
         );
     }
     let cors_origins = if args.cors_origins.is_empty() {
-        file.cors_origins.unwrap_or_default()
+        file.cors_origin.unwrap_or_default()
     } else {
         args.cors_origins
     };
@@ -461,8 +523,44 @@ fn ddl(url: &str) -> Result<String, String> {
     }
 }
 
+/// `backplane-server token`: a user token signed with the configured JWT secret.
+fn token(args: &Args, user: &str, ttl: Duration) -> Result<String, String> {
+    let user = backplane_core::UserId::new(user).map_err(|e| format!("invalid --user: {e}"))?;
+    let secret = match (&args.jwt_secret, &args.config) {
+        (Some(secret), _) => Some(secret.clone()),
+        (None, Some(path)) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read the config file {}: {e}", path.display()))?;
+            toml::from_str::<FileConfig>(&text)
+                .map_err(|e| format!("invalid config file {}: {}", path.display(), e.message()))?
+                .jwt_secret
+        }
+        (None, None) => None,
+    };
+    let secret = secret.filter(|s| !s.is_empty()).ok_or(
+        "no JWT secret: give the server's --jwt-secret (or BACKPLANE_JWT_SECRET, or jwt-secret in --config)",
+    )?;
+    Ok(backplane_server::user_token(
+        secret.as_bytes(),
+        user.as_str(),
+        ttl,
+    ))
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(Tool::Token { user, ttl }) = &args.tool {
+        return match token(&args, user, *ttl) {
+            Ok(token) => {
+                println!("{token}");
+                ExitCode::SUCCESS
+            }
+            Err(err) => {
+                eprintln!("error: {err}");
+                ExitCode::from(2)
+            }
+        };
+    }
     if args.print_ddl {
         let url = args.backplane.clone().unwrap_or_else(|| "memory://".into());
         return match ddl(&url) {
@@ -506,5 +604,56 @@ fn main() -> ExitCode {
             eprintln!("error: {err}");
             ExitCode::from(2)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn every_setting_flag_is_a_config_file_key() {
+        // serde names the keys it knows when it meets one it does not.
+        let err = toml::from_str::<FileConfig>("no-such-key = 1")
+            .expect_err("an unknown key is refused")
+            .message()
+            .to_owned();
+        let keys: BTreeSet<String> = err
+            .split('`')
+            .skip(3)
+            .step_by(2)
+            .map(str::to_owned)
+            .collect();
+        let flags: BTreeSet<String> = Args::command()
+            .get_arguments()
+            .filter_map(|arg| arg.get_long())
+            .filter(|long| !["config", "print-ddl", "help", "version"].contains(long))
+            .map(str::to_owned)
+            .collect();
+        assert!(!flags.is_empty());
+        let missing: Vec<_> = flags.difference(&keys).collect();
+        assert!(
+            missing.is_empty(),
+            "flags with no key in the file: {missing:?} (keys {keys:?})"
+        );
+        let extra: Vec<_> = keys
+            .difference(&flags)
+            .filter(|key| key.as_str() != "cors-origins")
+            .collect();
+        assert!(extra.is_empty(), "file keys that are no flag: {extra:?}");
+    }
+
+    #[test]
+    fn the_backplane_help_names_every_driver() {
+        let help = backplane_help();
+        for name in ["memory", "postgres", "mssql"] {
+            assert!(help.contains(name), "{help}");
+        }
+        assert!(help.contains("memory://"), "{help}");
+        assert!(help.contains("postgres://"), "{help}");
     }
 }

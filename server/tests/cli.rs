@@ -251,3 +251,42 @@ fn prints_the_sql_server_ddl_for_a_dba() {
     assert!(sql.contains("\nGO\n"), "{sql}");
     assert!(!sql.contains("hunter2"), "{sql}");
 }
+
+#[test]
+fn token_mints_a_development_token_from_the_jwt_secret() {
+    let secret = "a-development-secret-of-some-length";
+    let output = Command::new(env!("CARGO_BIN_EXE_backplane-server"))
+        .args(["token", "--user", "ada", "--ttl", "1h"])
+        .env("BACKPLANE_JWT_SECRET", secret)
+        .env_remove("BACKPLANE_CONFIG")
+        .output()
+        .expect("the binary runs");
+    assert_eq!(output.status.code(), Some(0), "{output:?}");
+    let token = String::from_utf8(output.stdout).expect("text");
+    let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
+    validation.required_spec_claims = ["exp", "sub"].iter().map(|s| s.to_string()).collect();
+    let data = jsonwebtoken::decode::<serde_json::Value>(
+        token.trim(),
+        &jsonwebtoken::DecodingKey::from_secret(secret.as_bytes()),
+        &validation,
+    )
+    .expect("a token signed with the secret");
+    assert_eq!(data.claims["sub"], "ada");
+
+    // Without a secret there is nothing to sign with: one clear line, exit code 2.
+    let (code, stderr) = run(&["token", "--user", "ada"], &[]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("no JWT secret"), "{stderr}");
+}
+
+#[test]
+fn help_lists_the_backplane_drivers() {
+    let output = Command::new(env!("CARGO_BIN_EXE_backplane-server"))
+        .arg("--help")
+        .output()
+        .expect("the binary runs");
+    let help = String::from_utf8_lossy(&output.stdout);
+    for form in ["memory://", "postgres://", "mssql"] {
+        assert!(help.contains(form), "{help}");
+    }
+}

@@ -4,7 +4,12 @@
 //! two nodes, durable offline delivery, presence, completions and errors, token refusal, and
 //! automatic reconnect after a server restart.
 //!
-//! Needs Node.js; installs the client with `npm ci` when it is missing. Uses
+//! Also signalrcore, the most used Python client (pinned in `tests/interop/requirements.txt`;
+//! it negotiates with version 0), against one memory node and against two PostgreSQL nodes:
+//! broadcast order, groups, users, results and errors.
+//!
+//! Needs Node.js and Python 3; installs the JavaScript client with `npm ci` and signalrcore in
+//! a virtual environment under the target directory when they are missing. Uses
 //! `BACKPLANE_TEST_PG_URL` when set, otherwise a throwaway cluster.
 
 use std::io::{BufRead, BufReader, Write};
@@ -214,4 +219,122 @@ fn official_client_against_two_nodes() {
         summary.contains(" 0 failed") && !output.iter().any(|l| l.starts_with("FAIL")),
         "unexpected summary: {summary}"
     );
+}
+
+/// The Python interpreter of a virtual environment holding signalrcore (pinned in
+/// `tests/interop/requirements.txt`), created on first use.
+fn signalrcore_python(dir: &Path) -> PathBuf {
+    let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("signalrcore-venv");
+    let python = venv.join("bin/python");
+    let marker = venv.join("installed-requirements.txt");
+    let requirements =
+        std::fs::read_to_string(dir.join("requirements.txt")).expect("the requirements file");
+    if std::fs::read_to_string(&marker).ok().as_deref() == Some(requirements.as_str()) {
+        return python;
+    }
+    let status = Command::new("python3")
+        .args(["-m", "venv"])
+        .arg(&venv)
+        .status()
+        .expect("python3 runs (the signalrcore interop test needs Python 3 with venv)");
+    assert!(status.success(), "python3 -m venv failed");
+    let status = Command::new(&python)
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "-r",
+        ])
+        .arg(dir.join("requirements.txt"))
+        .status()
+        .expect("pip runs");
+    assert!(status.success(), "installing signalrcore failed");
+    std::fs::write(&marker, requirements).expect("the marker is written");
+    python
+}
+
+/// Runs the signalrcore script against `a` and `b`; panics with its output on failure.
+fn run_signalrcore(python: &Path, dir: &Path, a: &str, b: &str, logs: &[&Path]) {
+    let token = |user: &str| {
+        backplane_server::user_token(SECRET.as_bytes(), user, Duration::from_secs(3600))
+    };
+    let mut child = Command::new(python)
+        .arg("signalrcore_interop.py")
+        .current_dir(dir)
+        .env("NODE_A", format!("http://{a}"))
+        .env("NODE_B", format!("http://{b}"))
+        .env("TOKEN_ADA", token("py-ada"))
+        .env("TOKEN_BOB", token("py-bob"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the signalrcore script starts");
+    let (tx, rx) = mpsc::channel();
+    let mut stdout = child.stdout.take().expect("piped stdout");
+    let mut stderr = child.stderr.take().expect("piped stderr");
+    std::thread::spawn(move || {
+        let mut out = String::new();
+        let mut err = String::new();
+        let _ = std::io::Read::read_to_string(&mut stdout, &mut out);
+        let _ = std::io::Read::read_to_string(&mut stderr, &mut err);
+        let _ = tx.send((out, err));
+    });
+    let Ok((out, err)) = rx.recv_timeout(Duration::from_secs(180)) else {
+        let _ = child.kill();
+        panic!("the signalrcore script did not finish within 180 s");
+    };
+    let status = child.wait().expect("the script exits");
+    println!("{out}");
+    if !status.success() {
+        for log in logs {
+            eprintln!(
+                "--- {} ---\n{}",
+                log.display(),
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+    }
+    assert!(
+        status.success() && out.contains("signalrcore interop: all passed"),
+        "signalrcore against {a} and {b}:\n{out}\n{err}"
+    );
+}
+
+#[test]
+fn signalrcore_against_one_memory_node_and_two_postgres_nodes() {
+    let dir = interop_dir();
+    let python = signalrcore_python(&dir);
+    let logs = std::env::temp_dir();
+    let pid = std::process::id();
+
+    let memory = ServerProcess::start(
+        "memory://",
+        &free_address(),
+        logs.join(format!("signalrcore-memory-{pid}.log")),
+    );
+    run_signalrcore(&python, &dir, &memory.addr, &memory.addr, &[&memory.log]);
+
+    let cluster;
+    let base = match std::env::var("BACKPLANE_TEST_PG_URL") {
+        Ok(url) if !url.is_empty() => url,
+        _ => {
+            cluster = Cluster::start().expect("a throwaway PostgreSQL cluster");
+            cluster.url()
+        }
+    };
+    let separator = if base.contains('?') { '&' } else { '?' };
+    let backplane = format!("{base}{separator}schema=signalrcore_{pid}");
+    let a = ServerProcess::start(
+        &backplane,
+        &free_address(),
+        logs.join(format!("signalrcore-a-{pid}.log")),
+    );
+    let b = ServerProcess::start(
+        &backplane,
+        &free_address(),
+        logs.join(format!("signalrcore-b-{pid}.log")),
+    );
+    run_signalrcore(&python, &dir, &a.addr, &b.addr, &[&a.log, &b.log]);
 }

@@ -4,6 +4,7 @@
 //! backplane-conformance --url memory://
 //! backplane-conformance --url memory:// --list
 //! backplane-conformance --url memory:// group
+//! backplane-conformance --url postgres://… --stop-cmd '…' --start-cmd '…'
 //! ```
 
 use std::io::Write;
@@ -32,6 +33,15 @@ struct Args {
     /// List the cases instead of running them.
     #[arg(long)]
     list: bool,
+
+    /// A shell command that stops the PostgreSQL server at --url, for the cases that stop and
+    /// start their database (with --start-cmd; without both, those cases are skipped).
+    #[arg(long, requires = "start_cmd")]
+    stop_cmd: Option<String>,
+
+    /// A shell command that starts that server again, on the same address.
+    #[arg(long, requires = "stop_cmd")]
+    start_cmd: Option<String>,
 
     /// Run only cases whose name contains one of these strings.
     filters: Vec<String>,
@@ -116,7 +126,8 @@ async fn doctor(url: &str) -> anyhow::Result<bool> {
     }
 }
 
-fn factory(url: &str) -> anyhow::Result<Arc<dyn Factory>> {
+#[cfg_attr(not(feature = "postgres"), allow(unused_variables))]
+fn factory(url: &str, args: &Args) -> anyhow::Result<Arc<dyn Factory>> {
     match scheme(url)? {
         #[cfg(feature = "memory")]
         "memory" => Ok(Arc::new(backplane_conformance::MemoryFactory)),
@@ -125,7 +136,13 @@ fn factory(url: &str) -> anyhow::Result<Arc<dyn Factory>> {
             bail!("the memory driver is not compiled in: enable the cargo feature `memory`")
         }
         #[cfg(feature = "postgres")]
-        "postgres" | "postgresql" => Ok(Arc::new(backplane_conformance::PgFactory::with_url(url))),
+        "postgres" | "postgresql" => {
+            let factory = backplane_conformance::PgFactory::with_url(url);
+            Ok(Arc::new(match (&args.stop_cmd, &args.start_cmd) {
+                (Some(stop), Some(start)) => factory.restart_commands(stop, start),
+                _ => factory,
+            }))
+        }
         #[cfg(not(feature = "postgres"))]
         "postgres" | "postgresql" => {
             bail!("the postgres driver is not compiled in: enable the cargo feature `postgres`")
@@ -168,7 +185,14 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         }
         return Ok(true);
     }
-    let factory = factory(&args.url)?;
+    if (args.stop_cmd.is_some() || args.start_cmd.is_some())
+        && !matches!(scheme(&args.url)?, "postgres" | "postgresql")
+    {
+        bail!(
+            "--stop-cmd and --start-cmd restart a PostgreSQL server: the other drivers' restart cases are skipped"
+        );
+    }
+    let factory = factory(&args.url, &args)?;
     println!(
         "running {} conformance cases against the {} driver",
         selected.len(),

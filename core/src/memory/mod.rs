@@ -215,14 +215,14 @@ impl Hub {
                 }
             }
         }
-        if let Some(user) = &connection.info.user {
-            if let Some(session) = self.sessions.get_mut(user) {
-                let now = SystemTime::now();
-                session.connections = session.connections.saturating_sub(1);
-                session.last_activity = now;
-                if session.connections == 0 {
-                    session.ended_at = Some(now);
-                }
+        if let Some(user) = &connection.info.user
+            && let Some(session) = self.sessions.get_mut(user)
+        {
+            let now = SystemTime::now();
+            session.connections = session.connections.saturating_sub(1);
+            session.last_activity = now;
+            if session.connections == 0 {
+                session.ended_at = Some(now);
             }
         }
         Some(connection.info)

@@ -221,13 +221,12 @@ impl Node {
             payload,
             kind: DeliveryKind::Invocation(id.clone()),
         };
-        if self.try_deliver(hub, connection, tx, delivery).is_some() {
-            if let Err(err) = self
+        if self.try_deliver(hub, connection, tx, delivery).is_some()
+            && let Err(err) = self
                 .finish(id, Outcome::Disconnected(connection.clone()))
                 .await
-            {
-                tracing::warn!(%err, invocation = %id, "could not report an undeliverable invocation");
-            }
+        {
+            tracing::warn!(%err, invocation = %id, "could not report an undeliverable invocation");
         }
     }
 

@@ -232,10 +232,10 @@ impl LocalIndex {
         // A list of one name cannot repeat a connection; a longer list can.
         let mut seen: HashSet<&ConnectionId> = HashSet::new();
         for id in members {
-            if let Some((key, connection)) = self.connections.get_key_value(id) {
-                if !dedupe || seen.insert(key) {
-                    visit(key, connection);
-                }
+            if let Some((key, connection)) = self.connections.get_key_value(id)
+                && (!dedupe || seen.insert(key))
+            {
+                visit(key, connection);
             }
         }
     }

@@ -548,10 +548,10 @@ impl Node {
                 tracing::warn!(%err, hub = %hub, connection = %id, "could not load the groups of a new connection");
             }
         }
-        if let Some(user) = &user {
-            if let Err(err) = self.deliver_pending(state, &id, user, &tx).await {
-                tracing::warn!(%err, hub = %hub, connection = %id, "could not load pending durable messages");
-            }
+        if let Some(user) = &user
+            && let Err(err) = self.deliver_pending(state, &id, user, &tx).await
+        {
+            tracing::warn!(%err, hub = %hub, connection = %id, "could not load pending durable messages");
         }
         Ok(Connection {
             hub: hub.clone(),

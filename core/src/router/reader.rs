@@ -430,11 +430,11 @@ impl Reader {
                 if entry.offset != self.cursors[stream].offset {
                     tracing::error!(hub = %self.state.name, stream, expected = self.cursors[stream].offset, got = entry.offset, "driver returned an entry out of order");
                 }
-                if let Some(observer) = self.node.observer() {
-                    if let Some(at) = Record::encoded_at(&entry.data) {
-                        let now = super::unix_ms(SystemTime::now());
-                        observer.log_lag(Duration::from_millis(now.saturating_sub(at)));
-                    }
+                if let Some(observer) = self.node.observer()
+                    && let Some(at) = Record::encoded_at(&entry.data)
+                {
+                    let now = super::unix_ms(SystemTime::now());
+                    observer.log_lag(Duration::from_millis(now.saturating_sub(at)));
                 }
                 let seen = fingerprint(&entry.data);
                 if self.recent[stream].verifying
@@ -619,10 +619,11 @@ impl Reader {
                 return Ok(());
             }
         };
-        if local && !self.node.reload_groups(&self.state, connection).await? {
-            if let Some((group, member)) = which {
-                self.state.write().set_member(connection, &group, member);
-            }
+        if local
+            && !self.node.reload_groups(&self.state, connection).await?
+            && let Some((group, member)) = which
+        {
+            self.state.write().set_member(connection, &group, member);
         }
         self.remember(change);
         Ok(())
@@ -631,10 +632,10 @@ impl Reader {
     fn remember(&mut self, change: u64) {
         if self.seen.insert(change) {
             self.seen_order.push_back(change);
-            if self.seen_order.len() > SEEN_CHANGES {
-                if let Some(old) = self.seen_order.pop_front() {
-                    self.seen.remove(&old);
-                }
+            if self.seen_order.len() > SEEN_CHANGES
+                && let Some(old) = self.seen_order.pop_front()
+            {
+                self.seen.remove(&old);
             }
         }
     }

@@ -549,10 +549,10 @@ impl RecordBuffer {
         self.pending.extend_from_slice(data);
         // A handshake is a JSON object: anything else (such as a MessagePack message from a
         // client resuming on the wrong node) is refused at once, not after a timeout.
-        if let Some(first) = self.pending.iter().find(|b| !b.is_ascii_whitespace()) {
-            if *first != b'{' {
-                return Err(bad("the handshake must be a JSON object"));
-            }
+        if let Some(first) = self.pending.iter().find(|b| !b.is_ascii_whitespace())
+            && *first != b'{'
+        {
+            return Err(bad("the handshake must be a JSON object"));
         }
         match self.pending.iter().position(|b| *b == RECORD_SEPARATOR) {
             Some(end) => {

@@ -100,10 +100,10 @@ pub fn render(options: &MssqlOptions) -> Vec<Statement> {
     ];
     out.extend(schema::migration_batches(options, SAMPLE_HUB));
     out.push(("ddl".into(), schema::ddl(options)));
-    if options.tables_per_hub {
-        if let Ok(hub) = schema::hub_ddl(options, SAMPLE_HUB) {
-            out.push(("hub-ddl".into(), hub));
-        }
+    if options.tables_per_hub
+        && let Ok(hub) = schema::hub_ddl(options, SAMPLE_HUB)
+    {
+        out.push(("hub-ddl".into(), hub));
     }
     out.into_iter()
         .map(|(name, text)| Statement {
