@@ -1466,47 +1466,49 @@ async fn worker(
             // Run beside the worker, from `invoke`.
             Handler::Uploading(_) => continue,
         };
-        {
-            {
-                let Some(invocation_id) = item.invocation_id else {
-                    continue;
-                };
-                let (tx, mut rx) = mpsc::channel::<Value>(16);
-                let producer = tokio::spawn(handler(ctx.clone(), args, StreamSender::new(tx)));
-                let out = out.clone();
-                let id = invocation_id.clone();
-                let name = item.method.name.clone();
-                let forward = tokio::spawn(async move {
-                    while let Some(item) = rx.recv().await {
-                        let record = wire.encode(&HubMessage::StreamItem {
-                            invocation_id: id.clone(),
-                            item,
-                        });
-                        if out.send(record).await.is_err() {
-                            return;
-                        }
-                    }
-                    let outcome = match producer.await {
-                        Ok(Ok(())) => Outcome::Void,
-                        Ok(Err(err)) => Outcome::Error(err.message().to_owned()),
-                        Err(join) => {
-                            tracing::error!(method = %name, error = %join, "a streaming hub method failed");
-                            Outcome::Error(format!(
-                                "An unexpected error occurred invoking '{name}' on the server."
-                            ))
-                        }
-                    };
-                    let record = wire.encode(&HubMessage::Completion {
-                        invocation_id: id,
-                        outcome,
-                    });
-                    let _ = out.send(record).await;
+        let Some(invocation_id) = item.invocation_id else {
+            continue;
+        };
+        let (tx, mut rx) = mpsc::channel::<Value>(16);
+        let producer = tokio::spawn(handler(ctx.clone(), args, StreamSender::new(tx)));
+        let out = out.clone();
+        let id = invocation_id.clone();
+        let name = item.method.name.clone();
+        let forward = tokio::spawn(async move {
+            while let Some(item) = rx.recv().await {
+                let record = wire.encode(&HubMessage::StreamItem {
+                    invocation_id: id.clone(),
+                    item,
                 });
-                streams
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .insert(invocation_id, forward.abort_handle());
+                if out.send(record).await.is_err() {
+                    return;
+                }
             }
+            let outcome = match producer.await {
+                Ok(Ok(())) => Outcome::Void,
+                Ok(Err(err)) => Outcome::Error(err.message().to_owned()),
+                Err(join) => {
+                    tracing::error!(method = %name, error = %join, "a streaming hub method failed");
+                    Outcome::Error(format!(
+                        "An unexpected error occurred invoking '{name}' on the server."
+                    ))
+                }
+            };
+            let record = wire.encode(&HubMessage::Completion {
+                invocation_id: id,
+                outcome,
+            });
+            let _ = out.send(record).await;
+        });
+        streams
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(invocation_id, forward.abort_handle());
+    }
+    // No more calls: the completions held go out as their messages are stored.
+    while let Some(oldest) = held.pop_front() {
+        if out.send(oldest.await).await.is_err() {
+            return;
         }
     }
 }
