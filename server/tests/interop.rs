@@ -132,21 +132,60 @@ fn free_address() -> String {
     listener.local_addr().expect("an address").to_string()
 }
 
+/// A backplane URL for a fresh `schema` on `BACKPLANE_TEST_PG_URL`, or on a throwaway cluster
+/// (returned, to keep it running).
+fn postgres_backplane(schema: &str) -> (Option<Cluster>, String) {
+    let (cluster, base) = match std::env::var("BACKPLANE_TEST_PG_URL") {
+        Ok(url) if !url.is_empty() => (None, url),
+        _ => {
+            let cluster = Cluster::start().expect("a throwaway PostgreSQL cluster");
+            let url = cluster.url();
+            (Some(cluster), url)
+        }
+    };
+    let separator = if base.contains('?') { '&' } else { '?' };
+    (cluster, format!("{base}{separator}schema={schema}"))
+}
+
+/// Waits up to `limit` for a script to end; its exit status and standard output.
+fn script_output(
+    mut child: Child,
+    what: &str,
+    limit: Duration,
+) -> (std::process::ExitStatus, String) {
+    let mut stdout = child.stdout.take().expect("piped stdout");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut out = String::new();
+        let _ = std::io::Read::read_to_string(&mut stdout, &mut out);
+        let _ = tx.send(out);
+    });
+    let Ok(out) = rx.recv_timeout(limit) else {
+        let _ = child.kill();
+        panic!("{what} did not finish within {limit:?}");
+    };
+    let status = child.wait().expect("the script exits");
+    println!("{out}");
+    (status, out)
+}
+
+/// Prints the servers' logs, for a failed run.
+fn print_logs(logs: &[&Path]) {
+    for log in logs {
+        eprintln!(
+            "--- {} ---\n{}",
+            log.display(),
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+    }
+}
+
 #[test]
 fn official_client_against_two_nodes() {
     let dir = interop_dir();
     ensure_client_installed(&dir);
 
-    let cluster;
-    let base = match std::env::var("BACKPLANE_TEST_PG_URL") {
-        Ok(url) if !url.is_empty() => url,
-        _ => {
-            cluster = Cluster::start().expect("a throwaway PostgreSQL cluster");
-            cluster.url()
-        }
-    };
-    let separator = if base.contains('?') { '&' } else { '?' };
-    let backplane = format!("{base}{separator}schema=interop_{}", std::process::id());
+    let (_cluster, backplane) = postgres_backplane(&format!("interop_{}", std::process::id()));
 
     let logs = std::env::temp_dir();
     let a = ServerProcess::start(
@@ -207,13 +246,7 @@ fn official_client_against_two_nodes() {
     let status = script.wait().expect("the script exits");
     let summary = output.last().cloned().unwrap_or_default();
     if !status.success() {
-        for server in [&a, &b] {
-            eprintln!(
-                "--- {} ---\n{}",
-                server.log.display(),
-                std::fs::read_to_string(&server.log).unwrap_or_default()
-            );
-        }
+        print_logs(&[&a.log, &b.log]);
     }
     assert!(status.success(), "interop failed: {summary}");
     assert!(
@@ -229,7 +262,7 @@ fn official_client_against_one_memory_node() {
     let log = std::env::temp_dir().join(format!("interop-memory-{}.log", std::process::id()));
     let node = ServerProcess::start("memory://", &free_address(), log);
     let url = format!("http://{}", node.addr);
-    let mut script = Command::new("node")
+    let script = Command::new("node")
         .arg("interop.mjs")
         .current_dir(&dir)
         .env("NODE_A", &url)
@@ -240,25 +273,9 @@ fn official_client_against_one_memory_node() {
         .stderr(Stdio::inherit())
         .spawn()
         .expect("node runs");
-    let mut stdout = script.stdout.take().expect("piped stdout");
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let mut out = String::new();
-        let _ = std::io::Read::read_to_string(&mut stdout, &mut out);
-        let _ = tx.send(out);
-    });
-    let Ok(out) = rx.recv_timeout(Duration::from_secs(240)) else {
-        let _ = script.kill();
-        panic!("the interop script did not finish within 240 s");
-    };
-    let status = script.wait().expect("the script exits");
-    println!("{out}");
+    let (status, out) = script_output(script, "the interop script", Duration::from_secs(240));
     if !status.success() {
-        eprintln!(
-            "--- {} ---\n{}",
-            node.log.display(),
-            std::fs::read_to_string(&node.log).unwrap_or_default()
-        );
+        print_logs(&[&node.log]);
     }
     let summary = out.lines().last().unwrap_or_default();
     assert!(
@@ -306,7 +323,7 @@ fn run_signalrcore(python: &Path, dir: &Path, a: &str, b: &str, logs: &[&Path]) 
     let token = |user: &str| {
         backplane_server::user_token(SECRET.as_bytes(), user, Duration::from_secs(3600))
     };
-    let mut child = Command::new(python)
+    let child = Command::new(python)
         .arg("signalrcore_interop.py")
         .current_dir(dir)
         .env("NODE_A", format!("http://{a}"))
@@ -314,37 +331,16 @@ fn run_signalrcore(python: &Path, dir: &Path, a: &str, b: &str, logs: &[&Path]) 
         .env("TOKEN_ADA", token("py-ada"))
         .env("TOKEN_BOB", token("py-bob"))
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stderr(Stdio::inherit())
         .spawn()
         .expect("the signalrcore script starts");
-    let (tx, rx) = mpsc::channel();
-    let mut stdout = child.stdout.take().expect("piped stdout");
-    let mut stderr = child.stderr.take().expect("piped stderr");
-    std::thread::spawn(move || {
-        let mut out = String::new();
-        let mut err = String::new();
-        let _ = std::io::Read::read_to_string(&mut stdout, &mut out);
-        let _ = std::io::Read::read_to_string(&mut stderr, &mut err);
-        let _ = tx.send((out, err));
-    });
-    let Ok((out, err)) = rx.recv_timeout(Duration::from_secs(180)) else {
-        let _ = child.kill();
-        panic!("the signalrcore script did not finish within 180 s");
-    };
-    let status = child.wait().expect("the script exits");
-    println!("{out}");
+    let (status, out) = script_output(child, "the signalrcore script", Duration::from_secs(180));
     if !status.success() {
-        for log in logs {
-            eprintln!(
-                "--- {} ---\n{}",
-                log.display(),
-                std::fs::read_to_string(log).unwrap_or_default()
-            );
-        }
+        print_logs(logs);
     }
     assert!(
         status.success() && out.contains("signalrcore interop: all passed"),
-        "signalrcore against {a} and {b}:\n{out}\n{err}"
+        "signalrcore against {a} and {b}:\n{out}"
     );
 }
 
@@ -362,16 +358,7 @@ fn signalrcore_against_one_memory_node_and_two_postgres_nodes() {
     );
     run_signalrcore(&python, &dir, &memory.addr, &memory.addr, &[&memory.log]);
 
-    let cluster;
-    let base = match std::env::var("BACKPLANE_TEST_PG_URL") {
-        Ok(url) if !url.is_empty() => url,
-        _ => {
-            cluster = Cluster::start().expect("a throwaway PostgreSQL cluster");
-            cluster.url()
-        }
-    };
-    let separator = if base.contains('?') { '&' } else { '?' };
-    let backplane = format!("{base}{separator}schema=signalrcore_{pid}");
+    let (_cluster, backplane) = postgres_backplane(&format!("signalrcore_{pid}"));
     let a = ServerProcess::start(
         &backplane,
         &free_address(),
