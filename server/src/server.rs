@@ -372,25 +372,60 @@ fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<Body
     response
 }
 
-fn query(req: &Request<Incoming>) -> HashMap<String, String> {
-    req.uri()
-        .query()
-        .map(|q| {
-            form_urlencoded::parse(q.as_bytes())
-                .into_owned()
-                .collect::<HashMap<_, _>>()
-        })
-        .unwrap_or_default()
+/// A request's query string. Keys match in any case, as in ASP.NET Core, whose clients
+/// may write `negotiateVersion` or `NegotiateVersion`.
+struct Query(HashMap<String, String>);
+
+impl Query {
+    fn of(req: &Request<Incoming>) -> Self {
+        let pairs = req
+            .uri()
+            .query()
+            .map(|q| {
+                form_urlencoded::parse(q.as_bytes())
+                    .map(|(key, value)| (key.to_ascii_lowercase(), value.into_owned()))
+                    .collect::<HashMap<_, _>>()
+            })
+            .unwrap_or_default();
+        Self(pairs)
+    }
+
+    /// The value of `key`, in whatever case the request wrote it.
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(&key.to_ascii_lowercase()).map(String::as_str)
+    }
 }
 
-fn bearer(req: &Request<Incoming>, query: &HashMap<String, String>) -> Option<String> {
+fn bearer(req: &Request<Incoming>, query: &Query) -> Option<String> {
     req.headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+        .and_then(|v| {
+            let (scheme, token) = v.split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+        })
         .map(str::to_owned)
-        .or_else(|| query.get("access_token").cloned())
+        .or_else(|| query.get("access_token").map(str::to_owned))
 }
+
+/// The negotiate version a request asks for, read as ASP.NET Core reads it: absent is 0, a
+/// version above the server's gets the server's, anything else is refused with the message a
+/// SignalR client shows.
+fn negotiate_version(query: &Query) -> Result<u32, String> {
+    let Some(asked) = query.get("negotiateVersion") else {
+        return Ok(0);
+    };
+    match asked.trim().parse::<i32>() {
+        Err(_) => Err("The client requested a non-integer protocol version.".to_owned()),
+        Ok(version) if version < 0 => Err(format!(
+            "The client requested version '{version}', but the server does not support this version."
+        )),
+        Ok(version) => Ok(version.unsigned_abs().min(NEGOTIATE_VERSION)),
+    }
+}
+
+/// The newest negotiate protocol the server speaks.
+const NEGOTIATE_VERSION: u32 = 1;
 
 fn with_cors(
     shared: &Shared,
@@ -463,6 +498,13 @@ async fn route(req: Request<Incoming>, shared: Arc<Shared>) -> Response<Body> {
             .await
         }
         (&Method::POST, ["hubs", hub, "negotiate"]) => negotiate(&req, &shared, hub),
+        (_, ["hubs", _, "negotiate"]) => {
+            let mut response = text(StatusCode::METHOD_NOT_ALLOWED, "negotiate is a POST");
+            response
+                .headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static("POST"));
+            response
+        }
         (&Method::GET, ["hubs", hub]) => upgrade(req, &shared, hub).await,
         _ => text(StatusCode::NOT_FOUND, "not found"),
     };
@@ -492,40 +534,38 @@ fn negotiate(req: &Request<Incoming>, shared: &Shared, hub: &str) -> Response<Bo
             format!("the server is at its connection limit ({max})"),
         );
     }
-    let query = query(req);
-    let user = match shared.auth.authenticate(
-        bearer(req, &query).as_deref(),
-        query.get("user").map(String::as_str),
-    ) {
+    let query = Query::of(req);
+    let user = match shared
+        .auth
+        .authenticate(bearer(req, &query).as_deref(), query.get("user"))
+    {
         Ok(user) => user,
         Err(err) => {
             shared.metrics.refused("auth");
             return text(StatusCode::UNAUTHORIZED, err.0);
         }
     };
-    let version: u32 = query
-        .get("negotiateVersion")
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
+    // A version the server cannot use is answered with `200` and the error alone, which the
+    // clients show as the reason.
+    let version = match negotiate_version(&query) {
+        Ok(version) => version,
+        Err(error) => return json_response(StatusCode::OK, &json!({ "error": error })),
+    };
     let id = ConnectionId::random();
     let stateful = query
         .get("useStatefulReconnect")
-        .is_some_and(|v| v == "true");
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"));
     let token = shared
         .auth
         .connection_token(hub.name(), &id, user.as_ref(), stateful);
     let transports = json!([{ "transport": "WebSockets", "transferFormats": ["Text", "Binary"] }]);
-    let body = if version >= 1 {
-        let mut body = json!({
-            "negotiateVersion": 1,
+    let mut body = if version >= 1 {
+        json!({
+            "negotiateVersion": version,
             "connectionId": id.as_str(),
             "connectionToken": token,
             "availableTransports": transports,
-        });
-        if stateful {
-            body["useStatefulReconnect"] = json!(true);
-        }
-        body
+        })
     } else {
         // Version 0 clients send the connection id back as `id`. ASP.NET Core writes the
         // version in every successful response, and such clients refuse one without it.
@@ -535,6 +575,9 @@ fn negotiate(req: &Request<Incoming>, shared: &Shared, hub: &str) -> Response<Bo
             "availableTransports": transports,
         })
     };
+    if stateful {
+        body["useStatefulReconnect"] = json!(true);
+    }
     json_response(StatusCode::OK, &body)
 }
 
@@ -554,11 +597,11 @@ async fn upgrade(mut req: Request<Incoming>, shared: &Arc<Shared>, hub: &str) ->
             "the server is shutting down",
         );
     }
-    let query = query(&req);
-    let user = match shared.auth.authenticate(
-        bearer(&req, &query).as_deref(),
-        query.get("user").map(String::as_str),
-    ) {
+    let query = Query::of(&req);
+    let user = match shared
+        .auth
+        .authenticate(bearer(&req, &query).as_deref(), query.get("user"))
+    {
         Ok(user) => user,
         Err(err) => {
             shared.metrics.refused("auth");

@@ -1530,3 +1530,72 @@ async fn messagepack_and_json_clients_share_a_hub() {
     }
     running.shutdown(Duration::from_secs(5)).await;
 }
+
+/// Negotiate reads its query as ASP.NET Core does: keys in any case, `useStatefulReconnect`
+/// as a boolean in any case, a version above the server's answered with the server's, and a
+/// version it cannot use answered with `200` and an `error` property alone. Only `POST`
+/// negotiates.
+#[tokio::test]
+async fn negotiate_reads_its_query_and_reports_errors_as_asp_net_core_does() {
+    let running = server(vec![chat::hub()], limits()).await;
+    let addr = running.local_addr();
+    let negotiate = |query: &'static str| async move {
+        let (status, body) = http(
+            addr,
+            "POST",
+            &format!("/hubs/chat/negotiate?user=q&{query}"),
+            &[],
+        )
+        .await;
+        assert_eq!(status, 200, "{query}: {body}");
+        serde_json::from_str::<Value>(&body).expect("JSON")
+    };
+
+    let upper = negotiate("NegotiateVersion=1&UseStatefulReconnect=True").await;
+    assert_eq!(upper["negotiateVersion"], 1, "{upper}");
+    assert!(upper["connectionToken"].is_string(), "{upper}");
+    assert_eq!(upper["useStatefulReconnect"], true, "{upper}");
+
+    let newer = negotiate("negotiateVersion=7").await;
+    assert_eq!(newer["negotiateVersion"], 1, "{newer}");
+    assert!(newer.get("useStatefulReconnect").is_none(), "{newer}");
+
+    let old_stateful = negotiate("useStatefulReconnect=true").await;
+    assert_eq!(old_stateful["negotiateVersion"], 0, "{old_stateful}");
+    assert_eq!(old_stateful["useStatefulReconnect"], true, "{old_stateful}");
+
+    for (query, error) in [
+        (
+            "negotiateVersion=one",
+            "The client requested a non-integer protocol version.",
+        ),
+        (
+            "negotiateVersion=-1",
+            "The client requested version '-1', but the server does not support this version.",
+        ),
+    ] {
+        let answer = negotiate(query).await;
+        assert_eq!(answer, json!({ "error": error }), "{query}");
+    }
+
+    let (status, body) = http(addr, "GET", "/hubs/chat/negotiate?user=q", &[]).await;
+    assert_eq!(status, 405, "{body}");
+    running.shutdown(Duration::from_secs(5)).await;
+}
+
+/// ASP.NET Core's protocols accept every handshake version up to their own, negative ones
+/// included.
+#[tokio::test]
+async fn a_handshake_with_a_negative_version_is_accepted() {
+    let running = server(vec![chat::hub()], limits()).await;
+    let mut c = RawClient::open(running.local_addr(), "/hubs/chat?user=neg")
+        .await
+        .expect("the upgrade succeeds");
+    c.send(br#"{"protocol":"json","version":-1}"#).await;
+    assert_eq!(c.next_record().await.expect("an answer"), json!({}));
+    c.send(br#"{"type":1,"invocationId":"1","target":"GetOnlineUsers","arguments":[]}"#)
+        .await;
+    let completion = c.next_message().await.expect("a completion");
+    assert_eq!(completion["result"], json!(["neg"]), "{completion}");
+    running.shutdown(Duration::from_secs(5)).await;
+}

@@ -129,10 +129,14 @@ impl Handshake {
             .to_owned();
         let version = object
             .get("version")
-            .and_then(Value::as_u64)
+            .and_then(Value::as_i64)
             .ok_or_else(|| bad("the handshake has no 'version' number"))?;
-        let version =
-            u32::try_from(version).map_err(|_| bad("the handshake version is too large"))?;
+        // A 32-bit integer, as ASP.NET Core reads it; a negative version asks for less than
+        // version 0 and gets version 0.
+        let version = i32::try_from(version)
+            .map_err(|_| bad("the handshake version is out of range"))?
+            .max(0)
+            .unsigned_abs();
         Ok(Self { protocol, version })
     }
 
