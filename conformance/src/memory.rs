@@ -1,6 +1,7 @@
 //! The suite's factory for the in-memory driver.
 
 use async_trait::async_trait;
+use backplane_core::Driver as _;
 use backplane_core::{HubName, MemoryBackplane, Position, SharedBackplane};
 use bytes::Bytes;
 use std::sync::Arc;

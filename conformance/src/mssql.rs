@@ -2,6 +2,7 @@
 //! `BACKPLANE_TEST_MSSQL_URL`. No SQL Server can be started by the tests; without the variable
 //! the runner reports every case as skipped.
 
+use backplane_core::Driver as _;
 use std::sync::Arc;
 
 use async_trait::async_trait;

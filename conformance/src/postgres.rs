@@ -1,6 +1,7 @@
 //! The suite's factory for PostgreSQL: a fresh schema per case, on the database named by
 //! `BACKPLANE_TEST_PG_URL` or on a throwaway cluster this process starts.
 
+use backplane_core::Driver as _;
 use std::str::FromStr;
 use std::sync::Arc;
 

@@ -3,6 +3,7 @@
 
 mod backplane;
 pub mod batch;
+mod driver;
 mod error;
 #[cfg(feature = "memory")]
 mod memory;
@@ -22,6 +23,7 @@ pub use backplane::{
     LogEntry, NewDurableMessage, NodeInfo, Retention, SharedBackplane, StreamBounds, UserSession,
     Wake, WakeupHub, Wakeups, checked_read,
 };
+pub use driver::{Check, Driver, url_scheme};
 pub use error::{BoxError, Error, InvocationError, Result};
 #[cfg(feature = "memory")]
 pub use memory::MemoryBackplane;

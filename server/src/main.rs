@@ -7,10 +7,9 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
-use backplane_core::{NodeId, NodeOptions, SharedBackplane};
+use backplane_core::{NodeId, NodeOptions};
 use backplane_server::{Limits, Security, Server, chat};
 use clap::{Parser, Subcommand};
 use serde::Deserialize;
@@ -128,45 +127,10 @@ enum Tool {
 
 /// The drivers built into this binary, with their URL forms, for `--help`.
 fn backplane_help() -> String {
-    let drivers: [(&str, bool, &str); 3] = [
-        (
-            "memory",
-            cfg!(feature = "memory"),
-            "`memory://` (one node, no database)",
-        ),
-        (
-            "postgres",
-            cfg!(feature = "postgres"),
-            "`postgres://user:pass@host:5432/db?schema=backplane` (also `postgresql://`)",
-        ),
-        (
-            "mssql",
-            cfg!(feature = "mssql"),
-            "`mssql://user:pass@host:1433/db?schema=backplane` (also `sqlserver://`), or an ADO.NET connection string (`Server=host,1433;Database=db;User Id=…;Password=…`)",
-        ),
-    ];
-    let mut help = String::from("The backplane [default: memory://]. Built in:");
-    for (_, built, form) in drivers {
-        if built {
-            help.push_str(&format!(" {form};"));
-        }
-    }
-    let missing: Vec<&str> = drivers
-        .iter()
-        .filter(|(_, built, _)| !built)
-        .map(|(feature, _, _)| *feature)
-        .collect();
-    if missing.is_empty() {
-        help.pop();
-        help.push('.');
-    } else {
-        help.pop();
-        help.push_str(&format!(
-            ". Not built in (cargo features): {}.",
-            missing.join(", ")
-        ));
-    }
-    help
+    format!(
+        "The backplane [default: memory://]. {}",
+        backplane_drivers::help()
+    )
 }
 
 /// The same settings, from the TOML file.
@@ -351,67 +315,6 @@ fn advertise_url(url: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// The scheme of a backplane URL; an ADO.NET connection string (`Server=…;…`) is SQL Server's.
-/// Errors never echo the URL: it may hold a password.
-fn scheme(url: &str) -> Result<&str, String> {
-    if let Some((scheme, _)) = url.split_once("://") {
-        return Ok(scheme);
-    }
-    let lower = url.to_ascii_lowercase();
-    if ["server=", "data source=", "datasource=", "address="]
-        .iter()
-        .any(|key| lower.contains(key))
-    {
-        return Ok("mssql");
-    }
-    Err("malformed backplane URL: expected scheme://… (memory://, postgres://…, mssql://…) or an ADO.NET connection string".into())
-}
-
-/// Connects the driver the URL's scheme names.
-async fn backplane(url: &str) -> Result<SharedBackplane, String> {
-    match scheme(url)? {
-        "memory" => {
-            #[cfg(feature = "memory")]
-            {
-                Ok(Arc::new(backplane_core::MemoryBackplane::new()))
-            }
-            #[cfg(not(feature = "memory"))]
-            {
-                Err("the memory backplane is not compiled in: build with the cargo feature `memory`".into())
-            }
-        }
-        "postgres" | "postgresql" => {
-            #[cfg(feature = "postgres")]
-            {
-                backplane_postgres::PgBackplane::connect(url)
-                    .await
-                    .map(|b| Arc::new(b) as SharedBackplane)
-                    .map_err(|e| format!("cannot start the PostgreSQL backplane: {e}"))
-            }
-            #[cfg(not(feature = "postgres"))]
-            {
-                Err("the PostgreSQL backplane is not compiled in: build with the cargo feature `postgres`".into())
-            }
-        }
-        "mssql" | "sqlserver" => {
-            #[cfg(feature = "mssql")]
-            {
-                backplane_mssql::MssqlBackplane::connect(url)
-                    .await
-                    .map(|b| Arc::new(b) as SharedBackplane)
-                    .map_err(|e| format!("cannot start the SQL Server backplane: {e}"))
-            }
-            #[cfg(not(feature = "mssql"))]
-            {
-                Err("the SQL Server backplane is not compiled in: build with the cargo feature `mssql`".into())
-            }
-        }
-        other => Err(format!(
-            "unknown backplane scheme '{other}': expected memory://, postgres:// or mssql://"
-        )),
-    }
-}
-
 async fn run(config: Config) -> Result<(), String> {
     if config.security.allow_anonymous {
         tracing::warn!(
@@ -419,7 +322,9 @@ async fn run(config: Config) -> Result<(), String> {
         );
     }
     raise_fd_limit();
-    let backplane = backplane(&config.backplane).await?;
+    let backplane = backplane_drivers::connect(&config.backplane)
+        .await
+        .map_err(|e| e.to_string())?;
     let node = backplane_core::Node::start(backplane, config.node)
         .await
         .map_err(|e| format!("cannot start the node: {e}"))?;
@@ -482,45 +387,9 @@ fn raise_fd_limit() {
     }
 }
 
-/// The DDL of the backplane named by `url`.
+/// The DDL of the backplane named by `url`, for the hubs this server serves.
 fn ddl(url: &str) -> Result<String, String> {
-    match scheme(url)? {
-        #[cfg(feature = "postgres")]
-        "postgres" | "postgresql" => {
-            let options = url
-                .parse::<backplane_postgres::PgOptions>()
-                .map_err(|e| format!("invalid backplane URL: {e}"))?;
-            let mut sql = backplane_postgres::PgBackplane::ddl(&options);
-            if options.get_tables_per_hub() {
-                // Each hub has tables of its own: those of every hub this server serves.
-                let hub = chat::hub();
-                let tables = backplane_postgres::PgBackplane::hub_ddl(&options, hub.name())
-                    .map_err(|e| format!("no DDL for hub {}: {e}", hub.name()))?;
-                sql.push('\n');
-                sql.push_str(&tables);
-            }
-            Ok(sql)
-        }
-        #[cfg(feature = "mssql")]
-        "mssql" | "sqlserver" => {
-            let options = url
-                .parse::<backplane_mssql::MssqlOptions>()
-                .map_err(|e| format!("invalid backplane URL: {e}"))?;
-            let mut sql = backplane_mssql::MssqlBackplane::ddl(&options);
-            if options.get_tables_per_hub() {
-                let hub = chat::hub();
-                let tables = backplane_mssql::MssqlBackplane::hub_ddl(&options, hub.name())
-                    .map_err(|e| format!("no DDL for hub {}: {e}", hub.name()))?;
-                sql.push('\n');
-                sql.push_str(&tables);
-            }
-            Ok(sql)
-        }
-        "memory" => Err("the memory backplane has no schema".into()),
-        other => Err(format!(
-            "no DDL for the backplane scheme '{other}' in this build: expected postgres:// or mssql:// (with the cargo feature `mssql`)"
-        )),
-    }
+    backplane_drivers::ddl(url, &[chat::hub().name().clone()]).map_err(|e| e.to_string())
 }
 
 /// `backplane-server token`: a user token signed with the configured JWT secret.

@@ -14,6 +14,7 @@ use std::time::Instant;
 
 use anyhow::bail;
 use backplane_conformance::{CaseError, Factory, cases, run_case};
+use backplane_core::Check;
 use clap::Parser;
 
 /// Runs the backplane conformance suite against a database.
@@ -58,116 +59,42 @@ enum Command {
 }
 
 /// Prints doctor checks as `ok`/`FAIL` lines; `true` when all passed.
-fn report(checks: impl IntoIterator<Item = (&'static str, Result<String, String>)>) -> bool {
-    let mut healthy = true;
-    for (name, outcome) in checks {
-        match outcome {
-            Ok(found) => println!("ok    {name:<16} {found}"),
-            Err(problem) => {
-                healthy = false;
-                println!("FAIL  {name:<16} {problem}");
-            }
+fn report(checks: &[Check]) -> bool {
+    for check in checks {
+        match &check.outcome {
+            Ok(found) => println!("ok    {:<16} {found}", check.name),
+            Err(problem) => println!("FAIL  {:<16} {problem}", check.name),
         }
     }
-    healthy
+    checks.iter().all(|c| c.outcome.is_ok())
 }
 
-#[cfg(feature = "postgres")]
-async fn doctor_postgres(url: &str) -> anyhow::Result<bool> {
-    let options: backplane_postgres::PgOptions = url.parse()?;
-    let checks = backplane_postgres::doctor(&options).await;
-    Ok(report(checks.into_iter().map(|c| (c.name, c.outcome))))
-}
-
-#[cfg(not(feature = "postgres"))]
-async fn doctor_postgres(_url: &str) -> anyhow::Result<bool> {
-    bail!("the postgres driver is not compiled in: enable the cargo feature `postgres`")
-}
-
-#[cfg(feature = "mssql")]
-async fn doctor_mssql(url: &str) -> anyhow::Result<bool> {
-    let options: backplane_mssql::MssqlOptions = url.parse()?;
-    let checks = backplane_mssql::doctor(&options).await;
-    Ok(report(checks.into_iter().map(|c| (c.name, c.outcome))))
-}
-
-#[cfg(not(feature = "mssql"))]
-async fn doctor_mssql(_url: &str) -> anyhow::Result<bool> {
-    bail!("the mssql driver is not compiled in: enable the cargo feature `mssql`")
-}
-
-/// The driver a URL or connection string selects.
-fn scheme(url: &str) -> anyhow::Result<&str> {
-    if let Some((scheme, _)) = url.split_once("://") {
-        return Ok(scheme);
-    }
-    if is_ado(url) {
-        return Ok("mssql");
-    }
-    bail!("the backplane URL has no scheme: expected scheme://... or an ADO.NET connection string")
-}
-
-#[cfg(feature = "mssql")]
-fn is_ado(url: &str) -> bool {
-    backplane_mssql::MssqlOptions::is_connection_string(url)
-}
-
-#[cfg(not(feature = "mssql"))]
-fn is_ado(url: &str) -> bool {
-    let lower = url.to_ascii_lowercase();
-    lower.contains("server=") || lower.contains("data source=")
-}
-
-async fn doctor(url: &str) -> anyhow::Result<bool> {
-    match scheme(url)? {
-        "postgres" | "postgresql" => doctor_postgres(url).await,
-        "mssql" | "sqlserver" => doctor_mssql(url).await,
-        other => bail!("doctor does not know the scheme {other:?}"),
-    }
-}
-
+/// The suite's factory for the driver `url` selects.
 #[cfg_attr(not(feature = "postgres"), allow(unused_variables))]
 fn factory(url: &str, args: &Args) -> anyhow::Result<Arc<dyn Factory>> {
-    match scheme(url)? {
+    let driver = backplane_drivers::driver_for(url)?;
+    match driver.name() {
         #[cfg(feature = "memory")]
         "memory" => Ok(Arc::new(backplane_conformance::MemoryFactory)),
-        #[cfg(not(feature = "memory"))]
-        "memory" => {
-            bail!("the memory driver is not compiled in: enable the cargo feature `memory`")
-        }
         #[cfg(feature = "postgres")]
-        "postgres" | "postgresql" => {
+        "postgres" => {
             let factory = backplane_conformance::PgFactory::with_url(url);
             Ok(Arc::new(match (&args.stop_cmd, &args.start_cmd) {
                 (Some(stop), Some(start)) => factory.restart_commands(stop, start),
                 _ => factory,
             }))
         }
-        #[cfg(not(feature = "postgres"))]
-        "postgres" | "postgresql" => {
-            bail!("the postgres driver is not compiled in: enable the cargo feature `postgres`")
-        }
         #[cfg(feature = "mssql")]
-        "mssql" | "sqlserver" => Ok(Arc::new(backplane_conformance::MssqlFactory::with_url(url))),
-        #[cfg(not(feature = "mssql"))]
-        "mssql" | "sqlserver" => {
-            bail!("the mssql driver is not compiled in: enable the cargo feature `mssql`")
+        "mssql" => Ok(Arc::new(backplane_conformance::MssqlFactory::with_url(url))),
+        other => {
+            bail!("the {other} driver is not built in: build with the cargo feature `{other}`")
         }
-        other => bail!(
-            "unknown backplane URL scheme {other:?}; expected memory://, postgres:// or mssql://"
-        ),
     }
 }
 
 async fn run(args: Args) -> anyhow::Result<bool> {
     if let Some(Command::Doctor) = args.command {
-        if args.url.starts_with("memory:") {
-            println!(
-                "ok    memory://        nothing to check: the memory backplane lives in the process"
-            );
-            return Ok(true);
-        }
-        return doctor(&args.url).await;
+        return Ok(report(&backplane_drivers::doctor(&args.url).await?));
     }
     let selected: Vec<_> = cases()
         .iter()
@@ -186,7 +113,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         return Ok(true);
     }
     if (args.stop_cmd.is_some() || args.start_cmd.is_some())
-        && !matches!(scheme(&args.url)?, "postgres" | "postgresql")
+        && backplane_drivers::driver_for(&args.url)?.name() != "postgres"
     {
         bail!(
             "--stop-cmd and --start-cmd restart a PostgreSQL server: the other drivers' restart cases are skipped"

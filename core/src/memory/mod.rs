@@ -15,6 +15,7 @@ use crate::backplane::{
     NewDurableMessage, NodeInfo, Retention, StreamBounds, UserSession, WakeupHub, Wakeups,
     checked_read,
 };
+use crate::driver::{Check, Driver};
 use crate::error::{Error, Result};
 use crate::message::MessageId;
 use crate::name::{ConnectionId, GroupName, HubName, NodeId, UserId};
@@ -96,12 +97,36 @@ impl Default for MemoryBackplane {
     }
 }
 
-impl MemoryBackplane {
-    /// The driver's name.
-    pub const NAME: &'static str = "memory";
-    /// URL schemes that select this driver.
-    pub const URL_SCHEMES: &'static [&'static str] = &["memory"];
+#[async_trait]
+impl Driver for MemoryBackplane {
+    const NAME: &'static str = "memory";
+    const URL_SCHEMES: &'static [&'static str] = &["memory"];
+    const URL_FORMS: &'static str = "`memory://` (one node, no database)";
 
+    async fn connect_url(url: &str) -> Result<Self> {
+        if Self::accepts(url) {
+            Ok(Self::new())
+        } else {
+            Err(Error::permanent(Self::NAME, "not a memory:// URL"))
+        }
+    }
+
+    fn ddl_url(_url: &str, _hubs: &[HubName]) -> Result<String> {
+        Err(Error::permanent(
+            Self::NAME,
+            "the memory backplane has no schema",
+        ))
+    }
+
+    async fn doctor_url(_url: &str) -> Result<Vec<Check>> {
+        Ok(vec![Check::new(
+            "memory://",
+            Ok("nothing to check: the memory backplane lives in the process".into()),
+        )])
+    }
+}
+
+impl MemoryBackplane {
     /// An empty backplane with [`DEFAULT_STREAMS`] streams per hub.
     pub fn new() -> Self {
         Self {

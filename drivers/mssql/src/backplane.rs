@@ -1,5 +1,6 @@
 //! [`MssqlBackplane`]: the [`Backplane`] contract on SQL Server.
 
+use backplane_core::Driver as _;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -242,11 +243,6 @@ fn count(rows: &[Row], context: &'static str) -> Result<u64> {
 }
 
 impl MssqlBackplane {
-    /// The driver's name.
-    pub const NAME: &'static str = "mssql";
-    /// URL schemes that select this driver (an ADO.NET connection string does too).
-    pub const URL_SCHEMES: &'static [&'static str] = &["mssql", "sqlserver"];
-
     /// Connects with options parsed from an ADO.NET connection string or an `mssql://` URL
     /// (see [`MssqlOptions`]'s `FromStr`).
     ///

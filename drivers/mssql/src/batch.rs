@@ -1,6 +1,7 @@
 //! Coalescing of concurrent appends: one multi-row insert per batch, on the core's batching
 //! loop.
 
+use backplane_core::Driver as _;
 use std::sync::{Arc, Weak};
 
 use backplane_core::HubName;

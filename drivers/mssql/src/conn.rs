@@ -1,6 +1,7 @@
 //! Connections: opening one (with redirects and the session settings), the pool, and reading
 //! rows.
 
+use backplane_core::Driver as _;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use backplane_core::{Error, Result};

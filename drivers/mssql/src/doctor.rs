@@ -3,24 +3,11 @@
 use tiberius::Query;
 
 use crate::conn::{Conn, Connector, need};
+use backplane_core::Check;
+
 use crate::options::{Encrypt, MssqlOptions};
 use crate::schema::{self, Names};
 use crate::sql;
-
-/// The outcome of one doctor check.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Check {
-    /// What was checked.
-    pub name: &'static str,
-    /// What was found, or what is wrong and how to fix it.
-    pub outcome: Result<String, String>,
-}
-
-impl Check {
-    fn new(name: &'static str, outcome: Result<String, String>) -> Self {
-        Self { name, outcome }
-    }
-}
 
 /// SQL Server 2016 is version 13.
 const MIN_MAJOR: u32 = 13;

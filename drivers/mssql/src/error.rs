@@ -1,6 +1,7 @@
 //! Errors of the SQL Server driver, their retry classification, and their mapping to
 //! [`backplane_core::Error`].
 
+use backplane_core::Driver as _;
 use std::fmt;
 
 use backplane_core::Error;

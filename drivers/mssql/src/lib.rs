@@ -5,6 +5,7 @@ mod backplane;
 mod batch;
 mod conn;
 mod doctor;
+mod driver;
 mod error;
 mod options;
 mod poller;
@@ -14,7 +15,7 @@ pub mod statements;
 mod tables;
 
 pub use backplane::{MssqlBackplane, MssqlHeldAppend};
-pub use doctor::{Check, doctor};
+pub use doctor::doctor;
 pub use error::{MssqlError, MssqlTableSetError, TRANSIENT_ERRORS, is_transient_number};
 pub use options::{Encrypt, MssqlOptions};
 
@@ -64,7 +65,7 @@ pub mod testing {
             .unwrap_or(0);
         if n < 0 {
             return Err(Error::permanent(
-                crate::MssqlBackplane::NAME,
+                <crate::MssqlBackplane as backplane_core::Driver>::NAME,
                 "the login lacks VIEW SERVER STATE or ALTER ANY CONNECTION, which killing sessions needs",
             ));
         }

@@ -1,11 +1,12 @@
 //! Connection strings (ADO.NET and `mssql://` URLs) and the driver's settings.
 
+use backplane_core::Driver as _;
 use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
 
 use backplane_core::schema::TableSlug;
-use backplane_core::{DEFAULT_STREAMS, Error};
+use backplane_core::{DEFAULT_STREAMS, Error, url_scheme};
 
 use crate::MssqlBackplane;
 
@@ -300,7 +301,7 @@ impl MssqlOptions {
 
     /// Whether `s` looks like an ADO.NET connection string (`Server=…;…`) rather than a URL.
     pub fn is_connection_string(s: &str) -> bool {
-        !s.contains("://")
+        url_scheme(s).is_none()
             && ado_pairs(s).is_ok_and(|pairs| {
                 pairs.iter().any(|(k, _)| {
                     matches!(
@@ -823,7 +824,7 @@ impl FromStr for MssqlOptions {
     /// `Integrated Security`), Azure AD `Authentication` modes, named pipes, a named instance
     /// without its port, `Encrypt=strict`, and unknown keys. Errors never echo the password.
     fn from_str(s: &str) -> Result<Self, Error> {
-        if s.contains("://") {
+        if url_scheme(s).is_some() {
             Self::parse_url(s)
         } else {
             Self::parse_ado(s)
@@ -1026,6 +1027,10 @@ mod tests {
         assert!(!MssqlOptions::is_connection_string("mssql://u:p@db/x"));
         assert!(!MssqlOptions::is_connection_string("memory://"));
         assert!(!MssqlOptions::is_connection_string("host=db user=u"));
+        // A password may hold `://` and still be a connection string's.
+        let odd = "Server=db;User Id=u;Password=a://b";
+        assert!(MssqlOptions::is_connection_string(odd));
+        assert!(odd.parse::<MssqlOptions>().is_ok());
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! [`PgBackplane`]: the [`Backplane`] contract on PostgreSQL.
 
+use backplane_core::Driver as _;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
@@ -261,11 +262,6 @@ async fn delete_below(
 }
 
 impl PgBackplane {
-    /// The driver's name.
-    pub const NAME: &'static str = "postgres";
-    /// URL schemes that select this driver.
-    pub const URL_SCHEMES: &'static [&'static str] = &["postgres", "postgresql"];
-
     /// Connects with options parsed from a URL (see [`PgOptions`]'s `FromStr`).
     ///
     /// # Errors

@@ -5,24 +5,11 @@ use std::time::Duration;
 use tokio_postgres::AsyncMessage;
 
 use crate::error::describe;
+use backplane_core::Check;
+
 use crate::options::PgOptions;
 use crate::schema::{self, Names, quote};
 use crate::tls::SslMode;
-
-/// The outcome of one doctor check.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Check {
-    /// What was checked.
-    pub name: &'static str,
-    /// What was found, or what is wrong and how to fix it.
-    pub outcome: Result<String, String>,
-}
-
-impl Check {
-    fn new(name: &'static str, outcome: Result<String, String>) -> Self {
-        Self { name, outcome }
-    }
-}
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 

@@ -1,5 +1,6 @@
 //! Errors of the PostgreSQL driver and their mapping to [`backplane_core::Error`].
 
+use backplane_core::Driver as _;
 use std::fmt;
 
 use backplane_core::Error;

@@ -4,6 +4,7 @@
 mod backplane;
 mod batch;
 mod doctor;
+mod driver;
 mod error;
 mod listener;
 mod options;
@@ -13,7 +14,7 @@ mod tables;
 mod tls;
 
 pub use backplane::{PgBackplane, PgHeldAppend};
-pub use doctor::{Check, doctor};
+pub use doctor::doctor;
 pub use error::{PgError, PgTableSetError};
 pub use options::PgOptions;
 pub use tls::{RootCerts, SslMode};

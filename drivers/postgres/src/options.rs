@@ -1,5 +1,6 @@
 //! Connection and schema settings.
 
+use backplane_core::Driver as _;
 use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;

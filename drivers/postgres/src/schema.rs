@@ -10,6 +10,7 @@
 //!   per hub (scope `hub/{slug}`, named `{prefix}{slug}_streams` and so on), created on the
 //!   hub's first use.
 
+use backplane_core::Driver as _;
 use backplane_core::schema::{Versions, default_table_slug, render, stable_hash};
 use backplane_core::{Error, Result};
 use tokio_postgres::error::SqlState;

@@ -1,5 +1,6 @@
 //! TLS with rustls, with libpq's `sslmode` semantics.
 
+use backplane_core::Driver as _;
 use std::fmt;
 use std::path::PathBuf;
 use std::sync::Arc;
