@@ -191,10 +191,16 @@ pub fn cases() -> &'static [Case] {
 
 /// Generates one `#[tokio::test]` per conformance case for a driver.
 ///
-/// The argument is an expression that makes an `Arc<dyn Factory>`; it is evaluated once per
-/// test. Every case runs: a case that skips at run time (a fault the driver cannot inject)
-/// fails its test, so a skip never reads as a pass. The command-line runner reports such cases
-/// as skipped instead.
+/// The first argument is an expression that makes an `Arc<dyn Factory>`; it is evaluated once
+/// per test. A driver that cannot inject a fault some cases need lists them after `skip:`, each
+/// with its reason: those tests are generated `#[ignore]`d with the reason, so `cargo test`
+/// reports them as ignored, never as passed, and a generated `skip_list_names_cases` test fails
+/// when the list names a case the suite does not have. Every other case runs: one that skips at
+/// run time fails its test. The command-line runner reports such cases as skipped instead.
+///
+/// A suite that needs a server the tests cannot start names a `cfg` after `needs:`, set by the
+/// test crate's build script when the server is given: without it, every case is generated
+/// ignored with the reason given.
 ///
 /// # Examples
 ///
@@ -202,12 +208,29 @@ pub fn cases() -> &'static [Case] {
 /// mod conformance {
 ///     backplane_conformance::suite!(std::sync::Arc::new(backplane_conformance::MemoryFactory));
 /// }
+///
+/// mod without_restarts {
+///     backplane_conformance::suite!(
+///         std::sync::Arc::new(backplane_conformance::MemoryFactory),
+///         skip: [
+///             database_restart_no_loss = "this driver cannot stop its database",
+///             failing_backplane_reports_errors = "this driver cannot stop its database",
+///         ],
+///     );
+/// }
 /// # fn main() {}
 /// ```
 #[macro_export]
 macro_rules! suite {
     ($factory:expr $(,)?) => {
         $crate::for_each_case!($crate::__suite_tests, ($factory));
+    };
+    (
+        $factory:expr,
+        skip: [$($skip:ident = $reason:literal),* $(,)?]
+        $(, needs: $needs:ident = $why:literal)? $(,)?
+    ) => {
+        $crate::__suite_with_skips!(($factory) [$($skip = $reason),*] [$($needs = $why)?] $);
     };
 }
 
@@ -221,5 +244,50 @@ macro_rules! __suite_tests {
                 $crate::run_test(stringify!($case), $factory).await;
             }
         )*
+    };
+}
+
+/// `suite!` with a skip list (and what the suite needs). `$d` is a `$` token, for the two macros it defines: one that
+/// makes a case's test, ignored when the case is on the list, and one that calls it for every
+/// case of the suite.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __suite_with_skips {
+    (($factory:expr) [$($skip:ident = $reason:literal),*] [$($needs:ident = $why:literal)?] $d:tt) => {
+        macro_rules! __conformance_case {
+            $(
+                ($skip) => {
+                    #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                    #[ignore = $reason]
+                    async fn $skip() {
+                        $crate::run_test(stringify!($skip), $factory).await;
+                    }
+                };
+            )*
+            ($d case:ident) => {
+                #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                $(#[cfg_attr(not($needs), ignore = $why)])?
+                async fn $d case() {
+                    $crate::run_test(stringify!($d case), $factory).await;
+                }
+            };
+        }
+        macro_rules! __conformance_cases {
+            (; $d($d module:ident :: $d case:ident $d([$d spec:tt])?),* $d(,)?) => {
+                $d(__conformance_case!($d case);)*
+            };
+        }
+        $crate::for_each_case!(__conformance_cases,);
+
+        #[test]
+        fn skip_list_names_cases() {
+            $(
+                assert!(
+                    $crate::cases().iter().any(|c| c.name == stringify!($skip)),
+                    "the skip list names {}, which is no conformance case",
+                    stringify!($skip),
+                );
+            )*
+        }
     };
 }

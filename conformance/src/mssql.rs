@@ -42,6 +42,12 @@ impl MssqlFactory {
         }
     }
 
+    /// Uses the database `BACKPLANE_TEST_MSSQL_URL` names; without one, every namespace fails
+    /// with that reason.
+    pub fn from_env() -> Self {
+        Self::with_url(mssql_test_url().unwrap_or_default())
+    }
+
     /// Gives every hub a table set of its own in every namespace.
     pub fn tables_per_hub(mut self) -> Self {
         self.tables_per_hub = true;
@@ -56,6 +62,11 @@ impl Factory for MssqlFactory {
     }
 
     async fn namespace(&self, spec: &Spec) -> Result<Box<dyn Namespace>, String> {
+        if self.url.trim().is_empty() {
+            return Err(format!(
+                "no SQL Server to test against: set {MSSQL_URL_VAR}"
+            ));
+        }
         let base: MssqlOptions = self.url.parse().map_err(|e| format!("{e}"))?;
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
