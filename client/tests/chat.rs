@@ -9,10 +9,10 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
-use backplane_conformance::test_database_url;
 use backplane_core::{Node, NodeOptions};
 use backplane_postgres::PgBackplane;
 use backplane_server::{Running, Security, Server, chat};
+use backplane_test_support::test_database_url;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, Command};
 use tokio::sync::mpsc;

@@ -6,9 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use backplane_client::{Error, HubConnectionBuilder};
-use backplane_conformance::TestPki;
 use backplane_core::{MemoryBackplane, Node, NodeOptions};
 use backplane_server::{Hub, Running, Security, Server};
+use backplane_test_support::TestPki;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde_json::{Value, json};

@@ -21,9 +21,9 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use backplane_conformance::Cluster;
 use backplane_core::{Connection, ConnectionId, HubName, Message, Node, NodeOptions};
 use backplane_postgres::{PgBackplane, PgOptions};
+use backplane_test_support::Cluster;
 use bytes::Bytes;
 use tokio_postgres::{AsyncMessage, NoTls};
 

@@ -9,9 +9,6 @@ mod memory;
 #[cfg(feature = "mssql")]
 mod mssql;
 #[cfg(feature = "postgres")]
-mod pg_cluster;
-mod pki;
-#[cfg(feature = "postgres")]
 mod postgres;
 
 pub use faulty::{Faulty, Op};
@@ -25,10 +22,7 @@ pub use memory::MemoryFactory;
 #[cfg(feature = "mssql")]
 pub use mssql::{MSSQL_URL_VAR, MssqlFactory, mssql_test_url};
 #[cfg(feature = "postgres")]
-pub use pg_cluster::Cluster;
-pub use pki::TestPki;
-#[cfg(feature = "postgres")]
-pub use postgres::{PG_URL_VAR, PgFactory, test_database_url};
+pub use postgres::PgFactory;
 
 /// Calls `$callback! { $args; module::case [spec], ... }` (spec: a stream count or `restarts`) with every case of the suite.
 ///

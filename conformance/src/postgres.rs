@@ -9,36 +9,10 @@ use async_trait::async_trait;
 use backplane_core::{HubName, Position, SharedBackplane};
 use backplane_postgres::{PgBackplane, PgHeldAppend, PgOptions};
 use bytes::Bytes;
-use tokio::sync::OnceCell;
 use tokio_postgres::NoTls;
 
 use crate::harness::{CaseError, Factory, HeldAppend, Namespace, Spec, WAIT};
-use crate::pg_cluster::Cluster;
-
-/// The environment variable that points the suite at an existing database.
-pub const PG_URL_VAR: &str = "BACKPLANE_TEST_PG_URL";
-
-/// The cluster shared by every case of this process that does not restart its database.
-static SHARED: OnceCell<Result<Cluster, String>> = OnceCell::const_new();
-
-async fn start_cluster() -> Result<Cluster, String> {
-    tokio::task::spawn_blocking(Cluster::start)
-        .await
-        .map_err(|e| format!("starting PostgreSQL panicked: {e}"))?
-}
-
-/// A database URL for a test outside the suite, with its own `schema`: on the database named
-/// by `BACKPLANE_TEST_PG_URL`, or on the throwaway cluster this process shares (started on
-/// first use).
-///
-/// # Errors
-///
-/// No URL is set and no cluster could be started.
-pub async fn test_database_url(schema: &str) -> Result<String, String> {
-    let base = PgFactory::from_env().shared_url().await?;
-    let separator = if base.contains('?') { '&' } else { '?' };
-    Ok(format!("{base}{separator}schema={schema}"))
-}
+use backplane_test_support::{Cluster, PG_URL_VAR, postgres_url, start_cluster};
 
 /// Runs the suite against [`PgBackplane`]. Every namespace is a new schema; cases that stop and
 /// start the database get a throwaway cluster of their own.
@@ -133,19 +107,9 @@ impl PgFactory {
     }
 
     async fn shared_url(&self) -> Result<String, String> {
-        if let Some(url) = &self.url {
-            return Ok(url.clone());
-        }
-        let cluster = SHARED
-            .get_or_init(|| async {
-                let cluster = start_cluster().await?;
-                cluster.remove_at_exit();
-                Ok(cluster)
-            })
-            .await;
-        match cluster {
-            Ok(cluster) => Ok(cluster.url()),
-            Err(err) => Err(format!("no PostgreSQL for the tests: {err}")),
+        match &self.url {
+            Some(url) => Ok(url.clone()),
+            None => postgres_url().await,
         }
     }
 }

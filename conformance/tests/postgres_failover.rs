@@ -8,9 +8,10 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use backplane_conformance::{Cluster, WAIT, connect, sentinel, test_options, wait_event};
+use backplane_conformance::{WAIT, connect, sentinel, test_options, wait_event};
 use backplane_core::{Error, HubName, Message, Node, NodeEvent, SharedBackplane};
 use backplane_postgres::{PgBackplane, PgOptions};
+use backplane_test_support::Cluster;
 use tokio_postgres::NoTls;
 
 /// The test finishes well within this, or fails.

@@ -5,9 +5,9 @@
 use std::str::FromStr;
 use std::time::Duration;
 
-use backplane_conformance::test_database_url;
 use backplane_core::{Backplane, Error, HubName, Retention};
 use backplane_postgres::{PgBackplane, PgOptions};
+use backplane_test_support::test_database_url;
 use bytes::Bytes;
 use tokio_postgres::NoTls;
 

@@ -9,12 +9,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use backplane_conformance::{Cluster, PG_URL_VAR};
 use backplane_core::{
     Backplane, ConnectionId, ConnectionInfo, Error, GroupName, HubName, NewDurableMessage, NodeId,
     Retention, UserId,
 };
 use backplane_postgres::{PgBackplane, PgOptions, PgTableSetError};
+use backplane_test_support::{Cluster, PG_URL_VAR};
 use bytes::Bytes;
 use tokio::sync::{Barrier, OnceCell};
 use tokio_postgres::NoTls;

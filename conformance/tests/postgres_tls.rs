@@ -1,8 +1,8 @@
 //! TLS against a real PostgreSQL with its own certificate authority: every `sslmode`, trusted
 //! and untrusted roots, matching and mismatching host names.
 
-use backplane_conformance::{Cluster, TestPki};
 use backplane_postgres::{PgBackplane, PgOptions, doctor};
+use backplane_test_support::{Cluster, TestPki};
 
 fn pki() -> TestPki {
     TestPki::generate("postgres-tls").expect("test certificates")

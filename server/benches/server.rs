@@ -699,14 +699,14 @@ fn ratio(ours: f64, theirs: f64) -> String {
     }
 }
 
-async fn database_url() -> (Option<backplane_conformance::Cluster>, String) {
-    match std::env::var(backplane_conformance::PG_URL_VAR)
+async fn database_url() -> (Option<backplane_test_support::Cluster>, String) {
+    match std::env::var(backplane_test_support::PG_URL_VAR)
         .ok()
         .filter(|u| !u.is_empty())
     {
         Some(url) => (None, url),
         None => {
-            let cluster = tokio::task::spawn_blocking(backplane_conformance::Cluster::start)
+            let cluster = tokio::task::spawn_blocking(backplane_test_support::Cluster::start)
                 .await
                 .expect("no panic")
                 .expect("PostgreSQL for the cross-node runs");

@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use backplane_conformance::test_database_url;
+use backplane_test_support::test_database_url;
 use common::RawClient;
 use serde_json::{Value, json};
 

@@ -19,7 +19,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use backplane_conformance::Cluster;
+use backplane_test_support::Cluster;
 
 const SECRET: &str = "interop-secret-interop-secret-32";
 

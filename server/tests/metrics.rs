@@ -6,10 +6,10 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use backplane_conformance::test_database_url;
 use backplane_core::{Node, NodeOptions};
 use backplane_postgres::PgBackplane;
 use backplane_server::{Running, Security, Server, chat};
+use backplane_test_support::test_database_url;
 use common::{RawClient, http};
 
 async fn node(url: &str) -> Running {
