@@ -6,10 +6,6 @@ mod faulty;
 mod harness;
 #[cfg(feature = "memory")]
 mod memory;
-#[cfg(feature = "mssql")]
-mod mssql;
-#[cfg(feature = "postgres")]
-mod postgres;
 
 pub use faulty::{Faulty, Op};
 pub use harness::{
@@ -19,10 +15,6 @@ pub use harness::{
 };
 #[cfg(feature = "memory")]
 pub use memory::MemoryFactory;
-#[cfg(feature = "mssql")]
-pub use mssql::{MSSQL_URL_VAR, MssqlFactory, mssql_test_url};
-#[cfg(feature = "postgres")]
-pub use postgres::PgFactory;
 
 /// Calls `$callback! { $args; module::case [spec], ... }` (spec: a stream count or `restarts`) with every case of the suite.
 ///

@@ -41,14 +41,22 @@ pub trait Driver: Backplane + Sized {
     /// What its URLs look like, for help texts.
     const URL_FORMS: &'static str;
 
-    /// Whether `url` is one of this driver's: by default, whether its scheme is one of
-    /// [`URL_SCHEMES`](Self::URL_SCHEMES), in any case.
+    /// Whether `url` is one of this driver's: its scheme is one of
+    /// [`URL_SCHEMES`](Self::URL_SCHEMES), in any case, or it is a
+    /// [connection string](Self::is_connection_string) of the driver's.
     fn accepts(url: &str) -> bool {
-        url_scheme(url).is_some_and(|scheme| {
-            Self::URL_SCHEMES
+        match url_scheme(url) {
+            Some(scheme) => Self::URL_SCHEMES
                 .iter()
-                .any(|known| known.eq_ignore_ascii_case(scheme))
-        })
+                .any(|known| known.eq_ignore_ascii_case(scheme)),
+            None => Self::is_connection_string(url),
+        }
+    }
+
+    /// Whether `url`, which has no scheme, is a connection string this driver takes (as SQL
+    /// Server's ADO.NET `Server=…;…`). None by default.
+    fn is_connection_string(_url: &str) -> bool {
+        false
     }
 
     /// Opens the backplane `url` names.
@@ -73,6 +81,28 @@ pub trait Driver: Backplane + Sized {
     ///
     /// An invalid URL.
     async fn doctor_url(url: &str) -> Result<Vec<Check>>;
+}
+
+/// The DDL of a driver whose hubs may have tables of their own: `shared`, then, when `per_hub`,
+/// each of `hubs`' from `hub_ddl`.
+///
+/// # Errors
+///
+/// The first error of `hub_ddl`.
+pub fn ddl_for_hubs(
+    shared: String,
+    per_hub: bool,
+    hubs: &[HubName],
+    hub_ddl: impl Fn(&HubName) -> Result<String>,
+) -> Result<String> {
+    let mut sql = shared;
+    if per_hub {
+        for hub in hubs {
+            sql.push('\n');
+            sql.push_str(&hub_ddl(hub)?);
+        }
+    }
+    Ok(sql)
 }
 
 /// The scheme of `url` (`postgres` in `postgres://…`), or `None` when it has none.

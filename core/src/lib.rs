@@ -23,7 +23,7 @@ pub use backplane::{
     LogEntry, NewDurableMessage, NodeInfo, Retention, SharedBackplane, StreamBounds, UserSession,
     Wake, WakeupHub, Wakeups, checked_read,
 };
-pub use driver::{Check, Driver, url_scheme};
+pub use driver::{Check, Driver, ddl_for_hubs, url_scheme};
 pub use error::{BoxError, Error, InvocationError, Result};
 #[cfg(feature = "memory")]
 pub use memory::MemoryBackplane;

@@ -60,6 +60,8 @@ pub(crate) struct Inner {
     pub(crate) names: Names,
     pub(crate) node_sql: NodeSql,
     pub(crate) layout: Layout,
+    /// How held appends (feature `testing`) open a connection of their own.
+    #[cfg_attr(not(feature = "testing"), allow(dead_code))]
     connector: Connector,
     poll: Arc<PollState>,
     shutdown: watch::Sender<bool>,
@@ -1136,6 +1138,7 @@ impl Backplane for MssqlBackplane {
     }
 }
 
+#[cfg(feature = "testing")]
 /// An append written in a transaction that is still open; see
 /// [`MssqlBackplane::hold_append`].
 pub struct MssqlHeldAppend {
@@ -1143,6 +1146,7 @@ pub struct MssqlHeldAppend {
     position: Position,
 }
 
+#[cfg(feature = "testing")]
 impl std::fmt::Debug for MssqlHeldAppend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MssqlHeldAppend")
@@ -1151,6 +1155,7 @@ impl std::fmt::Debug for MssqlHeldAppend {
     }
 }
 
+#[cfg(feature = "testing")]
 impl MssqlHeldAppend {
     /// The position the held records got.
     pub fn position(&self) -> Position {
@@ -1170,6 +1175,7 @@ impl MssqlHeldAppend {
     }
 }
 
+#[cfg(feature = "testing")]
 impl MssqlBackplane {
     /// Appends `records` in a transaction on a connection of its own and leaves it open until
     /// [`MssqlHeldAppend::commit`]: a slow transaction on demand, for fault tests and drills.

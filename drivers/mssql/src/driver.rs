@@ -1,7 +1,7 @@
 //! The driver as `backplane-drivers` opens it: from a URL alone.
 
 use async_trait::async_trait;
-use backplane_core::{Check, Driver, HubName, Result, url_scheme};
+use backplane_core::{Check, Driver, HubName, Result, ddl_for_hubs};
 
 use crate::{MssqlBackplane, MssqlOptions};
 
@@ -11,14 +11,9 @@ impl Driver for MssqlBackplane {
     const URL_SCHEMES: &'static [&'static str] = &["mssql", "sqlserver"];
     const URL_FORMS: &'static str = "`mssql://user:pass@host:1433/db?schema=backplane` (also `sqlserver://`), or an ADO.NET connection string (`Server=host,1433;Database=db;User Id=…;Password=…`)";
 
-    /// Its schemes, or an ADO.NET connection string (`Server=…;…`).
-    fn accepts(url: &str) -> bool {
+    /// An ADO.NET connection string (`Server=…;…`).
+    fn is_connection_string(url: &str) -> bool {
         MssqlOptions::is_connection_string(url)
-            || url_scheme(url).is_some_and(|scheme| {
-                Self::URL_SCHEMES
-                    .iter()
-                    .any(|known| known.eq_ignore_ascii_case(scheme))
-            })
     }
 
     async fn connect_url(url: &str) -> Result<Self> {
@@ -28,14 +23,12 @@ impl Driver for MssqlBackplane {
     /// The shared DDL and, with tables per hub, that of each of `hubs`.
     fn ddl_url(url: &str, hubs: &[HubName]) -> Result<String> {
         let options: MssqlOptions = url.parse()?;
-        let mut sql = Self::ddl(&options);
-        if options.get_tables_per_hub() {
-            for hub in hubs {
-                sql.push('\n');
-                sql.push_str(&Self::hub_ddl(&options, hub)?);
-            }
-        }
-        Ok(sql)
+        ddl_for_hubs(
+            Self::ddl(&options),
+            options.get_tables_per_hub(),
+            hubs,
+            |hub| Self::hub_ddl(&options, hub),
+        )
     }
 
     async fn doctor_url(url: &str) -> Result<Vec<Check>> {

@@ -54,7 +54,10 @@ pub(crate) struct Inner {
     pub(crate) names: Names,
     pub(crate) node_sql: NodeSql,
     pub(crate) layout: Layout,
+    /// How held appends (feature `testing`) open a connection of their own.
+    #[cfg_attr(not(feature = "testing"), allow(dead_code))]
     config: tokio_postgres::Config,
+    #[cfg_attr(not(feature = "testing"), allow(dead_code))]
     tls: tokio_postgres_rustls::MakeRustlsConnect,
     wakeups: Arc<WakeupHub>,
     shutdown: watch::Sender<bool>,
@@ -1148,6 +1151,7 @@ impl Backplane for PgBackplane {
     }
 }
 
+#[cfg(feature = "testing")]
 /// An append written in a transaction that is still open; see [`PgBackplane::hold_append`].
 #[derive(Debug)]
 pub struct PgHeldAppend {
@@ -1155,6 +1159,7 @@ pub struct PgHeldAppend {
     position: Position,
 }
 
+#[cfg(feature = "testing")]
 impl PgHeldAppend {
     /// The position the held records got.
     pub fn position(&self) -> Position {
@@ -1175,6 +1180,7 @@ impl PgHeldAppend {
     }
 }
 
+#[cfg(feature = "testing")]
 impl PgBackplane {
     /// Appends `records` in a transaction on a connection of its own and leaves it open until
     /// [`PgHeldAppend::commit`]: a slow transaction on demand, for fault tests and drills.

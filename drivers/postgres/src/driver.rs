@@ -1,7 +1,7 @@
 //! The driver as `backplane-drivers` opens it: from a URL alone.
 
 use async_trait::async_trait;
-use backplane_core::{Check, Driver, HubName, Result};
+use backplane_core::{Check, Driver, HubName, Result, ddl_for_hubs};
 
 use crate::{PgBackplane, PgOptions};
 
@@ -19,14 +19,12 @@ impl Driver for PgBackplane {
     /// The shared DDL and, with tables per hub, that of each of `hubs`.
     fn ddl_url(url: &str, hubs: &[HubName]) -> Result<String> {
         let options: PgOptions = url.parse()?;
-        let mut sql = Self::ddl(&options);
-        if options.get_tables_per_hub() {
-            for hub in hubs {
-                sql.push('\n');
-                sql.push_str(&Self::hub_ddl(&options, hub)?);
-            }
-        }
-        Ok(sql)
+        ddl_for_hubs(
+            Self::ddl(&options),
+            options.get_tables_per_hub(),
+            hubs,
+            |hub| Self::hub_ddl(&options, hub),
+        )
     }
 
     async fn doctor_url(url: &str) -> Result<Vec<Check>> {

@@ -11,9 +11,11 @@ mod options;
 mod schema;
 mod sql;
 mod tables;
+#[cfg(feature = "testing")]
+pub mod testing;
 mod tls;
 
-pub use backplane::{PgBackplane, PgHeldAppend};
+pub use backplane::PgBackplane;
 pub use doctor::doctor;
 pub use error::{PgError, PgTableSetError};
 pub use options::PgOptions;

@@ -7,7 +7,7 @@
 
 mod shared_tables {
     backplane_conformance::suite!(
-        std::sync::Arc::new(backplane_conformance::MssqlFactory::from_env()),
+        std::sync::Arc::new(backplane_mssql::testing::MssqlFactory::from_env()),
         skip: [
             database_restart_no_loss = "the tests cannot stop a SQL Server they did not start",
             failing_backplane_reports_errors = "the tests cannot stop a SQL Server they did not start",
@@ -18,7 +18,7 @@ mod shared_tables {
 
 mod tables_per_hub {
     backplane_conformance::suite!(
-        std::sync::Arc::new(backplane_conformance::MssqlFactory::from_env().tables_per_hub()),
+        std::sync::Arc::new(backplane_mssql::testing::MssqlFactory::from_env().tables_per_hub()),
         skip: [
             database_restart_no_loss = "the tests cannot stop a SQL Server they did not start",
             failing_backplane_reports_errors = "the tests cannot stop a SQL Server they did not start",

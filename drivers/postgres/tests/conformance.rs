@@ -3,5 +3,5 @@
 //! PostgreSQL tests never skip.
 
 backplane_conformance::suite!(std::sync::Arc::new(
-    backplane_conformance::PgFactory::from_env()
+    backplane_postgres::testing::PgFactory::from_env()
 ));

@@ -2,7 +2,7 @@
 //! ceiling measured in the same run on the same cluster.
 //!
 //! ```text
-//! cargo bench -p backplane-conformance --bench postgres
+//! cargo bench -p backplane-postgres --bench postgres
 //! ```
 //!
 //! Uses `BACKPLANE_TEST_PG_URL` when set, otherwise a throwaway cluster. `BENCH_MESSAGES`

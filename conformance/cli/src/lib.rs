@@ -1,21 +1,24 @@
-//! Runs the conformance suite against a database given by URL.
-//!
-//! ```text
-//! backplane-conformance --url memory://
-//! backplane-conformance --url memory:// --list
-//! backplane-conformance --url memory:// group
-//! backplane-conformance --url postgres://… --stop-cmd '…' --start-cmd '…'
-//! ```
+#![doc = include_str!("../README.md")]
+#![deny(rustdoc::broken_intra_doc_links)]
 
 use std::io::Write;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::bail;
 use backplane_conformance::{CaseError, Factory, cases, run_case};
 use backplane_core::Check;
 use clap::Parser;
+
+/// What the command was asked to test, for the factory that serves it.
+#[derive(Debug, Clone, Copy)]
+pub struct Target<'a> {
+    /// The database URL (or connection string) given with `--url`.
+    pub url: &'a str,
+    /// The shell commands that stop and start that database (`--stop-cmd`, `--start-cmd`),
+    /// for the cases that restart it; `None` when not given.
+    pub restart: Option<(&'a str, &'a str)>,
+}
 
 /// Runs the backplane conformance suite against a database.
 #[derive(Debug, Parser)]
@@ -69,30 +72,10 @@ fn report(checks: &[Check]) -> bool {
     checks.iter().all(|c| c.outcome.is_ok())
 }
 
-/// The suite's factory for the driver `url` selects.
-#[cfg_attr(not(feature = "postgres"), allow(unused_variables))]
-fn factory(url: &str, args: &Args) -> anyhow::Result<Arc<dyn Factory>> {
-    let driver = backplane_drivers::driver_for(url)?;
-    match driver.name() {
-        #[cfg(feature = "memory")]
-        "memory" => Ok(Arc::new(backplane_conformance::MemoryFactory)),
-        #[cfg(feature = "postgres")]
-        "postgres" => {
-            let factory = backplane_conformance::PgFactory::with_url(url);
-            Ok(Arc::new(match (&args.stop_cmd, &args.start_cmd) {
-                (Some(stop), Some(start)) => factory.restart_commands(stop, start),
-                _ => factory,
-            }))
-        }
-        #[cfg(feature = "mssql")]
-        "mssql" => Ok(Arc::new(backplane_conformance::MssqlFactory::with_url(url))),
-        other => {
-            bail!("the {other} driver is not built in: build with the cargo feature `{other}`")
-        }
-    }
-}
-
-async fn run(args: Args) -> anyhow::Result<bool> {
+async fn run<F>(args: Args, factory: F) -> anyhow::Result<bool>
+where
+    F: Fn(&Target<'_>) -> anyhow::Result<Arc<dyn Factory>>,
+{
     if let Some(Command::Doctor) = args.command {
         return Ok(report(&backplane_drivers::doctor(&args.url).await?));
     }
@@ -112,14 +95,11 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         }
         return Ok(true);
     }
-    if (args.stop_cmd.is_some() || args.start_cmd.is_some())
-        && backplane_drivers::driver_for(&args.url)?.name() != "postgres"
-    {
-        bail!(
-            "--stop-cmd and --start-cmd restart a PostgreSQL server: the other drivers' restart cases are skipped"
-        );
-    }
-    let factory = factory(&args.url, &args)?;
+    let target = Target {
+        url: &args.url,
+        restart: args.stop_cmd.as_deref().zip(args.start_cmd.as_deref()),
+    };
+    let factory = factory(&target)?;
     println!(
         "running {} conformance cases against the {} driver",
         selected.len(),
@@ -155,7 +135,13 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     Ok(failed == 0)
 }
 
-fn main() -> ExitCode {
+/// The whole command: parses the arguments, runs the suite (or `doctor`) with the factory
+/// `factory` makes for the target, prints one line per case and a summary. Exit code 1 when
+/// a case failed, 2 when the run could not start.
+pub fn main<F>(factory: F) -> ExitCode
+where
+    F: Fn(&Target<'_>) -> anyhow::Result<Arc<dyn Factory>>,
+{
     let args = Args::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -174,7 +160,7 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    match runtime.block_on(run(args)) {
+    match runtime.block_on(run(args, factory)) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
         Err(err) => {

@@ -4,5 +4,5 @@
 //! layout's.
 
 backplane_conformance::suite!(std::sync::Arc::new(
-    backplane_conformance::PgFactory::from_env().tables_per_hub()
+    backplane_postgres::testing::PgFactory::from_env().tables_per_hub()
 ));

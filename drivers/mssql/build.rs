@@ -1,5 +1,5 @@
 //! Sets `cfg(mssql_server)` when `BACKPLANE_TEST_MSSQL_URL` names a SQL Server: the SQL Server
-//! suite (`tests/mssql.rs`) then runs against it; without it, its tests are ignored with the
+//! suite (`tests/conformance.rs`) then runs against it; without it, its tests are ignored with the
 //! reason, never reported as passed.
 
 fn main() {

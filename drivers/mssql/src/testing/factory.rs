@@ -5,12 +5,13 @@
 use backplane_core::Driver as _;
 use std::sync::Arc;
 
+use crate::testing::{self, MssqlHeldAppend};
+use crate::{MssqlBackplane, MssqlOptions};
 use async_trait::async_trait;
 use backplane_core::{HubName, Position, SharedBackplane};
-use backplane_mssql::{MssqlBackplane, MssqlHeldAppend, MssqlOptions, testing};
 use bytes::Bytes;
 
-use crate::harness::{CaseError, Factory, HeldAppend, Namespace, Spec};
+use backplane_conformance::{CaseError, Factory, HeldAppend, Namespace, Spec};
 
 /// The environment variable that points the suite at a SQL Server database (an ADO.NET
 /// connection string or an `mssql://` URL).

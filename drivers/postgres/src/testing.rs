@@ -1,17 +1,18 @@
-//! The suite's factory for PostgreSQL: a fresh schema per case, on the database named by
+//! What the tests need beyond the public API. The conformance suite's factory for PostgreSQL: a fresh schema per case, on the database named by
 //! `BACKPLANE_TEST_PG_URL` or on a throwaway cluster this process starts.
 
 use backplane_core::Driver as _;
 use std::str::FromStr;
 use std::sync::Arc;
 
+pub use crate::backplane::PgHeldAppend;
+use crate::{PgBackplane, PgOptions};
 use async_trait::async_trait;
 use backplane_core::{HubName, Position, SharedBackplane};
-use backplane_postgres::{PgBackplane, PgHeldAppend, PgOptions};
 use bytes::Bytes;
 use tokio_postgres::NoTls;
 
-use crate::harness::{CaseError, Factory, HeldAppend, Namespace, Spec, WAIT};
+use backplane_conformance::{CaseError, Factory, HeldAppend, Namespace, Spec, WAIT};
 use backplane_test_support::{Cluster, PG_URL_VAR, postgres_url, start_cluster};
 
 /// Runs the suite against [`PgBackplane`]. Every namespace is a new schema; cases that stop and
