@@ -95,6 +95,33 @@ pub struct Spec {
     pub restarts: bool,
 }
 
+/// A database a run of the suite was pointed at, as the command line names it: what a
+/// driver's factory is made from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TestDatabase<'a> {
+    /// The database URL (or connection string).
+    pub url: &'a str,
+    /// Shell commands that stop and start that database, for the cases that restart it;
+    /// `None` when not given (such cases are then skipped).
+    pub restart: Option<(&'a str, &'a str)>,
+}
+
+impl TestDatabase<'_> {
+    /// Refuses restart commands, for a driver whose factory cannot use them.
+    ///
+    /// # Errors
+    ///
+    /// Restart commands were given.
+    pub fn without_restart(&self, driver: &str) -> Result<(), String> {
+        match self.restart {
+            Some(_) => Err(format!(
+                "--stop-cmd and --start-cmd restart a PostgreSQL server: the {driver} driver's restart cases are skipped"
+            )),
+            None => Ok(()),
+        }
+    }
+}
+
 /// An append that has been written but not committed yet.
 #[async_trait]
 pub trait HeldAppend: Send {

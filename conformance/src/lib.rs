@@ -10,8 +10,8 @@ mod memory;
 pub use faulty::{Faulty, Op};
 pub use harness::{
     CASE_TIMEOUT, Case, CaseError, CaseFn, CaseResult, Client, Ctx, Factory, HeldAppend, Namespace,
-    Spec, WAIT, connect, keep_last, run_case, run_test, sentinel, test_options, until_after_jobs,
-    wait_event,
+    Spec, TestDatabase, WAIT, connect, keep_last, run_case, run_test, sentinel, test_options,
+    until_after_jobs, wait_event,
 };
 #[cfg(feature = "memory")]
 pub use memory::MemoryFactory;

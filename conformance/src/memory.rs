@@ -1,16 +1,27 @@
 //! The suite's factory for the in-memory driver.
 
 use async_trait::async_trait;
-use backplane_core::Driver as _;
-use backplane_core::{HubName, MemoryBackplane, Position, SharedBackplane};
+use backplane_core::{Driver as _, HubName, MemoryBackplane, Position, SharedBackplane};
 use bytes::Bytes;
 use std::sync::Arc;
 
-use crate::harness::{CaseError, Factory, HeldAppend, Namespace, Spec};
+use crate::harness::{CaseError, Factory, HeldAppend, Namespace, Spec, TestDatabase};
 
 /// Runs the suite against [`MemoryBackplane`]: each namespace is a new, empty backplane.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct MemoryFactory;
+
+impl MemoryFactory {
+    /// The factory for a command-line run against `memory://`.
+    ///
+    /// # Errors
+    ///
+    /// Restart commands were given: the memory driver restarts itself.
+    pub fn for_target(target: &TestDatabase<'_>) -> Result<Arc<dyn Factory>, String> {
+        target.without_restart(MemoryBackplane::NAME)?;
+        Ok(Arc::new(Self))
+    }
+}
 
 #[async_trait]
 impl Factory for MemoryFactory {

@@ -6,19 +6,10 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Instant;
 
+pub use backplane_conformance::TestDatabase;
 use backplane_conformance::{CaseError, Factory, cases, run_case};
 use backplane_core::Check;
 use clap::Parser;
-
-/// What the command was asked to test, for the factory that serves it.
-#[derive(Debug, Clone, Copy)]
-pub struct Target<'a> {
-    /// The database URL (or connection string) given with `--url`.
-    pub url: &'a str,
-    /// The shell commands that stop and start that database (`--stop-cmd`, `--start-cmd`),
-    /// for the cases that restart it; `None` when not given.
-    pub restart: Option<(&'a str, &'a str)>,
-}
 
 /// Runs the backplane conformance suite against a database.
 #[derive(Debug, Parser)]
@@ -74,7 +65,7 @@ fn report(checks: &[Check]) -> bool {
 
 async fn run<F>(args: Args, factory: F) -> anyhow::Result<bool>
 where
-    F: Fn(&Target<'_>) -> anyhow::Result<Arc<dyn Factory>>,
+    F: Fn(&TestDatabase<'_>) -> anyhow::Result<Arc<dyn Factory>>,
 {
     if let Some(Command::Doctor) = args.command {
         return Ok(report(&backplane_drivers::doctor(&args.url).await?));
@@ -95,7 +86,7 @@ where
         }
         return Ok(true);
     }
-    let target = Target {
+    let target = TestDatabase {
         url: &args.url,
         restart: args.stop_cmd.as_deref().zip(args.start_cmd.as_deref()),
     };
@@ -140,7 +131,7 @@ where
 /// a case failed, 2 when the run could not start.
 pub fn main<F>(factory: F) -> ExitCode
 where
-    F: Fn(&Target<'_>) -> anyhow::Result<Arc<dyn Factory>>,
+    F: Fn(&TestDatabase<'_>) -> anyhow::Result<Arc<dyn Factory>>,
 {
     let args = Args::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()

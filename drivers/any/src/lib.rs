@@ -8,50 +8,69 @@ use std::sync::Arc;
 use backplane_core::{Check, Driver, HubName, SharedBackplane, url_scheme};
 
 /// Lists one driver: its cargo feature (which is also its name), what to call it in messages,
-/// its type, its URL schemes, and `connection_strings` when it also takes URLs without a
-/// scheme (ADO.NET's `Server=…;…`). The type is only named when the feature is on; the rest
+/// its type, its URL schemes, the function that makes its conformance factory for a
+/// command-line run, and `connection_strings` when it also takes URLs without a scheme
+/// (ADO.NET's `Server=…;…`). The type and the factory are only named when the feature is on; the rest
 /// tells a URL for a driver left out of the build apart from one for no driver at all.
 macro_rules! driver {
-    ($feature:literal, $title:literal, $driver:ty, [$($scheme:literal),+] $(, $strings:ident)?) => {{
+    (
+        $feature:literal, $title:literal, $driver:ty, [$($scheme:literal),+],
+        factory: $factory:path $(, $strings:ident)? $(,)?
+    ) => {{
         #[cfg(feature = $feature)]
         const BUILT: Option<BuiltIn> = Some(BuiltIn::of::<$driver>());
         #[cfg(not(feature = $feature))]
         const BUILT: Option<BuiltIn> = None;
+        #[cfg(all(feature = $feature, feature = "conformance"))]
+        const FACTORY: Option<MakeFactory> = Some($factory);
+        #[cfg(all(not(feature = $feature), feature = "conformance"))]
+        const FACTORY: Option<MakeFactory> = None;
         Listed {
             name: $feature,
             title: $title,
             schemes: &[$($scheme),+],
             connection_strings: driver!(@strings $($strings)?),
             built: BUILT,
+            #[cfg(feature = "conformance")]
+            factory: FACTORY,
         }
     }};
     (@strings connection_strings) => { true };
     (@strings) => { false };
 }
 
-/// Every driver this crate knows, built in or not. A new driver is one line here (and its
+/// Every driver this crate knows, built in or not. A new driver is one entry here (and its
 /// feature in the manifest).
 pub static DRIVERS: &[Listed] = &[
     driver!(
         "memory",
         "memory",
         backplane_core::MemoryBackplane,
-        ["memory"]
+        ["memory"],
+        factory: backplane_conformance::MemoryFactory::for_target
     ),
     driver!(
         "postgres",
         "PostgreSQL",
         backplane_postgres::PgBackplane,
-        ["postgres", "postgresql"]
+        ["postgres", "postgresql"],
+        factory: backplane_postgres::testing::PgFactory::for_target
     ),
     driver!(
         "mssql",
         "SQL Server",
         backplane_mssql::MssqlBackplane,
         ["mssql", "sqlserver"],
+        factory: backplane_mssql::testing::MssqlFactory::for_target,
         connection_strings
     ),
 ];
+
+/// What makes a driver's conformance factory for a command-line run.
+#[cfg(feature = "conformance")]
+type MakeFactory = fn(
+    &backplane_conformance::TestDatabase<'_>,
+) -> Result<Arc<dyn backplane_conformance::Factory>, String>;
 
 /// One driver of [`DRIVERS`].
 #[derive(Debug)]
@@ -61,6 +80,8 @@ pub struct Listed {
     schemes: &'static [&'static str],
     connection_strings: bool,
     built: Option<BuiltIn>,
+    #[cfg(feature = "conformance")]
+    factory: Option<MakeFactory>,
 }
 
 impl Listed {
@@ -193,6 +214,12 @@ pub enum DriverError {
         /// What it said.
         source: backplane_core::Error,
     },
+    /// The driver's conformance factory refused what the command was given.
+    #[error("{reason}")]
+    TestDatabase {
+        /// Why.
+        reason: String,
+    },
     /// The driver refused the URL, or has no DDL, or checked nothing.
     #[error("{source}")]
     Driver {
@@ -259,6 +286,26 @@ pub fn ddl(url: &str, hubs: &[HubName]) -> Result<String, DriverError> {
 pub async fn doctor(url: &str) -> Result<Vec<Check>, DriverError> {
     let built = driver_for(url)?.require()?;
     Ok((built.doctor)(url).await?)
+}
+
+/// The conformance factory of the driver `target`'s URL selects, for a command-line run of the
+/// suite.
+///
+/// # Errors
+///
+/// As [`connect`], or the factory refused the target (restart commands for a driver that
+/// cannot use them).
+#[cfg(feature = "conformance")]
+pub fn factory(
+    target: &backplane_conformance::TestDatabase<'_>,
+) -> Result<Arc<dyn backplane_conformance::Factory>, DriverError> {
+    let listed = driver_for(target.url)?;
+    listed.require()?;
+    let make = listed.factory.ok_or(DriverError::NotBuiltIn {
+        driver: listed.title,
+        feature: listed.name,
+    })?;
+    make(target).map_err(|reason| DriverError::TestDatabase { reason })
 }
 
 /// One sentence per driver for a `--backplane` help text: the URL forms built in, then the

@@ -1,6 +1,5 @@
 //! [`MssqlBackplane`]: the [`Backplane`] contract on SQL Server.
 
-use backplane_core::Driver as _;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -8,9 +7,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use backplane_core::batch::AppendRequest;
 use backplane_core::{
-    Backplane, ConnectionId, ConnectionInfo, DeliveryAttempt, DurableMessage, Error, GroupName,
-    HubName, LogEntry, MessageId, NewDurableMessage, NodeId, NodeInfo, PoolStatus, Position,
-    Result, Retention, StreamBounds, UserId, UserSession, Wakeups, checked_read,
+    Backplane, ConnectionId, ConnectionInfo, DeliveryAttempt, Driver as _, DurableMessage, Error,
+    GroupName, HubName, LogEntry, MessageId, NewDurableMessage, NodeId, NodeInfo, PoolStatus,
+    Position, Result, Retention, StreamBounds, UserId, UserSession, Wakeups, checked_read,
 };
 use bytes::Bytes;
 use tiberius::{Query, Row};

@@ -1,11 +1,10 @@
 //! Coalescing of concurrent appends: one multi-row insert per batch, on the core's batching
 //! loop.
 
-use backplane_core::Driver as _;
 use std::sync::{Arc, Weak};
 
-use backplane_core::HubName;
 use backplane_core::batch::{self, AppendRequest, BatchLimits};
+use backplane_core::{Driver as _, HubName};
 use tokio::sync::{mpsc, watch};
 
 use crate::MssqlBackplane;

@@ -1,10 +1,9 @@
 //! Connections: opening one (with redirects and the session settings), the pool, and reading
 //! rows.
 
-use backplane_core::Driver as _;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use backplane_core::{Error, Result};
+use backplane_core::{Driver as _, Error, Result};
 use tiberius::{Query, Row};
 use tokio::net::TcpStream;
 use tokio_util::compat::{Compat, TokioAsyncWriteCompatExt};

@@ -1,10 +1,9 @@
 //! Errors of the SQL Server driver, their retry classification, and their mapping to
 //! [`backplane_core::Error`].
 
-use backplane_core::Driver as _;
 use std::fmt;
 
-use backplane_core::Error;
+use backplane_core::{Driver as _, Error};
 
 use crate::MssqlBackplane;
 

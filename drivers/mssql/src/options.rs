@@ -1,12 +1,11 @@
 //! Connection strings (ADO.NET and `mssql://` URLs) and the driver's settings.
 
-use backplane_core::Driver as _;
 use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
 
 use backplane_core::schema::TableSlug;
-use backplane_core::{DEFAULT_STREAMS, Error, url_scheme};
+use backplane_core::{DEFAULT_STREAMS, Driver as _, Error, url_scheme};
 
 use crate::MssqlBackplane;
 

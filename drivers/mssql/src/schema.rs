@@ -5,9 +5,8 @@
 //! and the registry of hubs), and table sets (scope `tables` for the set every hub shares, or
 //! `hub/{slug}` for a hub's own set with tables per hub).
 
-use backplane_core::Driver as _;
 use backplane_core::schema::{Versions, default_table_slug, render, stable_hash};
-use backplane_core::{Error, Result};
+use backplane_core::{Driver as _, Error, Result};
 use tiberius::Query;
 
 use crate::MssqlBackplane;

@@ -1,15 +1,15 @@
 //! [`PgBackplane`]: the [`Backplane`] contract on PostgreSQL.
 
-use backplane_core::Driver as _;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use backplane_core::{
-    Backplane, ConnectionId, ConnectionInfo, DeliveryAttempt, DurableMessage, Error, GroupName,
-    HubName, LogEntry, MessageId, NewDurableMessage, NodeId, NodeInfo, PoolStatus, Position,
-    Result, Retention, StreamBounds, UserId, UserSession, WakeupHub, Wakeups, checked_read,
+    Backplane, ConnectionId, ConnectionInfo, DeliveryAttempt, Driver as _, DurableMessage, Error,
+    GroupName, HubName, LogEntry, MessageId, NewDurableMessage, NodeId, NodeInfo, PoolStatus,
+    Position, Result, Retention, StreamBounds, UserId, UserSession, WakeupHub, Wakeups,
+    checked_read,
 };
 use bytes::Bytes;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};

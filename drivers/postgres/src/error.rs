@@ -1,9 +1,8 @@
 //! Errors of the PostgreSQL driver and their mapping to [`backplane_core::Error`].
 
-use backplane_core::Driver as _;
 use std::fmt;
 
-use backplane_core::Error;
+use backplane_core::{Driver as _, Error};
 
 use crate::PgBackplane;
 

@@ -1,12 +1,11 @@
 //! Connection and schema settings.
 
-use backplane_core::Driver as _;
 use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
 
 use backplane_core::schema::TableSlug;
-use backplane_core::{DEFAULT_STREAMS, Error};
+use backplane_core::{DEFAULT_STREAMS, Driver as _, Error};
 
 use crate::PgBackplane;
 use crate::tls::{self, RootCerts, SslMode};

@@ -10,9 +10,8 @@
 //!   per hub (scope `hub/{slug}`, named `{prefix}{slug}_streams` and so on), created on the
 //!   hub's first use.
 
-use backplane_core::Driver as _;
 use backplane_core::schema::{Versions, default_table_slug, render, stable_hash};
-use backplane_core::{Error, Result};
+use backplane_core::{Driver as _, Error, Result};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, GenericClient};
 

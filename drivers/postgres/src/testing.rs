@@ -1,18 +1,17 @@
 //! What the tests need beyond the public API. The conformance suite's factory for PostgreSQL: a fresh schema per case, on the database named by
 //! `BACKPLANE_TEST_PG_URL` or on a throwaway cluster this process starts.
 
-use backplane_core::Driver as _;
 use std::str::FromStr;
 use std::sync::Arc;
 
 pub use crate::backplane::PgHeldAppend;
 use crate::{PgBackplane, PgOptions};
 use async_trait::async_trait;
-use backplane_core::{HubName, Position, SharedBackplane};
+use backplane_core::{Driver as _, HubName, Position, SharedBackplane};
 use bytes::Bytes;
 use tokio_postgres::NoTls;
 
-use backplane_conformance::{CaseError, Factory, HeldAppend, Namespace, Spec, WAIT};
+use backplane_conformance::{CaseError, Factory, HeldAppend, Namespace, Spec, TestDatabase, WAIT};
 use backplane_test_support::{Cluster, PG_URL_VAR, postgres_url, start_cluster};
 
 /// Runs the suite against [`PgBackplane`]. Every namespace is a new schema; cases that stop and
@@ -98,6 +97,20 @@ impl PgFactory {
             start: start.into(),
         };
         self
+    }
+
+    /// The factory for a command-line run against `target`: its database, restarted with its
+    /// commands when given.
+    ///
+    /// # Errors
+    ///
+    /// None today; the signature is that of every driver's.
+    pub fn for_target(target: &TestDatabase<'_>) -> Result<Arc<dyn Factory>, String> {
+        let factory = Self::with_url(target.url);
+        Ok(Arc::new(match target.restart {
+            Some((stop, start)) => factory.restart_commands(stop, start),
+            None => factory,
+        }))
     }
 
     /// Gives every hub a table set of its own ([`PgOptions::tables_per_hub`]) in every

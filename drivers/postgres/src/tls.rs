@@ -1,11 +1,10 @@
 //! TLS with rustls, with libpq's `sslmode` semantics.
 
-use backplane_core::Driver as _;
 use std::fmt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use backplane_core::{Error, Result};
+use backplane_core::{Driver as _, Error, Result};
 use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};

@@ -4,8 +4,9 @@
 
 #[test]
 fn the_conformance_suite_is_built() {
+    let built = cfg!(feature = "testing");
     assert!(
-        cfg!(feature = "testing"),
+        built,
         "the conformance suite and fault tests need the `testing` feature: run `cargo test --workspace`, or add `--features testing`"
     );
 }

@@ -2,16 +2,15 @@
 //! `BACKPLANE_TEST_MSSQL_URL`. No SQL Server can be started by the tests; without the variable
 //! the runner reports every case as skipped.
 
-use backplane_core::Driver as _;
 use std::sync::Arc;
 
 use crate::testing::{self, MssqlHeldAppend};
 use crate::{MssqlBackplane, MssqlOptions};
 use async_trait::async_trait;
-use backplane_core::{HubName, Position, SharedBackplane};
+use backplane_core::{Driver as _, HubName, Position, SharedBackplane};
 use bytes::Bytes;
 
-use backplane_conformance::{CaseError, Factory, HeldAppend, Namespace, Spec};
+use backplane_conformance::{CaseError, Factory, HeldAppend, Namespace, Spec, TestDatabase};
 
 /// The environment variable that points the suite at a SQL Server database (an ADO.NET
 /// connection string or an `mssql://` URL).
@@ -47,6 +46,16 @@ impl MssqlFactory {
     /// with that reason.
     pub fn from_env() -> Self {
         Self::with_url(mssql_test_url().unwrap_or_default())
+    }
+
+    /// The factory for a command-line run against `target`.
+    ///
+    /// # Errors
+    ///
+    /// Restart commands were given: the suite cannot stop a SQL Server.
+    pub fn for_target(target: &TestDatabase<'_>) -> Result<Arc<dyn Factory>, String> {
+        target.without_restart(MssqlBackplane::NAME)?;
+        Ok(Arc::new(Self::with_url(target.url)))
     }
 
     /// Gives every hub a table set of its own in every namespace.
