@@ -87,7 +87,7 @@ impl Record {
     pub(crate) fn encode(&self) -> Bytes {
         let mut w = Writer(BytesMut::with_capacity(64 + self.payload_len()));
         w.0.put_u8(VERSION);
-        w.0.put_u64_le(crate::router::unix_ms(std::time::SystemTime::now()));
+        w.0.put_u64_le(unix_ms(std::time::SystemTime::now()));
         match self {
             Self::Message(env) => {
                 w.0.put_u8(TAG_MESSAGE);
@@ -359,6 +359,13 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// Milliseconds since the Unix epoch (0 before it).
+pub(crate) fn unix_ms(at: std::time::SystemTime) -> u64 {
+    at.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -433,7 +440,7 @@ mod tests {
 
     #[test]
     fn records_say_when_they_were_encoded_and_old_ones_still_read() {
-        let before = crate::router::unix_ms(std::time::SystemTime::now());
+        let before = unix_ms(std::time::SystemTime::now());
         let record = Record::GroupsChanged {
             change: 1,
             connection: ConnectionId::new("c").unwrap(),
