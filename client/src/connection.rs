@@ -21,7 +21,7 @@ use tokio::io::{ReadHalf, WriteHalf};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::time::Instant;
 
-use crate::builder::{BoxFuture, Config};
+use crate::config::{BoxFuture, Config};
 use crate::error::{Error, Result};
 use crate::transport::{Resume, Socket};
 

@@ -2,6 +2,7 @@
 //! the append being written goes out as one batch (one statement, one wake-up).
 
 use std::future::Future;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -27,6 +28,31 @@ pub struct BatchLimits {
     pub delay: Duration,
     /// The most records in one batch.
     pub max_records: usize,
+}
+
+/// [`run`] for a driver whose batches are written by its shared state `owner`: each batch goes
+/// to `write` with the state, and the loop ends once the state is dropped.
+pub async fn run_while<S, W, F>(
+    driver: &'static str,
+    limits: BatchLimits,
+    rx: mpsc::Receiver<AppendRequest>,
+    shutdown: watch::Receiver<bool>,
+    owner: Weak<S>,
+    write: W,
+) where
+    W: Fn(Arc<S>, Vec<Bytes>) -> F,
+    F: Future<Output = Result<Position>>,
+{
+    run(driver, limits, rx, shutdown, |records| {
+        let batch = owner.upgrade().map(|owner| write(owner, records));
+        async move {
+            match batch {
+                Some(batch) => Some(batch.await),
+                None => None,
+            }
+        }
+    })
+    .await;
 }
 
 /// Collects appends to one stream into batches of at most `limits.max_records` records, each

@@ -1,9 +1,37 @@
 //! The error type callers match on.
 
+use std::fmt;
 use std::time::Duration;
 
-use crate::name::NameKind;
 use crate::position::Position;
+
+/// Which kind of name failed validation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum NameKind {
+    /// A [`HubName`](crate::HubName).
+    Hub,
+    /// A [`GroupName`](crate::GroupName).
+    Group,
+    /// A [`UserId`](crate::UserId).
+    User,
+    /// A [`ConnectionId`](crate::ConnectionId).
+    Connection,
+    /// A [`NodeId`](crate::NodeId).
+    Node,
+}
+
+impl fmt::Display for NameKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Hub => "hub",
+            Self::Group => "group",
+            Self::User => "user",
+            Self::Connection => "connection",
+            Self::Node => "node",
+        })
+    }
+}
 
 /// A boxed error from a driver or another source.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;

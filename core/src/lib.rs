@@ -17,6 +17,7 @@ mod router;
 pub mod schema;
 #[cfg(feature = "signalr")]
 pub mod signalr;
+mod stream_queues;
 
 pub use backplane::{
     Backplane, ConnectionInfo, DEFAULT_STREAMS, DeliveryAttempt, DurableMessage, DynBackplane,
@@ -24,14 +25,15 @@ pub use backplane::{
     Wake, WakeupHub, Wakeups, checked_read,
 };
 pub use driver::{Check, Driver, ddl_for_hubs, url_scheme};
-pub use error::{BoxError, Error, InvocationError, Result};
+pub use error::{BoxError, Error, InvocationError, NameKind, Result};
 #[cfg(feature = "memory")]
 pub use memory::MemoryBackplane;
 pub use message::{DEFAULT_MAX_PAYLOAD, Durability, InvocationId, Message, MessageId, Target};
-pub use name::{ConnectionId, GroupName, HubName, NameKind, NodeId, UserId};
+pub use name::{ConnectionId, GroupName, HubName, NodeId, UserId};
 pub use observe::{NodeObserver, PoolStatus};
 pub use position::Position;
 pub use router::{
     Connection, Delivery, DeliveryKind, Job, JobStatus, Node, NodeEvent, NodeOptions, NodeStats,
     PendingPublish, Published,
 };
+pub use stream_queues::StreamQueues;

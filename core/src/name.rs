@@ -9,35 +9,7 @@ use std::borrow::Borrow;
 use std::fmt;
 use std::sync::Arc;
 
-use crate::error::{Error, Result};
-
-/// Which kind of name failed validation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum NameKind {
-    /// A [`HubName`].
-    Hub,
-    /// A [`GroupName`].
-    Group,
-    /// A [`UserId`].
-    User,
-    /// A [`ConnectionId`].
-    Connection,
-    /// A [`NodeId`].
-    Node,
-}
-
-impl fmt::Display for NameKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Hub => "hub",
-            Self::Group => "group",
-            Self::User => "user",
-            Self::Connection => "connection",
-            Self::Node => "node",
-        })
-    }
-}
+use crate::error::{Error, NameKind, Result};
 
 /// How the characters of a name are checked.
 enum Charset {

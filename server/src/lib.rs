@@ -23,6 +23,7 @@ mod auth;
 pub mod chat;
 mod connection;
 mod hub;
+mod limits;
 mod metrics;
 mod relay;
 mod server;
@@ -37,4 +38,5 @@ pub use hub::{
     Arguments, BoxFuture, Client, Clients, Context, Groups, Hub, HubBuilder, HubError, HubResult,
     Recipients, StreamReceiver, StreamSender,
 };
-pub use server::{Limits, Running, Security, Server};
+pub use limits::Limits;
+pub use server::{Running, Security, Server};

@@ -18,7 +18,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use tokio::sync::{OnceCell, broadcast, mpsc, watch};
+use tokio::sync::{OnceCell, broadcast, watch};
 use tokio::task::JoinHandle;
 
 use crate::backplane::SharedBackplane;
@@ -28,6 +28,7 @@ use crate::name::{ConnectionId, HubName, NodeId, UserId};
 use crate::position::Position;
 use crate::queue;
 use crate::record::unix_ms;
+use crate::stream_queues::StreamQueues;
 
 pub use jobs::{Job, JobStatus};
 pub use local::{Delivery, DeliveryKind};
@@ -197,7 +198,7 @@ pub(crate) struct Inner {
     observer: crate::observe::ObserverSlot,
     /// The queues of the tasks that append and deliver what this node publishes, one per hub
     /// and stream.
-    pipelines: Mutex<HashMap<(HubName, u32), mpsc::Sender<publish::Request>>>,
+    pipelines: StreamQueues<publish::Request>,
 }
 
 /// One server process's membership in the backplane.
@@ -271,7 +272,7 @@ impl Node {
             tasks: Mutex::default(),
             sequence: AtomicU64::new(0),
             counters: Counters::default(),
-            pipelines: Mutex::default(),
+            pipelines: StreamQueues::new(publish::QUEUE),
             jobs: jobs::JobTable::default(),
             orphans: Mutex::default(),
         });

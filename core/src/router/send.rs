@@ -1,7 +1,6 @@
 //! Sending: publishing a message in its sender's order through the stream's pipeline, and
 //! delivering it to this node's connections.
 
-use std::sync::PoisonError;
 use std::sync::atomic::Ordering;
 use std::time::SystemTime;
 
@@ -143,25 +142,15 @@ impl Node {
     /// The queue of the task that appends and delivers `stream` of `hub` for this node, started
     /// on first use.
     pub(super) fn pipeline(&self, hub: &HubName, stream: u32) -> mpsc::Sender<publish::Request> {
-        let mut pipelines = self
-            .inner
-            .pipelines
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if let Some(tx) = pipelines.get(&(hub.clone(), stream)) {
-            return tx.clone();
-        }
-        let (tx, rx) = mpsc::channel(publish::QUEUE);
-        pipelines.insert((hub.clone(), stream), tx.clone());
-        drop(pipelines);
-        self.spawn(publish::run(
-            self.clone(),
-            hub.clone(),
-            stream,
-            rx,
-            self.inner.shutdown.subscribe(),
-        ));
-        tx
+        self.inner.pipelines.get(hub, stream, |rx| {
+            self.spawn(publish::run(
+                self.clone(),
+                hub.clone(),
+                stream,
+                rx,
+                self.inner.shutdown.subscribe(),
+            ));
+        })
     }
 
     /// Hands a message to the matching local connections. A durable message read from the log

@@ -1,28 +1,28 @@
 //! [`MssqlBackplane`]: the [`Backplane`] contract on SQL Server.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use backplane_core::batch::AppendRequest;
+use backplane_core::batch::{self, AppendRequest, BatchLimits};
 use backplane_core::{
     Backplane, ConnectionId, ConnectionInfo, DeliveryAttempt, Driver as _, DurableMessage, Error,
     GroupName, HubName, LogEntry, MessageId, NewDurableMessage, NodeId, NodeInfo, PoolStatus,
-    Position, Result, Retention, StreamBounds, UserId, UserSession, Wakeups, checked_read,
+    Position, Result, Retention, StreamBounds, StreamQueues, UserId, UserSession, Wakeups,
+    checked_read,
 };
 use bytes::Bytes;
 use tiberius::{Query, Row};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::batch;
 use crate::conn::{
     self, Conn, Connector, Manager, Pool, Pooled, get, need, need_time, text_bytes, time,
 };
 use crate::error::{CONSTRAINT_CONFLICT, DUPLICATE_KEY, corrupt, db, db_write, number, pool};
+use crate::names::{Names, SetNames};
 use crate::options::{MAX_BATCH, MssqlOptions};
 use crate::poller::{PollState, Poller};
-use crate::schema::{self, Names, SetNames};
+use crate::schema;
 use crate::sql::{self, NodeSql};
 use crate::tables::{Layout, PerHub, TableSet};
 
@@ -64,7 +64,7 @@ pub(crate) struct Inner {
     connector: Connector,
     poll: Arc<PollState>,
     shutdown: watch::Sender<bool>,
-    batchers: Mutex<HashMap<(HubName, u32), mpsc::Sender<AppendRequest>>>,
+    batchers: StreamQueues<AppendRequest>,
 }
 
 impl std::fmt::Debug for Inner {
@@ -313,7 +313,7 @@ impl MssqlBackplane {
                 connector,
                 poll,
                 shutdown,
-                batchers: Mutex::default(),
+                batchers: StreamQueues::new(4096),
             }),
         })
     }
@@ -510,32 +510,39 @@ impl MssqlBackplane {
         Ok(())
     }
 
+    /// The queue of a stream's appends; the first call starts the task that writes its
+    /// batches, one multi-row insert each, while the backplane lives.
     fn batcher(
         &self,
         set: &Arc<TableSet>,
         hub: &HubName,
         stream: u32,
     ) -> mpsc::Sender<AppendRequest> {
-        let mut batchers = self
-            .inner
-            .batchers
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        batchers
-            .entry((hub.clone(), stream))
-            .or_insert_with(|| {
-                let (tx, rx) = mpsc::channel(4096);
-                tokio::spawn(batch::run(
-                    Arc::downgrade(&self.inner),
-                    set.clone(),
-                    hub.clone(),
-                    stream,
-                    rx,
-                    self.inner.shutdown.subscribe(),
-                ));
-                tx
-            })
-            .clone()
+        self.inner.batchers.get(hub, stream, |rx| {
+            let limits = BatchLimits {
+                delay: self.inner.options.batch_delay,
+                max_records: self.inner.options.max_batch,
+            };
+            let (set, hub) = (set.clone(), hub.clone());
+            let write = move |inner, records: Vec<Bytes>| {
+                let (set, hub) = (set.clone(), hub.clone());
+                async move {
+                    Self::from_inner(inner)
+                        .write(&set, &hub, stream, &records)
+                        .await
+                }
+            };
+            let shutdown = self.inner.shutdown.subscribe();
+            let owner = Arc::downgrade(&self.inner);
+            tokio::spawn(batch::run_while(
+                Self::NAME,
+                limits,
+                rx,
+                shutdown,
+                owner,
+                write,
+            ));
+        })
     }
 
     /// Runs a node-wide batch of `node_sql` over every table set, with node id `@P1` and

@@ -5,8 +5,9 @@ use tiberius::Query;
 use crate::conn::{Conn, Connector, need};
 use backplane_core::Check;
 
+use crate::names::Names;
 use crate::options::{Encrypt, MssqlOptions};
-use crate::schema::{self, Names};
+use crate::schema;
 use crate::sql;
 
 /// SQL Server 2016 is version 13.

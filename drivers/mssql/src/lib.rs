@@ -2,11 +2,11 @@
 #![deny(rustdoc::broken_intra_doc_links)]
 
 mod backplane;
-mod batch;
 mod conn;
 mod doctor;
 mod driver;
 mod error;
+mod names;
 mod options;
 mod poller;
 mod schema;

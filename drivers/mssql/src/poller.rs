@@ -318,8 +318,8 @@ mod tests {
     #[test]
     fn one_select_per_table_set() {
         let options = crate::MssqlOptions::new("h", "u", "p");
-        let shared = Arc::new(TableSet::new(crate::schema::SetNames::shared(&options)));
-        let own = Arc::new(TableSet::new(crate::schema::SetNames::hub(&options, "x_1")));
+        let shared = Arc::new(TableSet::new(crate::names::SetNames::shared(&options)));
+        let own = Arc::new(TableSet::new(crate::names::SetNames::hub(&options, "x_1")));
         let query = poll_query(&[
             (hub("a"), shared.clone()),
             (hub("b"), shared),

@@ -11,7 +11,7 @@
 //! than one row run in one batch that begins and commits its own transaction, under
 //! `XACT_ABORT`, so an error rolls everything back and leaves no transaction open.
 
-use crate::schema::{Names, SetNames, quote_literal};
+use crate::names::{Names, SetNames, quote_literal};
 
 /// The binary collation of names: code point order, case-sensitive, locale-independent.
 pub(crate) const COLLATION: &str = "Latin1_General_100_BIN2";
@@ -705,7 +705,7 @@ pub(crate) fn snapshot_required(database: &str) -> String {
          for every append in flight, and appends for them. Turn it on once (it waits for, or with \
          ROLLBACK IMMEDIATE ends, the other sessions' transactions): \
          ALTER DATABASE {} SET READ_COMMITTED_SNAPSHOT ON WITH ROLLBACK IMMEDIATE;",
-        crate::schema::quote(database)
+        crate::names::quote(database)
     )
 }
 

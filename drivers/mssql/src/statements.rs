@@ -3,7 +3,8 @@
 //! -- DIR` writes them to files; the test script parses each with `sqlfluff`).
 
 use crate::MssqlOptions;
-use crate::schema::{self, Names, SetNames};
+use crate::names::{self, Names, SetNames};
+use crate::schema;
 use crate::sql::{self, NodeSql, Sql};
 
 /// One statement or batch, as the driver sends it.
@@ -26,7 +27,7 @@ pub const SAMPLE_HUB: &str = "o'dd]hub(";
 pub fn render(options: &MssqlOptions) -> Vec<Statement> {
     let names = Names::new(options);
     let set = if options.tables_per_hub {
-        SetNames::hub(options, &schema::default_slug(SAMPLE_HUB))
+        SetNames::hub(options, &names::default_slug(SAMPLE_HUB))
     } else {
         SetNames::shared(options)
     };

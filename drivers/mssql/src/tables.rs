@@ -8,8 +8,9 @@ use backplane_core::{HubName, Result};
 
 use crate::MssqlBackplane;
 use crate::conn::Conn;
+use crate::names::{self, SetNames};
 use crate::options::MssqlOptions;
-use crate::schema::{self, SetNames};
+use crate::schema;
 use crate::sql::Sql;
 
 /// A table set's names and its statements, rendered once.
@@ -54,7 +55,7 @@ impl MssqlBackplane {
         per_hub
             .get_or_try_init(hub, || async {
                 let options = &self.inner().options;
-                let slug = schema::slug(options, hub.as_str())?;
+                let slug = names::slug(options, hub.as_str())?;
                 let mut conn = self.conn().await?;
                 schema::ensure_hub_set(
                     &mut conn,

@@ -1,29 +1,27 @@
 //! [`PgBackplane`]: the [`Backplane`] contract on PostgreSQL.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use backplane_core::{
     Backplane, ConnectionId, ConnectionInfo, DeliveryAttempt, Driver as _, DurableMessage, Error,
     GroupName, HubName, LogEntry, MessageId, NewDurableMessage, NodeId, NodeInfo, PoolStatus,
-    Position, Result, Retention, StreamBounds, UserId, UserSession, WakeupHub, Wakeups,
-    checked_read,
+    Position, Result, Retention, StreamBounds, StreamQueues, UserId, UserSession, WakeupHub,
+    Wakeups, checked_read,
 };
 use bytes::Bytes;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_postgres::Row;
 
-use crate::batch;
 use crate::error::{connection_lost, corrupt, db, db_write, pool};
 use crate::listener::{self, Listener};
 use crate::options::PgOptions;
 use crate::schema::{self, Names, SetNames};
 use crate::sql::{self, NodeSql, Sql, remove_orphaned_connections};
 use crate::tables::{Layout, PerHub, TableSet};
-use backplane_core::batch::AppendRequest;
+use backplane_core::batch::{self, AppendRequest, BatchLimits};
 
 /// A backplane on PostgreSQL.
 ///
@@ -61,7 +59,7 @@ pub(crate) struct Inner {
     tls: tokio_postgres_rustls::MakeRustlsConnect,
     wakeups: Arc<WakeupHub>,
     shutdown: watch::Sender<bool>,
-    batchers: Mutex<HashMap<(HubName, u32), mpsc::Sender<AppendRequest>>>,
+    batchers: StreamQueues<AppendRequest>,
 }
 
 impl std::fmt::Debug for Inner {
@@ -373,7 +371,7 @@ impl PgBackplane {
                 tls,
                 wakeups,
                 shutdown,
-                batchers: Mutex::default(),
+                batchers: StreamQueues::new(4096),
             }),
         })
     }
@@ -529,32 +527,39 @@ impl PgBackplane {
         Ok(())
     }
 
+    /// The queue of a stream's appends; the first call starts the task that writes its
+    /// batches, one multi-row insert each, while the backplane lives.
     fn batcher(
         &self,
         set: &Arc<TableSet>,
         hub: &HubName,
         stream: u32,
     ) -> mpsc::Sender<AppendRequest> {
-        let mut batchers = self
-            .inner
-            .batchers
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        batchers
-            .entry((hub.clone(), stream))
-            .or_insert_with(|| {
-                let (tx, rx) = mpsc::channel(4096);
-                tokio::spawn(batch::run(
-                    Arc::downgrade(&self.inner),
-                    set.clone(),
-                    hub.clone(),
-                    stream,
-                    rx,
-                    self.inner.shutdown.subscribe(),
-                ));
-                tx
-            })
-            .clone()
+        self.inner.batchers.get(hub, stream, |rx| {
+            let limits = BatchLimits {
+                delay: self.inner.options.batch_delay,
+                max_records: self.inner.options.max_batch,
+            };
+            let (set, hub) = (set.clone(), hub.clone());
+            let write = move |inner, records: Vec<Bytes>| {
+                let (set, hub) = (set.clone(), hub.clone());
+                async move {
+                    Self::from_inner(inner)
+                        .write(&set, &hub, stream, &records)
+                        .await
+                }
+            };
+            let shutdown = self.inner.shutdown.subscribe();
+            let owner = Arc::downgrade(&self.inner);
+            tokio::spawn(batch::run_while(
+                Self::NAME,
+                limits,
+                rx,
+                shutdown,
+                owner,
+                write,
+            ));
+        })
     }
 
     pub(crate) fn from_inner(inner: Arc<Inner>) -> Self {

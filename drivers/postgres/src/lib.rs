@@ -2,7 +2,6 @@
 #![deny(rustdoc::broken_intra_doc_links)]
 
 mod backplane;
-mod batch;
 mod doctor;
 mod driver;
 mod error;

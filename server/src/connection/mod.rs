@@ -38,9 +38,9 @@ use tokio::task::AbortHandle;
 use tokio::time::{Instant, Sleep};
 
 use crate::hub::{Context, Hub, Upload};
+use crate::limits::Limits;
 use crate::metrics::Metrics;
 use crate::protocol::{HubMessage, Protocol, RecordBuffer};
-use crate::server::Limits;
 use crate::socket::{FrameReader, HEADER_ROOM, Outbox, Socket};
 use handshake::{Opened, handshake};
 use resend::Unacked;

@@ -6,8 +6,8 @@ use std::task::{self, Poll};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+use crate::limits::Limits;
 use crate::protocol::{HubMessage, RecordBuffer};
-use crate::server::Limits;
 use crate::socket::{FrameReader, Outbox, Socket};
 
 use super::write::extend_frame;
