@@ -17,12 +17,12 @@ use crate::error::{Error, Result};
 use super::session::Session;
 use super::supervisor::supervise;
 use super::{
-    ConnectionEvent, ConnectionState, HubConnection, Owner, Pending, ResultHandler, Shared,
+    ConnectionCore, ConnectionEvent, ConnectionState, HubConnection, Owner, Pending, ResultHandler,
 };
 
 impl HubConnection {
     pub(crate) fn new(config: Config) -> Self {
-        let shared = Arc::new(Shared {
+        let shared = Arc::new(ConnectionCore {
             config,
             handlers: RwLock::default(),
             result_handlers: RwLock::default(),
@@ -300,7 +300,7 @@ impl HubConnection {
 
 /// Waits for the completion of invocation `id`, within the invocation timeout.
 pub(super) async fn completion(
-    shared: Arc<Shared>,
+    shared: Arc<ConnectionCore>,
     id: String,
     rx: oneshot::Receiver<Result<Value>>,
 ) -> Result<Value> {
@@ -325,7 +325,7 @@ pub(super) async fn completion(
 /// than the method reads.
 pub struct UploadStream {
     pub(super) id: String,
-    pub(super) shared: Arc<Shared>,
+    pub(super) shared: Arc<ConnectionCore>,
     pub(super) ended: bool,
 }
 
@@ -391,7 +391,7 @@ impl Drop for UploadStream {
 pub struct HubStream {
     pub(super) id: String,
     pub(super) items: mpsc::UnboundedReceiver<Result<Value>>,
-    pub(super) shared: Arc<Shared>,
+    pub(super) shared: Arc<ConnectionCore>,
     pub(super) ended: bool,
 }
 

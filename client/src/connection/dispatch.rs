@@ -12,10 +12,10 @@ use tokio::time::Instant;
 
 use crate::error::Error;
 
-use super::{End, MAX_FRAME, Out, Pending, Shared, Writer};
+use super::{ConnectionCore, End, MAX_FRAME, Out, Pending, Writer};
 
 /// Handles one record from the server; `Some` ends the session.
-pub(super) fn dispatch(shared: &Arc<Shared>, record: &[u8]) -> Option<End> {
+pub(super) fn dispatch(shared: &Arc<ConnectionCore>, record: &[u8]) -> Option<End> {
     let message = match shared.config.protocol.parse(record) {
         Ok(message) => message,
         Err(err) => {
@@ -101,7 +101,7 @@ pub(super) fn dispatch(shared: &Arc<Shared>, record: &[u8]) -> Option<End> {
 }
 
 pub(super) fn invoke_handlers(
-    shared: &Arc<Shared>,
+    shared: &Arc<ConnectionCore>,
     invocation_id: Option<String>,
     target: &str,
     arguments: Vec<Value>,
@@ -145,7 +145,12 @@ pub(super) fn invoke_handlers(
     run_handlers(shared, &key, target, &arguments);
 }
 
-pub(super) fn run_handlers(shared: &Arc<Shared>, key: &str, target: &str, arguments: &[Value]) {
+pub(super) fn run_handlers(
+    shared: &Arc<ConnectionCore>,
+    key: &str,
+    target: &str,
+    arguments: &[Value],
+) {
     let handlers = shared
         .handlers
         .read()

@@ -97,9 +97,9 @@ enum Out {
     Close,
 }
 
-/// The live part: the current socket's writer and the calls waiting on it.
+/// The current socket's writer and the calls waiting on it.
 #[derive(Default)]
-struct Live {
+struct CurrentSocket {
     outgoing: Option<mpsc::UnboundedSender<Out>>,
     pending: HashMap<String, Pending>,
     connection_id: Option<String>,
@@ -117,20 +117,22 @@ struct Opened {
     early: Vec<Vec<u8>>,
     buffer: RecordBuffer,
     /// `None` for a resumed socket: the connection stays the same.
-    fresh: Option<Fresh>,
+    fresh: Option<NewConnection>,
 }
 
 /// What a new connection (not a resume) brings.
-struct Fresh {
+struct NewConnection {
     connection_id: Option<String>,
     resume: Option<Resume>,
 }
 
-struct Shared {
+/// What the handles and the connection's tasks share: settings, handlers, the current
+/// socket, the state and the stop signal.
+struct ConnectionCore {
     config: Config,
     handlers: RwLock<HashMap<String, Vec<Handler>>>,
     result_handlers: RwLock<HashMap<String, ResultHandler>>,
-    live: Mutex<Live>,
+    live: Mutex<CurrentSocket>,
     state: watch::Sender<ConnectionState>,
     stop: watch::Sender<bool>,
     events: broadcast::Sender<ConnectionEvent>,
@@ -138,7 +140,7 @@ struct Shared {
 }
 
 /// Stops the connection when the last [`HubConnection`] handle is dropped.
-struct Owner(Arc<Shared>);
+struct Owner(Arc<ConnectionCore>);
 
 impl Drop for Owner {
     fn drop(&mut self) {
@@ -164,7 +166,7 @@ impl Drop for Owner {
 /// ```
 #[derive(Clone)]
 pub struct HubConnection {
-    shared: Arc<Shared>,
+    shared: Arc<ConnectionCore>,
     _owner: Arc<Owner>,
 }
 
@@ -194,8 +196,8 @@ fn no_obligations(_: Frame<'_>) -> std::future::Ready<Result<(), std::io::Error>
     std::future::ready(Ok(()))
 }
 
-impl Shared {
-    fn live(&self) -> MutexGuard<'_, Live> {
+impl ConnectionCore {
+    fn live(&self) -> MutexGuard<'_, CurrentSocket> {
         // A panic while the lock was held leaves plain data behind: keep going.
         self.live.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -352,7 +354,7 @@ impl Shared {
                 write,
                 early: records,
                 buffer,
-                fresh: Some(Fresh {
+                fresh: Some(NewConnection {
                     connection_id: opened.connection_id,
                     resume: opened.resume,
                 }),
@@ -368,7 +370,7 @@ impl Shared {
     }
 }
 
-impl Shared {
+impl ConnectionCore {
     /// Opens a new socket for the stateful connection, without negotiation or handshake.
     async fn reopen(&self, resume: &Resume) -> Result<Opened> {
         let config = &self.config;

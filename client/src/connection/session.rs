@@ -12,7 +12,7 @@ use tokio::sync::{mpsc, watch};
 use crate::transport::Resume;
 
 use super::dispatch::{dispatch, write_loop};
-use super::{ConnectionState, End, Opened, Out, Reader, Shared, no_obligations};
+use super::{ConnectionCore, ConnectionState, End, Opened, Out, Reader, no_obligations};
 
 /// The most bytes of sent and unacknowledged messages kept for a resume.
 pub(super) const RESEND_BUFFER_BYTES: usize = 1024 * 1024;
@@ -72,7 +72,7 @@ pub(super) struct Session {
 impl Session {
     /// Starts the writer, publishes the socket as the current one, and marks the connection
     /// connected. A resumed socket first sends `Sequence` and everything not acknowledged.
-    pub(super) fn install(shared: &Arc<Shared>, opened: Opened) -> Self {
+    pub(super) fn install(shared: &Arc<ConnectionCore>, opened: Opened) -> Self {
         let Opened {
             read,
             write,
@@ -124,7 +124,7 @@ impl Session {
     /// Reads and dispatches until the socket ends.
     pub(super) async fn run(
         mut self,
-        shared: &Arc<Shared>,
+        shared: &Arc<ConnectionCore>,
         stop: &mut watch::Receiver<bool>,
     ) -> End {
         let mut end = None;

@@ -10,11 +10,11 @@ use tokio::time::Instant;
 use crate::error::Error;
 
 use super::session::Session;
-use super::{ConnectionEvent, ConnectionState, End, Shared};
+use super::{ConnectionCore, ConnectionEvent, ConnectionState, End};
 
 /// Runs sessions one after another: the first, then each reconnect, until the connection ends.
 pub(super) async fn supervise(
-    shared: Arc<Shared>,
+    shared: Arc<ConnectionCore>,
     first: Session,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -82,7 +82,7 @@ pub(super) async fn supervise(
 /// Tries to resume the stateful connection on new sockets, for as long as the server keeps
 /// it (its client timeout, taken to be our server timeout). `None` when it cannot.
 pub(super) async fn resume_loop(
-    shared: &Arc<Shared>,
+    shared: &Arc<ConnectionCore>,
     stop: &mut watch::Receiver<bool>,
 ) -> Option<Session> {
     let resume = shared.live().seq.as_ref()?.resume.clone();
@@ -120,7 +120,7 @@ pub(super) async fn resume_loop(
 /// Tries to connect again until it works, the policy gives up (`Err(Some(why))`), or the
 /// connection is stopped (`Err(None)`).
 pub(super) async fn reconnect_loop(
-    shared: &Arc<Shared>,
+    shared: &Arc<ConnectionCore>,
     policy: &crate::ReconnectPolicy,
     stop: &mut watch::Receiver<bool>,
     mut last_error: String,

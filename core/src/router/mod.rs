@@ -177,7 +177,9 @@ impl HubState {
     }
 }
 
-pub(crate) struct Inner {
+/// What a node's handles and tasks share: its identity, options, backplane, hubs, queues and
+/// background tasks.
+pub(crate) struct NodeState {
     id: NodeId,
     backplane: SharedBackplane,
     options: NodeOptions,
@@ -228,7 +230,7 @@ pub(crate) struct Inner {
 /// ```
 #[derive(Clone)]
 pub struct Node {
-    inner: Arc<Inner>,
+    inner: Arc<NodeState>,
 }
 
 impl std::fmt::Debug for Node {
@@ -259,7 +261,7 @@ impl Node {
         backplane
             .register_node(&id, options.address.as_deref())
             .await?;
-        let inner = Arc::new(Inner {
+        let inner = Arc::new(NodeState {
             address: Mutex::new(options.address.clone()),
             id,
             backplane,

@@ -50,10 +50,12 @@ use crate::tables::{Layout, PerHub, TableSet};
 /// ```
 #[derive(Debug, Clone)]
 pub struct MssqlBackplane {
-    inner: Arc<Inner>,
+    inner: Arc<MssqlState>,
 }
 
-pub(crate) struct Inner {
+/// What the handles of one backplane share: the pool, the names and statements, the poller,
+/// the batchers and the shutdown signal.
+pub(crate) struct MssqlState {
     pub(crate) pool: Pool,
     pub(crate) options: MssqlOptions,
     pub(crate) names: Names,
@@ -67,7 +69,7 @@ pub(crate) struct Inner {
     batchers: StreamQueues<AppendRequest>,
 }
 
-impl std::fmt::Debug for Inner {
+impl std::fmt::Debug for MssqlState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MssqlBackplane")
             .field("options", &self.options)
@@ -75,7 +77,7 @@ impl std::fmt::Debug for Inner {
     }
 }
 
-impl Drop for Inner {
+impl Drop for MssqlState {
     fn drop(&mut self) {
         // Stops the poller and the batchers.
         self.shutdown.send_replace(true);
@@ -304,7 +306,7 @@ impl MssqlBackplane {
             Layout::Shared(Arc::new(TableSet::new(SetNames::shared(&options))))
         };
         Ok(Self {
-            inner: Arc::new(Inner {
+            inner: Arc::new(MssqlState {
                 pool,
                 node_sql: NodeSql::new(&names),
                 options,
@@ -364,11 +366,11 @@ impl MssqlBackplane {
         self.inner.pool.get().await.map_err(pool_error)
     }
 
-    pub(crate) fn inner(&self) -> &Inner {
+    pub(crate) fn inner(&self) -> &MssqlState {
         &self.inner
     }
 
-    pub(crate) fn from_inner(inner: Arc<Inner>) -> Self {
+    pub(crate) fn from_inner(inner: Arc<MssqlState>) -> Self {
         Self { inner }
     }
 

@@ -43,10 +43,12 @@ use backplane_core::batch::{self, AppendRequest, BatchLimits};
 /// ```
 #[derive(Debug, Clone)]
 pub struct PgBackplane {
-    inner: Arc<Inner>,
+    inner: Arc<PgState>,
 }
 
-pub(crate) struct Inner {
+/// What the handles of one backplane share: the pool, the names and statements, the wake-ups,
+/// the batchers and the shutdown signal.
+pub(crate) struct PgState {
     pub(crate) pool: Pool,
     pub(crate) options: PgOptions,
     pub(crate) names: Names,
@@ -62,7 +64,7 @@ pub(crate) struct Inner {
     batchers: StreamQueues<AppendRequest>,
 }
 
-impl std::fmt::Debug for Inner {
+impl std::fmt::Debug for PgState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PgBackplane")
             .field("options", &self.options)
@@ -70,7 +72,7 @@ impl std::fmt::Debug for Inner {
     }
 }
 
-impl Drop for Inner {
+impl Drop for PgState {
     fn drop(&mut self) {
         // Stops the listener and the batchers.
         self.shutdown.send_replace(true);
@@ -361,7 +363,7 @@ impl PgBackplane {
             )
         };
         Ok(Self {
-            inner: Arc::new(Inner {
+            inner: Arc::new(PgState {
                 pool,
                 options,
                 names,
@@ -441,7 +443,7 @@ impl PgBackplane {
         self.inner.pool.get().await.map_err(pool)
     }
 
-    pub(crate) fn inner(&self) -> &Inner {
+    pub(crate) fn inner(&self) -> &PgState {
         &self.inner
     }
 
@@ -562,7 +564,7 @@ impl PgBackplane {
         })
     }
 
-    pub(crate) fn from_inner(inner: Arc<Inner>) -> Self {
+    pub(crate) fn from_inner(inner: Arc<PgState>) -> Self {
         Self { inner }
     }
 
