@@ -233,13 +233,18 @@ macro_rules! __suite_tests {
     };
 }
 
-/// `suite!` with a skip list (and what the suite needs). `$d` is a `$` token, for the two macros it defines: one that
-/// makes a case's test, ignored when the case is on the list, and one that calls it for every
-/// case of the suite.
+/// `suite!` with a skip list (and what the suite needs). `$d` is a `$` token, for the two
+/// macros it defines: one that makes a case's test, ignored when the case is on the list, and
+/// one that calls it for every case of the suite.
 #[doc(hidden)]
 #[macro_export]
 macro_rules! __suite_with_skips {
-    (($factory:expr) [$($skip:ident = $reason:literal),*] [$($needs:ident = $why:literal)?] $d:tt) => {
+    (
+        ($factory:expr)
+        [$($skip:ident = $reason:literal),*]
+        [$($needs:ident = $why:literal)?]
+        $d:tt
+    ) => {
         macro_rules! __conformance_case {
             $(
                 ($skip) => {

@@ -10,8 +10,8 @@ use backplane_core::{Check, Driver, HubName, SharedBackplane, url_scheme};
 /// Lists one driver: its cargo feature (which is also its name), what to call it in messages,
 /// its type, its URL schemes, the function that makes its conformance factory for a
 /// command-line run, and `connection_strings` when it also takes URLs without a scheme
-/// (ADO.NET's `Server=…;…`). The type and the factory are only named when the feature is on; the rest
-/// tells a URL for a driver left out of the build apart from one for no driver at all.
+/// (ADO.NET's `Server=…;…`). The type and the factory are only named when the feature is on;
+/// the rest tells a URL for a driver left out of the build apart from one for no driver at all.
 macro_rules! driver {
     (
         $feature:literal, $title:literal, $driver:ty, [$($scheme:literal),+],
@@ -25,7 +25,7 @@ macro_rules! driver {
         const FACTORY: Option<MakeFactory> = Some($factory);
         #[cfg(all(not(feature = $feature), feature = "conformance"))]
         const FACTORY: Option<MakeFactory> = None;
-        Listed {
+        KnownDriver {
             name: $feature,
             title: $title,
             schemes: &[$($scheme),+],
@@ -41,7 +41,7 @@ macro_rules! driver {
 
 /// Every driver this crate knows, built in or not. A new driver is one entry here (and its
 /// feature in the manifest).
-pub static DRIVERS: &[Listed] = &[
+pub static DRIVERS: &[KnownDriver] = &[
     driver!(
         "memory",
         "memory",
@@ -74,7 +74,7 @@ type MakeFactory = fn(
 
 /// One driver of [`DRIVERS`].
 #[derive(Debug)]
-pub struct Listed {
+pub struct KnownDriver {
     name: &'static str,
     title: &'static str,
     schemes: &'static [&'static str],
@@ -84,7 +84,7 @@ pub struct Listed {
     factory: Option<MakeFactory>,
 }
 
-impl Listed {
+impl KnownDriver {
     /// The driver's name, which is also the cargo feature that builds it in.
     pub fn name(&self) -> &'static str {
         self.name
@@ -234,7 +234,7 @@ pub enum DriverError {
 /// # Errors
 ///
 /// A URL that no driver takes.
-pub fn driver_for(url: &str) -> Result<&'static Listed, DriverError> {
+pub fn driver_for(url: &str) -> Result<&'static KnownDriver, DriverError> {
     if let Some(listed) = DRIVERS.iter().find(|d| d.accepts(url)) {
         return Ok(listed);
     }
@@ -311,11 +311,11 @@ pub fn factory(
 /// One sentence per driver for a `--backplane` help text: the URL forms built in, then the
 /// cargo features of those left out.
 pub fn help() -> String {
-    let forms: Vec<&str> = DRIVERS.iter().filter_map(Listed::url_forms).collect();
+    let forms: Vec<&str> = DRIVERS.iter().filter_map(KnownDriver::url_forms).collect();
     let missing: Vec<&str> = DRIVERS
         .iter()
         .filter(|d| !d.built_in())
-        .map(Listed::name)
+        .map(KnownDriver::name)
         .collect();
     let mut help = format!("Built in: {}.", forms.join("; "));
     if !missing.is_empty() {
@@ -353,7 +353,7 @@ mod tests {
             ("Server=db,1433;User Id=sa;Password=a://b", "mssql"),
         ] {
             assert_eq!(
-                driver_for(url).map(Listed::name).ok(),
+                driver_for(url).map(KnownDriver::name).ok(),
                 Some(driver),
                 "{url}"
             );
@@ -362,7 +362,7 @@ mod tests {
 
     #[test]
     fn a_url_for_no_driver_names_what_there_is_and_never_the_url() {
-        let unknown = driver_for("nope://user:hunter2@h").map(Listed::name);
+        let unknown = driver_for("nope://user:hunter2@h").map(KnownDriver::name);
         let message = unknown.expect_err("no driver").to_string();
         assert!(
             message.contains("unknown backplane scheme 'nope'"),
@@ -370,7 +370,7 @@ mod tests {
         );
         assert!(message.contains("postgres://"), "{message}");
         assert!(!message.contains("hunter2"), "{message}");
-        let malformed = driver_for("hunter2").map(Listed::name);
+        let malformed = driver_for("hunter2").map(KnownDriver::name);
         let message = malformed.expect_err("no driver").to_string();
         assert!(message.contains("malformed backplane URL"), "{message}");
         assert!(!message.contains("hunter2"), "{message}");
