@@ -2,7 +2,7 @@
 //! the append being written goes out as one batch (one statement, one wake-up).
 
 use std::future::Future;
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -10,7 +10,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use crate::error::Result;
+use crate::name::HubName;
 use crate::position::Position;
+use crate::stream_queues::StreamQueues;
 
 /// One caller's append, waiting for its batch.
 #[derive(Debug)]
@@ -30,30 +32,63 @@ pub struct BatchLimits {
     pub max_records: usize,
 }
 
-/// [`run`] for a driver whose batches are written by its shared state `owner`: each batch goes
-/// to `write` with the state, and the loop ends once the state is dropped.
-pub async fn run_while<S, W, F>(
+/// A driver's append batchers: one queue per stream, each with the task that writes the
+/// stream's batches (see [`run`]) while the driver's shared state lives.
+#[derive(Debug)]
+pub struct Batchers {
     driver: &'static str,
     limits: BatchLimits,
-    rx: mpsc::Receiver<AppendRequest>,
-    shutdown: watch::Receiver<bool>,
-    owner: Weak<S>,
-    write: W,
-) where
-    W: Fn(Arc<S>, Vec<Bytes>) -> F,
-    F: Future<Output = Result<Position>>,
-{
-    run(driver, limits, rx, shutdown, |records| {
-        let batch = owner.upgrade().map(|owner| write(owner, records));
-        async move {
-            match batch {
-                Some(batch) => Some(batch.await),
-                None => None,
-            }
-        }
-    })
-    .await;
+    queues: StreamQueues<AppendRequest>,
 }
+
+impl Batchers {
+    /// The batchers of the driver named `driver`.
+    pub fn new(driver: &'static str, limits: BatchLimits) -> Self {
+        Self {
+            driver,
+            limits,
+            queues: StreamQueues::new(QUEUE),
+        }
+    }
+
+    /// The queue of `stream` of `hub`. The first call makes the stream's writer with
+    /// `make_write` and starts its task: each batch goes to the writer with `owner`, until
+    /// `owner` is dropped or `shutdown` changes.
+    pub fn queue<S, M, W, F>(
+        &self,
+        hub: &HubName,
+        stream: u32,
+        owner: &Arc<S>,
+        shutdown: &watch::Sender<bool>,
+        make_write: M,
+    ) -> mpsc::Sender<AppendRequest>
+    where
+        S: Send + Sync + 'static,
+        M: FnOnce() -> W,
+        W: Fn(Arc<S>, Vec<Bytes>) -> F + Send + Sync + 'static,
+        F: Future<Output = Result<Position>> + Send,
+    {
+        self.queues.get(hub, stream, |rx| {
+            let (driver, limits, write) = (self.driver, self.limits, make_write());
+            let (owner, shutdown) = (Arc::downgrade(owner), shutdown.subscribe());
+            tokio::spawn(async move {
+                run(driver, limits, rx, shutdown, |records| {
+                    let batch = owner.upgrade().map(|owner| write(owner, records));
+                    async move {
+                        match batch {
+                            Some(batch) => Some(batch.await),
+                            None => None,
+                        }
+                    }
+                })
+                .await;
+            });
+        })
+    }
+}
+
+/// Appends a stream's queue holds before callers wait.
+const QUEUE: usize = 4096;
 
 /// Collects appends to one stream into batches of at most `limits.max_records` records, each
 /// written by one call of `write`, which returns the position of the batch's first record, or

@@ -4,12 +4,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use backplane_core::batch::{self, AppendRequest, BatchLimits};
+use backplane_core::batch::{AppendRequest, BatchLimits, Batchers};
 use backplane_core::{
     Backplane, ConnectionId, ConnectionInfo, DeliveryAttempt, Driver as _, DurableMessage, Error,
     GroupName, HubName, LogEntry, MessageId, NewDurableMessage, NodeId, NodeInfo, PoolStatus,
-    Position, Result, Retention, StreamBounds, StreamQueues, UserId, UserSession, Wakeups,
-    checked_read,
+    Position, Result, Retention, StreamBounds, UserId, UserSession, Wakeups, checked_read,
 };
 use bytes::Bytes;
 use tiberius::{Query, Row};
@@ -66,7 +65,7 @@ pub(crate) struct MssqlState {
     connector: Connector,
     poll: Arc<PollState>,
     shutdown: watch::Sender<bool>,
-    batchers: StreamQueues<AppendRequest>,
+    batchers: Batchers,
 }
 
 impl std::fmt::Debug for MssqlState {
@@ -309,13 +308,19 @@ impl MssqlBackplane {
             inner: Arc::new(MssqlState {
                 pool,
                 node_sql: NodeSql::new(&names),
+                batchers: Batchers::new(
+                    Self::NAME,
+                    BatchLimits {
+                        delay: options.batch_delay,
+                        max_records: options.max_batch,
+                    },
+                ),
                 options,
                 names,
                 layout,
                 connector,
                 poll,
                 shutdown,
-                batchers: StreamQueues::new(4096),
             }),
         })
     }
@@ -520,31 +525,21 @@ impl MssqlBackplane {
         hub: &HubName,
         stream: u32,
     ) -> mpsc::Sender<AppendRequest> {
-        self.inner.batchers.get(hub, stream, |rx| {
-            let limits = BatchLimits {
-                delay: self.inner.options.batch_delay,
-                max_records: self.inner.options.max_batch,
-            };
+        let make_write = || {
             let (set, hub) = (set.clone(), hub.clone());
-            let write = move |inner, records: Vec<Bytes>| {
+            move |inner, records: Vec<Bytes>| {
                 let (set, hub) = (set.clone(), hub.clone());
                 async move {
                     Self::from_inner(inner)
                         .write(&set, &hub, stream, &records)
                         .await
                 }
-            };
-            let shutdown = self.inner.shutdown.subscribe();
-            let owner = Arc::downgrade(&self.inner);
-            tokio::spawn(batch::run_while(
-                Self::NAME,
-                limits,
-                rx,
-                shutdown,
-                owner,
-                write,
-            ));
-        })
+            }
+        };
+        let inner = &self.inner;
+        inner
+            .batchers
+            .queue(hub, stream, inner, &inner.shutdown, make_write)
     }
 
     /// Runs a node-wide batch of `node_sql` over every table set, with node id `@P1` and

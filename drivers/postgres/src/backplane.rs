@@ -7,8 +7,8 @@ use async_trait::async_trait;
 use backplane_core::{
     Backplane, ConnectionId, ConnectionInfo, DeliveryAttempt, Driver as _, DurableMessage, Error,
     GroupName, HubName, LogEntry, MessageId, NewDurableMessage, NodeId, NodeInfo, PoolStatus,
-    Position, Result, Retention, StreamBounds, StreamQueues, UserId, UserSession, WakeupHub,
-    Wakeups, checked_read,
+    Position, Result, Retention, StreamBounds, UserId, UserSession, WakeupHub, Wakeups,
+    checked_read,
 };
 use bytes::Bytes;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
@@ -21,7 +21,7 @@ use crate::options::PgOptions;
 use crate::schema::{self, Names, SetNames};
 use crate::sql::{self, NodeSql, Sql, remove_orphaned_connections};
 use crate::tables::{Layout, PerHub, TableSet};
-use backplane_core::batch::{self, AppendRequest, BatchLimits};
+use backplane_core::batch::{AppendRequest, BatchLimits, Batchers};
 
 /// A backplane on PostgreSQL.
 ///
@@ -61,7 +61,7 @@ pub(crate) struct PgState {
     tls: tokio_postgres_rustls::MakeRustlsConnect,
     wakeups: Arc<WakeupHub>,
     shutdown: watch::Sender<bool>,
-    batchers: StreamQueues<AppendRequest>,
+    batchers: Batchers,
 }
 
 impl std::fmt::Debug for PgState {
@@ -365,6 +365,13 @@ impl PgBackplane {
         Ok(Self {
             inner: Arc::new(PgState {
                 pool,
+                batchers: Batchers::new(
+                    Self::NAME,
+                    BatchLimits {
+                        delay: options.batch_delay,
+                        max_records: options.max_batch,
+                    },
+                ),
                 options,
                 names,
                 node_sql,
@@ -373,7 +380,6 @@ impl PgBackplane {
                 tls,
                 wakeups,
                 shutdown,
-                batchers: StreamQueues::new(4096),
             }),
         })
     }
@@ -537,31 +543,21 @@ impl PgBackplane {
         hub: &HubName,
         stream: u32,
     ) -> mpsc::Sender<AppendRequest> {
-        self.inner.batchers.get(hub, stream, |rx| {
-            let limits = BatchLimits {
-                delay: self.inner.options.batch_delay,
-                max_records: self.inner.options.max_batch,
-            };
+        let make_write = || {
             let (set, hub) = (set.clone(), hub.clone());
-            let write = move |inner, records: Vec<Bytes>| {
+            move |inner, records: Vec<Bytes>| {
                 let (set, hub) = (set.clone(), hub.clone());
                 async move {
                     Self::from_inner(inner)
                         .write(&set, &hub, stream, &records)
                         .await
                 }
-            };
-            let shutdown = self.inner.shutdown.subscribe();
-            let owner = Arc::downgrade(&self.inner);
-            tokio::spawn(batch::run_while(
-                Self::NAME,
-                limits,
-                rx,
-                shutdown,
-                owner,
-                write,
-            ));
-        })
+            }
+        };
+        let inner = &self.inner;
+        inner
+            .batchers
+            .queue(hub, stream, inner, &inner.shutdown, make_write)
     }
 
     pub(crate) fn from_inner(inner: Arc<PgState>) -> Self {
